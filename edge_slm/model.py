@@ -1,0 +1,289 @@
+"""Load a Llama-architecture GGUF and run it with the C forward pass.
+
+The file is memory-mapped by gguf-py's reader; tensors reach the C side as
+views of that map, so loading copies no weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .errors import ModelError, UnsupportedModel
+from .formats import KV_TYPES, WEIGHT_TYPES, TensorType
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+LAYER_TENSORS = (
+    "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+    "ffn_norm", "ffn_gate", "ffn_up", "ffn_down",
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama model, read from GGUF metadata."""
+
+    n_layer: int
+    dim: int            # residual stream width (embedding_length)
+    hidden_dim: int     # FFN width (feed_forward_length)
+    n_head: int
+    n_kv_head: int      # fewer than n_head for grouped-query attention
+    head_dim: int
+    vocab: int
+    norm_eps: float     # RMSNorm epsilon
+    rope_base: float    # RoPE frequency base
+    context_length: int  # the longest context the model was trained for
+
+    def core(self) -> dict[str, Any]:
+        """The fields the C model takes."""
+        d = asdict(self)
+        d.pop("context_length")
+        return d
+
+
+@dataclass
+class TensorView:
+    data: np.ndarray  # a view of the memory map, never a copy
+    type: TensorType
+    rows: int
+    cols: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+class GGUFFile:
+    """A GGUF file opened for reading: metadata by key, tensors by name."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        import gguf  # imported here so `edge-slm --help` stays fast
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"{self.path}: no such model file")
+        try:
+            self.reader = gguf.GGUFReader(self.path, "r")
+        except Exception as e:  # gguf-py raises many types for a damaged file
+            raise ModelError(f"{self.path}: not a readable GGUF file ({_reason(e)})") from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except Exception as e:
+            raise ModelError(f"{self.path}: metadata {key} is unreadable ({_reason(e)})") from None
+
+    def require(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise ModelError(f"{self.path}: metadata {key} is missing")
+        return value
+
+    def tensors(self) -> dict[str, TensorView]:
+        out: dict[str, TensorView] = {}
+        for t in self.reader.tensors:
+            try:
+                ttype = TensorType(int(t.tensor_type))
+            except ValueError:
+                ttype = None
+            if ttype is None or ttype not in WEIGHT_TYPES:
+                raise UnsupportedModel(
+                    f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, "
+                    f"supported: {', '.join(x.name for x in WEIGHT_TYPES)}"
+                )
+            ne = [int(x) for x in t.shape]
+            cols, rows = ne[0], int(np.prod(ne[1:])) if len(ne) > 1 else 1
+            out[t.name] = TensorView(t.data, ttype, rows, cols)
+        return out
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def read_config(f: GGUFFile) -> ModelConfig:
+    arch = f.require("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModel(f"{f.path}: architecture {arch!r} is not supported (supported: llama)")
+    scaling = f.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise UnsupportedModel(f"{f.path}: RoPE scaling {scaling!r} is not supported")
+    n_head = int(f.require(f"{arch}.attention.head_count"))
+    dim = int(f.require(f"{arch}.embedding_length"))
+    tokens = f.get("tokenizer.ggml.tokens")
+    vocab = f.get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None)
+    if vocab is None:
+        raise ModelError(f"{f.path}: vocabulary size is missing")
+    return ModelConfig(
+        n_layer=int(f.require(f"{arch}.block_count")),
+        dim=dim,
+        hidden_dim=int(f.require(f"{arch}.feed_forward_length")),
+        n_head=n_head,
+        n_kv_head=int(f.get(f"{arch}.attention.head_count_kv", n_head)),
+        head_dim=int(f.get(f"{arch}.attention.key_length", dim // n_head)),
+        vocab=int(vocab),
+        norm_eps=float(f.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_base=float(f.get(f"{arch}.rope.freq_base", 10000.0)),
+        context_length=int(f.get(f"{arch}.context_length", 2048)),
+    )
+
+
+def check_tensors(path: Path, cfg: ModelConfig, tensors: dict[str, TensorView]) -> None:
+    """Every tensor the forward pass needs is present with the right shape."""
+    q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    shapes = {"attn_norm": (1, cfg.dim), "attn_q": (q_dim, cfg.dim), "attn_k": (kv_dim, cfg.dim),
+              "attn_v": (kv_dim, cfg.dim), "attn_output": (cfg.dim, q_dim), "ffn_norm": (1, cfg.dim),
+              "ffn_gate": (cfg.hidden_dim, cfg.dim), "ffn_up": (cfg.hidden_dim, cfg.dim),
+              "ffn_down": (cfg.dim, cfg.hidden_dim)}
+    expected = {"token_embd.weight": (cfg.vocab, cfg.dim), "output_norm.weight": (1, cfg.dim)}
+    if "output.weight" in tensors:
+        expected["output.weight"] = (cfg.vocab, cfg.dim)
+    for i in range(cfg.n_layer):
+        for part, shape in shapes.items():
+            expected[f"blk.{i}.{part}.weight"] = shape
+    for name, shape in expected.items():
+        t = tensors.get(name)
+        if t is None:
+            raise ModelError(f"{path}: tensor {name} is missing")
+        if (t.rows, t.cols) != shape:
+            raise ModelError(f"{path}: tensor {name} is {t.rows}x{t.cols}, expected {shape[0]}x{shape[1]}")
+        from .formats import row_bytes
+
+        if t.data.nbytes != t.rows * row_bytes(t.type, t.cols):
+            raise ModelError(f"{path}: tensor {name} is truncated")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How the C model is sized. Everything here is allocated once, at load."""
+
+    n_threads: int = 2
+    n_ctx: int = 2048      # positions per slot
+    n_slots: int = 1       # conversations held at once
+    max_batch: int = 64    # tokens per forward call (prompt chunk, batched decode)
+    kv_type: str = "f16"   # "f16" or "q8_0"
+    backend: str | None = None  # kernel table; None = best for this CPU
+
+
+class Transformer:
+    """The C model plus the numpy buffers it writes into, allocated once.
+
+    forward() is serialised by a lock: one run state, one caller at a time."""
+
+    def __init__(self, cfg: ModelConfig, tensors: dict[str, TensorView], opts: RuntimeOptions):
+        if opts.kv_type not in KV_TYPES:
+            raise ValueError(f"KV cache type {opts.kv_type!r}: choose from {', '.join(KV_TYPES)}")
+        self.cfg = cfg
+        self.opts = opts
+        core_tensors = {name: (t.data, int(t.type), t.rows, t.cols) for name, t in tensors.items()}
+        try:
+            self._model = _core.Model(
+                cfg.core(), core_tensors, n_threads=opts.n_threads, n_slots=opts.n_slots,
+                n_ctx=opts.n_ctx, max_batch=opts.max_batch, kv_type=int(KV_TYPES[opts.kv_type]),
+                backend=opts.backend,
+            )
+        except (ValueError, KeyError) as e:
+            raise ModelError(f"model rejected: {_reason(e)}") from None
+        self._lock = threading.Lock()
+        self._logits = np.zeros((opts.max_batch, cfg.vocab), dtype=np.float32)
+
+    @property
+    def backend(self) -> str:
+        return self._model.backend
+
+    def forward(self, tokens: np.ndarray, pos: np.ndarray, slot: np.ndarray,
+                want: np.ndarray) -> np.ndarray:
+        """Evaluate up to max_batch tokens; returns logits rows for want != 0, in order.
+
+        The returned array is a view of a reused buffer: copy what you keep."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        n_out = int(np.count_nonzero(want))
+        out = self._logits[:n_out]
+        with self._lock:
+            self._model.forward(tokens, np.ascontiguousarray(pos, dtype=np.int32),
+                                np.ascontiguousarray(slot, dtype=np.int32),
+                                np.ascontiguousarray(want, dtype=np.uint8), out)
+        return out
+
+    def prefill(self, ids: list[int], start: int = 0, slot: int = 0, all_logits: bool = False) -> np.ndarray:
+        """Feed ids at positions start.. in chunks; returns the last row of logits
+        (or every row, [len(ids), vocab], when all_logits)."""
+        if not ids:
+            raise ValueError("nothing to evaluate")
+        B = self.opts.max_batch
+        rows = []
+        last = None
+        for lo in range(0, len(ids), B):
+            chunk = np.asarray(ids[lo:lo + B], dtype=np.int32)
+            n = len(chunk)
+            want = np.ones(n, np.uint8) if all_logits else np.zeros(n, np.uint8)
+            if lo + n == len(ids):
+                want[-1] = 1
+            out = self.forward(chunk, np.arange(start + lo, start + lo + n, dtype=np.int32),
+                               np.full(n, slot, np.int32), want)
+            if all_logits:
+                rows.append(out.copy())
+            last = out[-1]
+        return np.concatenate(rows) if all_logits else last.copy()
+
+    def kv_shift(self, slot: int, keep: int, n_drop: int, n_used: int) -> None:
+        with self._lock:
+            self._model.kv_shift(slot, keep, n_drop, n_used)
+
+    def kv_copy(self, src: int, dst: int, n: int) -> None:
+        with self._lock:
+            self._model.kv_copy(src, dst, n)
+
+
+@dataclass
+class LoadedModel:
+    """A GGUF file with everything needed to talk to it."""
+
+    path: Path
+    file: GGUFFile
+    config: ModelConfig
+    tensors: dict[str, TensorView]
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def runtime(self, opts: RuntimeOptions) -> Transformer:
+        if opts.n_ctx > self.config.context_length:
+            log.warning("context %d exceeds the model's trained context %d", opts.n_ctx,
+                        self.config.context_length)
+        return Transformer(self.config, self.tensors, opts)
+
+    def tokenizer(self):
+        from .tokenizer import Tokenizer
+
+        return Tokenizer.from_gguf(self.file)
+
+
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+    f = GGUFFile(path)
+    cfg = read_config(f)
+    tensors = f.tensors()
+    check_tensors(f.path, cfg, tensors)
+    return LoadedModel(f.path, f, cfg, tensors)
+
+
+def memory_needed(cfg: ModelConfig, weight_bytes: int, opts: RuntimeOptions) -> dict[str, int]:
+    """Bytes for weights, KV cache and run state at the given sizes."""
+    kv, state = _core.model_bytes(cfg.core(), n_slots=opts.n_slots, n_ctx=opts.n_ctx,
+                                  max_batch=opts.max_batch, n_threads=opts.n_threads,
+                                  kv_type=int(KV_TYPES[opts.kv_type]))
+    logits = opts.max_batch * cfg.vocab * 4
+    return {"weights": weight_bytes, "kv_cache": kv, "run_state": state + logits}

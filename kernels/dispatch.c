@@ -1,0 +1,51 @@
+/* The one place that decides which kernel table runs: CPU features are
+ * checked once, and $EDGE_SLM_BACKEND can force any table the CPU supports
+ * so every path can be tested on the machine at hand. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "edge_kernels.h"
+
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
+
+static int cpu_has_avx2(void) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+const ek_kernels *const *ek_available(void) {
+    /* Built once from read-only facts (the CPU), so concurrent first calls
+     * write the same values. */
+    static const ek_kernels *list[4];
+    int n = 0;
+#if defined(__aarch64__)
+    list[n++] = &ek_kernels_neon; /* NEON is part of armv8-a */
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+    if (cpu_has_avx2()) list[n++] = &ek_kernels_avx2;
+#endif
+    list[n++] = &ek_kernels_ref;
+    list[n] = NULL;
+    return list;
+}
+
+const ek_kernels *ek_find(const char *name) {
+    for (const ek_kernels *const *k = ek_available(); *k; k++)
+        if (strcmp((*k)->name, name) == 0) return *k;
+    return NULL;
+}
+
+const ek_kernels *ek_best(void) {
+    const char *forced = getenv("EDGE_SLM_BACKEND");
+    if (forced && *forced) {
+        const ek_kernels *k = ek_find(forced);
+        if (k) return k;
+    }
+    return ek_available()[0];
+}

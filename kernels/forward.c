@@ -1,0 +1,466 @@
+/*
+ * The Llama forward pass over a batch of tokens, run by every pool thread
+ * at once with a barrier between ops. Each thread takes its share of every
+ * op (rows of a matmul, tokens of a norm, heads of attention), so the pass
+ * reads top to bottom like the single-threaded maths.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "edge_model.h"
+
+#define MAX_HEAD_DIM 512 /* attention and the KV shift use stack rows */
+
+struct ek_model {
+    ek_config cfg;
+    ek_weights w;
+    ek_layer *layers; /* our copy of the caller's layer table */
+    ek_model_params p;
+    const ek_kernels *k;
+    ek_pool *pool;
+    int q_dim, kv_dim;
+    size_t kv_head_bytes; /* one head vector in kv_type */
+    size_t kv_pos_bytes;  /* all KV heads of one position */
+
+    /* KV cache: [n_layer][n_slots][n_ctx][kv_pos_bytes], K and V apart */
+    uint8_t *kv_k, *kv_v;
+
+    /* run state, B = max_batch */
+    float *x;        /* [B, dim] residual stream */
+    float *xb;       /* [B, max(dim, q_dim)] normed input, then attention output */
+    float *xo;       /* [B, dim] a sublayer's output before the residual add */
+    float *q;        /* [B, q_dim] */
+    float *kb, *vb;  /* [B, kv_dim] this batch's keys and values */
+    float *hb, *hb2; /* [B, hidden_dim] FFN gate and up */
+    float *cs;       /* [B, head_dim] RoPE cos/sin pairs per token */
+    float *scores;   /* [n_threads, n_ctx] attention weights */
+    void *xq;        /* [B, widest activation row] quantized activations */
+    double *inv_freq; /* [head_dim / 2] */
+};
+
+/* ---- creation and validation ---- */
+
+static int check_tensor(const ek_kernels *k, const char *what, const ek_tensor *t, int rows, int cols,
+                        int need_gemm, char *err, size_t err_len) {
+    if (!t->data) {
+        snprintf(err, err_len, "tensor %s is missing", what);
+        return EK_EINVAL;
+    }
+    if (t->rows != rows || t->cols != cols) {
+        snprintf(err, err_len, "tensor %s has shape [%d, %d], expected [%d, %d]", what, t->rows,
+                 t->cols, rows, cols);
+        return EK_EINVAL;
+    }
+    if (t->type < 0 || t->type >= EK_TYPE_COUNT || !k->types[t->type].dequantize ||
+        (need_gemm && !k->types[t->type].gemm)) {
+        snprintf(err, err_len, "tensor %s has unsupported type %d", what, t->type);
+        return EK_ETYPE;
+    }
+    if (cols % ek_type_block_elems(t->type) != 0) {
+        snprintf(err, err_len, "tensor %s: %d columns is not a whole number of blocks", what, cols);
+        return EK_EINVAL;
+    }
+    return EK_OK;
+}
+
+static int check_norm(const char *what, const ek_tensor *t, int dim, char *err, size_t err_len) {
+    if (!t->data || t->type != EK_TYPE_F32 || t->cols != dim || t->rows != 1) {
+        snprintf(err, err_len, "norm %s must be F32 [%d]", what, dim);
+        return EK_EINVAL;
+    }
+    return EK_OK;
+}
+
+static int validate(const ek_weights *w, const ek_model_params *p, char *err, size_t err_len) {
+    const ek_config *c = &w->cfg;
+    const ek_kernels *k = p->kernels;
+    if (c->n_layer < 1 || c->dim < 1 || c->hidden_dim < 1 || c->n_head < 1 || c->n_kv_head < 1 ||
+        c->vocab < 1 || c->n_head % c->n_kv_head != 0) {
+        snprintf(err, err_len, "inconsistent configuration (%d heads, %d KV heads)", c->n_head,
+                 c->n_kv_head);
+        return EK_EINVAL;
+    }
+    if (c->head_dim < 2 || c->head_dim > MAX_HEAD_DIM || c->head_dim % 2 ||
+        (p->kv_type == EK_TYPE_Q8_0 && c->head_dim % EK_QK)) {
+        snprintf(err, err_len, "unsupported head size %d", c->head_dim);
+        return EK_EINVAL;
+    }
+    if (p->kv_type != EK_TYPE_F16 && p->kv_type != EK_TYPE_Q8_0) {
+        snprintf(err, err_len, "KV cache type %d is neither F16 nor Q8_0", p->kv_type);
+        return EK_ETYPE;
+    }
+    if (p->n_slots < 1 || p->n_ctx < 1 || p->max_batch < 1 || p->n_threads < 1) {
+        snprintf(err, err_len, "slots, context, batch and threads must be positive");
+        return EK_EINVAL;
+    }
+    int q_dim = c->n_head * c->head_dim, kv_dim = c->n_kv_head * c->head_dim;
+    int rc;
+    if ((rc = check_tensor(k, "token_embd", &w->tok_embd, c->vocab, c->dim, 0, err, err_len)) ||
+        (rc = check_tensor(k, "output", &w->output, c->vocab, c->dim, 1, err, err_len)) ||
+        (rc = check_norm("output_norm", &w->out_norm, c->dim, err, err_len)))
+        return rc;
+    for (int l = 0; l < c->n_layer; l++) {
+        const ek_layer *L = &w->layers[l];
+        char name[64];
+#define CHECK(field, rows, cols)                                                           \
+    snprintf(name, sizeof name, "blk.%d.%s", l, #field);                                    \
+    if ((rc = check_tensor(k, name, &L->field, rows, cols, 1, err, err_len))) return rc;
+        CHECK(wq, q_dim, c->dim)
+        CHECK(wk, kv_dim, c->dim)
+        CHECK(wv, kv_dim, c->dim)
+        CHECK(wo, c->dim, q_dim)
+        CHECK(w_gate, c->hidden_dim, c->dim)
+        CHECK(w_up, c->hidden_dim, c->dim)
+        CHECK(w_down, c->dim, c->hidden_dim)
+#undef CHECK
+        snprintf(name, sizeof name, "blk.%d.attn_norm", l);
+        if ((rc = check_norm(name, &L->attn_norm, c->dim, err, err_len))) return rc;
+        snprintf(name, sizeof name, "blk.%d.ffn_norm", l);
+        if ((rc = check_norm(name, &L->ffn_norm, c->dim, err, err_len))) return rc;
+    }
+    return EK_OK;
+}
+
+static int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
+size_t ek_model_kv_bytes(const ek_config *c, int n_slots, int n_ctx, int kv_type) {
+    size_t pos_bytes = (size_t)c->n_kv_head * ek_row_bytes(kv_type, c->head_dim);
+    return 2 * (size_t)c->n_layer * (size_t)n_slots * (size_t)n_ctx * pos_bytes;
+}
+
+size_t ek_model_state_bytes(const ek_config *c, int B, int n_ctx, int n_threads) {
+    int q_dim = c->n_head * c->head_dim, kv_dim = c->n_kv_head * c->head_dim;
+    int widest = max3(c->dim, q_dim, c->hidden_dim);
+    size_t floats = (size_t)B * (2 * (size_t)c->dim + (size_t)(q_dim > c->dim ? q_dim : c->dim) +
+                                 (size_t)q_dim + 2 * (size_t)kv_dim + 2 * (size_t)c->hidden_dim +
+                                 (size_t)c->head_dim) +
+                    (size_t)n_threads * (size_t)n_ctx;
+    return floats * sizeof(float) + (size_t)B * ek_row_bytes(EK_TYPE_Q8_1, widest) +
+           (size_t)c->head_dim / 2 * sizeof(double);
+}
+
+void ek_model_destroy(ek_model *m) {
+    if (!m) return;
+    ek_pool_destroy(m->pool);
+    free(m->layers);
+    free(m->kv_k);
+    free(m->kv_v);
+    free(m->x);
+    free(m->xb);
+    free(m->xo);
+    free(m->q);
+    free(m->kb);
+    free(m->vb);
+    free(m->hb);
+    free(m->hb2);
+    free(m->cs);
+    free(m->scores);
+    free(m->xq);
+    free(m->inv_freq);
+    free(m);
+}
+
+static float *alloc_floats(size_t n) { return calloc(n ? n : 1, sizeof(float)); }
+
+int ek_model_create(const ek_weights *w, const ek_model_params *p, ek_model **out, char *err,
+                    size_t err_len) {
+    char scratch[8];
+    if (!err) {
+        err = scratch;
+        err_len = sizeof scratch;
+    }
+    *out = NULL;
+    int rc = validate(w, p, err, err_len);
+    if (rc) return rc;
+
+    ek_model *m = calloc(1, sizeof *m);
+    if (!m) return EK_ENOMEM;
+    const ek_config *c = &w->cfg;
+    m->cfg = *c;
+    m->w = *w;
+    m->p = *p;
+    m->k = p->kernels;
+    m->q_dim = c->n_head * c->head_dim;
+    m->kv_dim = c->n_kv_head * c->head_dim;
+    m->kv_head_bytes = ek_row_bytes(p->kv_type, c->head_dim);
+    m->kv_pos_bytes = (size_t)c->n_kv_head * m->kv_head_bytes;
+
+    size_t B = (size_t)p->max_batch;
+    int widest = max3(c->dim, m->q_dim, c->hidden_dim);
+    size_t kv_half = ek_model_kv_bytes(c, p->n_slots, p->n_ctx, p->kv_type) / 2;
+    m->layers = malloc((size_t)c->n_layer * sizeof(ek_layer));
+    m->kv_k = calloc(kv_half, 1);
+    m->kv_v = calloc(kv_half, 1);
+    m->x = alloc_floats(B * c->dim);
+    m->xb = alloc_floats(B * (size_t)(m->q_dim > c->dim ? m->q_dim : c->dim));
+    m->xo = alloc_floats(B * c->dim);
+    m->q = alloc_floats(B * m->q_dim);
+    m->kb = alloc_floats(B * m->kv_dim);
+    m->vb = alloc_floats(B * m->kv_dim);
+    m->hb = alloc_floats(B * c->hidden_dim);
+    m->hb2 = alloc_floats(B * c->hidden_dim);
+    m->cs = alloc_floats(B * c->head_dim);
+    m->scores = alloc_floats((size_t)p->n_threads * p->n_ctx);
+    m->xq = calloc(B, ek_row_bytes(EK_TYPE_Q8_1, widest));
+    m->inv_freq = calloc((size_t)c->head_dim / 2, sizeof(double));
+    m->pool = ek_pool_create(p->n_threads);
+    if (!m->layers || !m->kv_k || !m->kv_v || !m->x || !m->xb || !m->xo || !m->q || !m->kb ||
+        !m->vb || !m->hb || !m->hb2 || !m->cs || !m->scores || !m->xq || !m->inv_freq || !m->pool) {
+        ek_model_destroy(m);
+        snprintf(err, err_len, "out of memory allocating the KV cache and run state");
+        return EK_ENOMEM;
+    }
+    memcpy(m->layers, w->layers, (size_t)c->n_layer * sizeof(ek_layer));
+    m->w.layers = m->layers;
+    for (int i = 0; i < c->head_dim / 2; i++)
+        m->inv_freq[i] = pow((double)c->rope_base, -2.0 * i / c->head_dim);
+    *out = m;
+    return EK_OK;
+}
+
+const ek_kernels *ek_model_kernels(const ek_model *m) { return m->k; }
+
+/* ---- the pass ---- */
+
+typedef struct {
+    ek_model *m;
+    int n;
+    const int32_t *tokens, *pos, *slot;
+    const uint8_t *want;
+    float *logits;
+    int n_out;
+} fwd_job;
+
+/* What the shared xq buffer holds, tracked per thread: every thread runs
+ * the same control flow, so the copies agree without being shared. */
+typedef struct {
+    const float *src;
+    int act_type;
+} act_tag;
+
+static void share(int n, int ith, int nth, int align, int *lo, int *hi) {
+    int units = (n + align - 1) / align;
+    int per = units / nth, extra = units % nth;
+    int a = ith * per + (ith < extra ? ith : extra);
+    int b = a + per + (ith < extra);
+    *lo = a * align < n ? a * align : n;
+    *hi = b * align < n ? b * align : n;
+}
+
+/* y[t, :] = W x[t, :] for t < n; each thread computes a band of rows. The
+ * activations are quantized once per input (shared by Q, K and V, or gate
+ * and up), with a barrier so every thread sees all of them. */
+static void matmul(const fwd_job *j, act_tag *tag, const ek_tensor *W, const float *x, int n,
+                   float *y, int ith, int nth) {
+    ek_model *m = j->m;
+    const ek_type_ops *ops = &m->k->types[W->type];
+    const void *xa = x;
+    size_t x_stride = (size_t)W->cols * sizeof(float);
+    if (ops->act_type != EK_TYPE_F32) {
+        x_stride = ek_row_bytes(ops->act_type, W->cols);
+        if (tag->src != x || tag->act_type != ops->act_type) {
+            int lo, hi;
+            share(n, ith, nth, 1, &lo, &hi);
+            for (int t = lo; t < hi; t++)
+                ops->quantize(x + (size_t)t * W->cols, (char *)m->xq + t * x_stride, W->cols);
+            ek_pool_barrier(m->pool);
+            tag->src = x;
+            tag->act_type = ops->act_type;
+        }
+        xa = m->xq;
+    }
+    size_t w_stride = ek_row_bytes(W->type, W->cols);
+    int lo, hi;
+    share(W->rows, ith, nth, 16, &lo, &hi);
+    if (hi > lo)
+        ops->gemm(W->cols, (const char *)W->data + lo * w_stride, w_stride, hi - lo, xa, x_stride, n,
+                  y + lo, (size_t)W->rows);
+}
+
+static uint8_t *kv_at(const ek_model *m, uint8_t *base, int layer, int slot, int pos) {
+    size_t row = ((size_t)layer * m->p.n_slots + slot) * m->p.n_ctx + pos;
+    return base + row * m->kv_pos_bytes;
+}
+
+static void attention_block(const fwd_job *j, act_tag *tag, int l, int ith, int nth) {
+    ek_model *m = j->m;
+    const ek_kernels *k = m->k;
+    const ek_config *c = &m->cfg;
+    const ek_layer *L = &m->layers[l];
+    int n = j->n, hd = c->head_dim, lo, hi;
+
+    share(n, ith, nth, 1, &lo, &hi);
+    for (int t = lo; t < hi; t++)
+        k->rmsnorm(m->xb + (size_t)t * c->dim, m->x + (size_t)t * c->dim, L->attn_norm.data, c->dim,
+                   c->norm_eps);
+    ek_pool_barrier(m->pool);
+    tag->src = NULL;
+    matmul(j, tag, &L->wq, m->xb, n, m->q, ith, nth);
+    matmul(j, tag, &L->wk, m->xb, n, m->kb, ith, nth);
+    matmul(j, tag, &L->wv, m->xb, n, m->vb, ith, nth);
+    ek_pool_barrier(m->pool);
+
+    /* Rotate this batch's queries and keys, then file keys and values in the
+     * cache: attention below reads every position, this batch's included. */
+    for (int t = lo; t < hi; t++) {
+        const float *cs = m->cs + (size_t)t * hd;
+        float *kt = m->kb + (size_t)t * m->kv_dim, *vt = m->vb + (size_t)t * m->kv_dim;
+        k->rope(m->q + (size_t)t * m->q_dim, c->n_head, hd, cs);
+        k->rope(kt, c->n_kv_head, hd, cs);
+        uint8_t *kd = kv_at(m, m->kv_k, l, j->slot[t], j->pos[t]);
+        uint8_t *vd = kv_at(m, m->kv_v, l, j->slot[t], j->pos[t]);
+        for (int h = 0; h < c->n_kv_head; h++) {
+            k->kv_store(kd + h * m->kv_head_bytes, kt + h * hd, hd, m->p.kv_type);
+            k->kv_store(vd + h * m->kv_head_bytes, vt + h * hd, hd, m->p.kv_type);
+        }
+    }
+    ek_pool_barrier(m->pool);
+
+    int group = c->n_head / c->n_kv_head, plo, phi;
+    float scale = 1.0f / sqrtf((float)hd);
+    float *scores = m->scores + (size_t)ith * m->p.n_ctx;
+    share(n * c->n_head, ith, nth, 1, &plo, &phi);
+    for (int i = plo; i < phi; i++) {
+        int t = i / c->n_head, h = i % c->n_head, kvh = h / group;
+        size_t off = kvh * m->kv_head_bytes;
+        k->attention(m->xb + (size_t)t * m->q_dim + h * hd, m->q + (size_t)t * m->q_dim + h * hd,
+                     kv_at(m, m->kv_k, l, j->slot[t], 0) + off,
+                     kv_at(m, m->kv_v, l, j->slot[t], 0) + off, m->kv_pos_bytes, m->p.kv_type,
+                     j->pos[t] + 1, hd, scale, scores);
+    }
+    ek_pool_barrier(m->pool);
+    tag->src = NULL;
+    matmul(j, tag, &L->wo, m->xb, n, m->xo, ith, nth);
+    ek_pool_barrier(m->pool);
+    share(n * c->dim, ith, nth, 16, &lo, &hi);
+    k->add(m->x + lo, m->xo + lo, hi - lo);
+    ek_pool_barrier(m->pool);
+}
+
+static void ffn_block(const fwd_job *j, act_tag *tag, int l, int ith, int nth) {
+    ek_model *m = j->m;
+    const ek_kernels *k = m->k;
+    const ek_config *c = &m->cfg;
+    const ek_layer *L = &m->layers[l];
+    int n = j->n, lo, hi;
+
+    share(n, ith, nth, 1, &lo, &hi);
+    for (int t = lo; t < hi; t++)
+        k->rmsnorm(m->xb + (size_t)t * c->dim, m->x + (size_t)t * c->dim, L->ffn_norm.data, c->dim,
+                   c->norm_eps);
+    ek_pool_barrier(m->pool);
+    tag->src = NULL;
+    matmul(j, tag, &L->w_gate, m->xb, n, m->hb, ith, nth);
+    matmul(j, tag, &L->w_up, m->xb, n, m->hb2, ith, nth);
+    ek_pool_barrier(m->pool);
+    share(n * c->hidden_dim, ith, nth, 16, &lo, &hi);
+    k->silu_mul(m->hb + lo, m->hb + lo, m->hb2 + lo, hi - lo);
+    ek_pool_barrier(m->pool);
+    tag->src = NULL;
+    matmul(j, tag, &L->w_down, m->hb, n, m->xo, ith, nth);
+    ek_pool_barrier(m->pool);
+    share(n * c->dim, ith, nth, 16, &lo, &hi);
+    k->add(m->x + lo, m->xo + lo, hi - lo);
+    ek_pool_barrier(m->pool);
+}
+
+static void forward_worker(void *ctx, int ith, int nth) {
+    const fwd_job *j = ctx;
+    ek_model *m = j->m;
+    const ek_config *c = &m->cfg;
+    const ek_type_ops *embd = &m->k->types[m->w.tok_embd.type];
+    size_t embd_row = ek_row_bytes(m->w.tok_embd.type, c->dim);
+    act_tag tag = {NULL, -1};
+    int lo, hi;
+
+    share(j->n, ith, nth, 1, &lo, &hi);
+    for (int t = lo; t < hi; t++) {
+        embd->dequantize((const char *)m->w.tok_embd.data + j->tokens[t] * embd_row,
+                         m->x + (size_t)t * c->dim, c->dim);
+        float *cs = m->cs + (size_t)t * c->head_dim;
+        for (int i = 0; i < c->head_dim / 2; i++) {
+            double theta = j->pos[t] * m->inv_freq[i];
+            cs[2 * i] = (float)cos(theta);
+            cs[2 * i + 1] = (float)sin(theta);
+        }
+    }
+    ek_pool_barrier(m->pool);
+
+    for (int l = 0; l < c->n_layer; l++) {
+        attention_block(j, &tag, l, ith, nth);
+        ffn_block(j, &tag, l, ith, nth);
+    }
+
+    /* Final norm only for the rows that want logits, packed to the front of
+     * xb so the vocabulary matmul (the biggest of all) runs only for them. */
+    if (ith == 0) {
+        int o = 0;
+        for (int t = 0; t < j->n; t++)
+            if (j->want[t])
+                m->k->rmsnorm(m->xb + (size_t)o++ * c->dim, m->x + (size_t)t * c->dim,
+                              m->w.out_norm.data, c->dim, c->norm_eps);
+    }
+    ek_pool_barrier(m->pool);
+    tag.src = NULL;
+    if (j->n_out) matmul(j, &tag, &m->w.output, m->xb, j->n_out, j->logits, ith, nth);
+}
+
+int ek_forward(ek_model *m, int n, const int32_t *tokens, const int32_t *pos, const int32_t *slot,
+               const uint8_t *want, float *logits) {
+    if (n < 1 || n > m->p.max_batch) return EK_EINVAL;
+    int n_out = 0;
+    for (int t = 0; t < n; t++) {
+        if (tokens[t] < 0 || tokens[t] >= m->cfg.vocab) return EK_EINVAL;
+        if (pos[t] < 0 || pos[t] >= m->p.n_ctx || slot[t] < 0 || slot[t] >= m->p.n_slots)
+            return EK_ERANGE;
+        n_out += want[t] != 0;
+    }
+    fwd_job job = {m, n, tokens, pos, slot, want, logits, n_out};
+    ek_pool_run(m->pool, forward_worker, &job);
+    return EK_OK;
+}
+
+/* ---- cache maintenance ---- */
+
+int ek_kv_shift(ek_model *m, int slot, int keep, int n_drop, int n_used) {
+    if (slot < 0 || slot >= m->p.n_slots || keep < 0 || n_drop < 0 || n_used > m->p.n_ctx ||
+        keep + n_drop > n_used)
+        return EK_ERANGE;
+    if (n_drop == 0) return EK_OK;
+    const ek_config *c = &m->cfg;
+    int hd = c->head_dim;
+    float cs[MAX_HEAD_DIM], row[MAX_HEAD_DIM];
+    for (int i = 0; i < hd / 2; i++) {
+        double theta = -(double)n_drop * m->inv_freq[i];
+        cs[2 * i] = (float)cos(theta);
+        cs[2 * i + 1] = (float)sin(theta);
+    }
+    ek_dequantize_fn load = m->k->types[m->p.kv_type].dequantize;
+    for (int l = 0; l < c->n_layer; l++) {
+        for (int p = keep + n_drop; p < n_used; p++) {
+            uint8_t *src = kv_at(m, m->kv_k, l, slot, p), *dst = kv_at(m, m->kv_k, l, slot, p - n_drop);
+            for (int h = 0; h < c->n_kv_head; h++) {
+                load(src + h * m->kv_head_bytes, row, hd);
+                m->k->rope(row, 1, hd, cs);
+                m->k->kv_store(dst + h * m->kv_head_bytes, row, hd, m->p.kv_type);
+            }
+        }
+        memmove(kv_at(m, m->kv_v, l, slot, keep), kv_at(m, m->kv_v, l, slot, keep + n_drop),
+                (size_t)(n_used - keep - n_drop) * m->kv_pos_bytes);
+    }
+    return EK_OK;
+}
+
+int ek_kv_copy(ek_model *m, int src, int dst, int n) {
+    if (src < 0 || src >= m->p.n_slots || dst < 0 || dst >= m->p.n_slots || n < 0 ||
+        n > m->p.n_ctx)
+        return EK_ERANGE;
+    if (src == dst) return EK_OK;
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        memcpy(kv_at(m, m->kv_k, l, dst, 0), kv_at(m, m->kv_k, l, src, 0), (size_t)n * m->kv_pos_bytes);
+        memcpy(kv_at(m, m->kv_v, l, dst, 0), kv_at(m, m->kv_v, l, src, 0), (size_t)n * m->kv_pos_bytes);
+    }
+    return EK_OK;
+}

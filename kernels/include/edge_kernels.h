@@ -1,0 +1,144 @@
+/*
+ * edge-slm kernels: block formats, the kernel table, and the forward pass.
+ *
+ * The block layouts are those of GGUF files (ggml's), so weights are used
+ * straight from the memory map. Type ids are the GGUF ones; the Python side
+ * (edge_slm/formats.py) mirrors them and a test checks the two agree.
+ *
+ * Kernels never allocate, print or exit: the caller (the CPython binding or
+ * the forward pass) validates shapes once and owns every buffer.
+ */
+#ifndef EDGE_KERNELS_H
+#define EDGE_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- GGUF tensor types we understand (ids as in the file format) ---- */
+enum ek_type {
+    EK_TYPE_F32  = 0,
+    EK_TYPE_F16  = 1,
+    EK_TYPE_Q4_0 = 2,
+    EK_TYPE_Q4_1 = 3,
+    EK_TYPE_Q8_0 = 8,
+    EK_TYPE_Q8_1 = 9, /* activations only: our Q8_1 keeps d and s in f32 */
+    EK_TYPE_COUNT = 10
+};
+
+#define EK_QK 32 /* elements per quantized block, for every block type here */
+
+typedef uint16_t ek_f16; /* IEEE half, stored as bits */
+
+/* Q4_0: x = d * (q - 8); low nibbles hold elements 0..15, high 16..31. */
+typedef struct { ek_f16 d; uint8_t qs[EK_QK / 2]; } block_q4_0;
+/* Q4_1: x = d * q + m; same nibble order as Q4_0. */
+typedef struct { ek_f16 d; ek_f16 m; uint8_t qs[EK_QK / 2]; } block_q4_1;
+/* Q8_0: x = d * q. Used for weights, activations and the 8-bit KV cache. */
+typedef struct { ek_f16 d; int8_t qs[EK_QK]; } block_q8_0;
+/* Q8_1 (activations paired with Q4_1): x = d * q, s = d * sum(q) so the
+ * Q4_1 offset m contributes m * s without touching the quants. Kept in f32:
+ * it never reaches a file and f32 saves a conversion in every dot product. */
+typedef struct { float d; float s; int8_t qs[EK_QK]; } block_q8_1;
+
+_Static_assert(sizeof(block_q4_0) == 18, "block_q4_0 is 18 bytes in GGUF");
+_Static_assert(sizeof(block_q4_1) == 20, "block_q4_1 is 20 bytes in GGUF");
+_Static_assert(sizeof(block_q8_0) == 34, "block_q8_0 is 34 bytes in GGUF");
+_Static_assert(sizeof(block_q8_1) == 40, "block_q8_1 is our own 40-byte layout");
+
+/* Elements per block and bytes per block, by type id (0 where unsupported). */
+int    ek_type_block_elems(int type);
+size_t ek_type_block_bytes(int type);
+size_t ek_row_bytes(int type, int64_t n); /* n must be a multiple of the block */
+
+float  ek_f16_to_f32(ek_f16 h);
+ek_f16 ek_f32_to_f16(float f); /* round to nearest even */
+
+/* ---- the kernel table ------------------------------------------------
+ * One table per implementation (ref, avx2, neon, ...). Each weight type
+ * names the activation format it is dotted with and how to make it.
+ *
+ * gemm: y[j * y_stride + i] = dot(w row i, x row j), for i < nrows, j < nx.
+ *   n        elements per row (a multiple of 32 for block types)
+ *   w        first weight row; rows are w_stride bytes apart
+ *   x        first activation row, in act_type; rows x_stride bytes apart
+ * One entry covers a single dot product (nrows = nx = 1), a matrix-vector
+ * product (decode) and a matrix-matrix product (prefill, batched decode):
+ * SIMD versions tile rows x columns so each weight block is loaded once
+ * for several activation rows.
+ */
+typedef void (*ek_gemm_fn)(int n, const void *w, size_t w_stride, int nrows,
+                           const void *x, size_t x_stride, int nx,
+                           float *y, size_t y_stride);
+typedef void (*ek_quantize_fn)(const float *x, void *y, int n);
+typedef void (*ek_dequantize_fn)(const void *x, float *y, int n);
+
+typedef struct {
+    int              act_type;   /* activation format: Q8_0, Q8_1 or F32 */
+    ek_quantize_fn   quantize;   /* f32 -> act_type (NULL when F32) */
+    ek_gemm_fn       gemm;       /* NULL when the weight type is unsupported */
+    ek_dequantize_fn dequantize; /* weight row -> f32 (embedding lookups) */
+} ek_type_ops;
+
+typedef struct {
+    const char *name;
+    ek_type_ops types[EK_TYPE_COUNT];
+
+    /* out[i] = x[i] / rms(x) * w[i]; out may alias x */
+    void (*rmsnorm)(float *out, const float *x, const float *w, int n, float eps);
+    /* Rotate adjacent pairs (x[2i], x[2i+1]) of each head by angle i:
+     * cs[2i] = cos, cs[2i+1] = sin, for i < head_dim / 2. */
+    void (*rope)(float *x, int n_heads, int head_dim, const float *cs);
+    /* out[i] = silu(gate[i]) * up[i]; out may alias gate */
+    void (*silu_mul)(float *out, const float *gate, const float *up, int n);
+    /* in place, numerically stable */
+    void (*softmax)(float *x, int n);
+    /* x[i] += y[i] */
+    void (*add)(float *x, const float *y, int n);
+    /* One query head over n_pos cached positions of one KV head.
+     *   q        [head_dim] f32
+     *   k, v     position 0 of this KV head, in kv_type (F16 or Q8_0);
+     *            consecutive positions are kv_stride bytes apart
+     *   scores   scratch, [n_pos]
+     *   out      [head_dim] = sum_t softmax(scale * q.k_t)_t * v_t
+     */
+    void (*attention)(float *out, const float *q, const void *k, const void *v,
+                      size_t kv_stride, int kv_type, int n_pos, int head_dim,
+                      float scale, float *scores);
+    /* Write one head vector into the cache in kv_type. */
+    void (*kv_store)(void *dst, const float *src, int n, int kv_type);
+} ek_kernels;
+
+/* The scalar reference: the specification every other table is tested
+ * against. Always built. */
+extern const ek_kernels ek_kernels_ref;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const ek_kernels ek_kernels_avx2;
+#endif
+#if defined(__aarch64__)
+extern const ek_kernels ek_kernels_neon;
+#endif
+
+/* Implementations usable on this CPU, best first, NULL-terminated. */
+const ek_kernels *const *ek_available(void);
+/* By name ("ref", "avx2", "neon", ...), NULL if unknown or unusable here. */
+const ek_kernels *ek_find(const char *name);
+/* The best usable table, or the one named by $EDGE_SLM_BACKEND. */
+const ek_kernels *ek_best(void);
+
+/* ---- error codes shared by the pool, the model and the binding ---- */
+enum ek_status {
+    EK_OK = 0,
+    EK_ENOMEM = 1,
+    EK_EINVAL = 2,
+    EK_ERANGE = 3, /* a position beyond the context, a slot beyond n_slots */
+    EK_ETYPE = 4,  /* a tensor type without a kernel */
+};
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,227 @@
+/* Scalar reference for the block formats: the specification the SIMD
+ * versions are tested against. Written for clarity, not speed. */
+#include <math.h>
+#include <string.h>
+
+#include "edge_kernels.h"
+#include "ref.h"
+
+/* ---- half precision, portable ---- */
+
+float ek_f16_to_f32(ek_f16 h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t mant = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: renormalise */
+            exp = 127 - 15 + 1;
+            while (!(mant & 0x400)) { mant <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+        }
+    } else if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+ek_f16 ek_f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = (x >> 16) & 0x8000;
+    uint32_t absx = x & 0x7fffffffu;
+    if (absx >= 0x7f800000u) /* inf or nan */
+        return (ek_f16)(sign | 0x7c00 | (absx > 0x7f800000u ? 0x200 : 0));
+    if (absx >= 0x477ff000u) /* rounds past the largest half */
+        return (ek_f16)(sign | 0x7c00);
+    if (absx < 0x38800000u) { /* subnormal half or zero */
+        if (absx < 0x33000000u) return (ek_f16)sign;
+        uint32_t mant = (absx & 0x7fffff) | 0x800000;
+        int shift = 113 - (int)(absx >> 23) + 13;
+        uint32_t half = mant >> shift;
+        uint32_t rem = mant & ((1u << shift) - 1);
+        uint32_t mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (half & 1))) half++;
+        return (ek_f16)(sign | half);
+    }
+    uint32_t half = ((absx >> 13) - ((127 - 15) << 10));
+    uint32_t rem = absx & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (half & 1))) half++;
+    return (ek_f16)(sign | half);
+}
+
+/* ---- sizes ---- */
+
+int ek_type_block_elems(int type) {
+    switch (type) {
+    case EK_TYPE_F32: case EK_TYPE_F16: return 1;
+    case EK_TYPE_Q4_0: case EK_TYPE_Q4_1: case EK_TYPE_Q8_0: case EK_TYPE_Q8_1: return EK_QK;
+    default: return 0;
+    }
+}
+
+size_t ek_type_block_bytes(int type) {
+    switch (type) {
+    case EK_TYPE_F32: return sizeof(float);
+    case EK_TYPE_F16: return sizeof(ek_f16);
+    case EK_TYPE_Q4_0: return sizeof(block_q4_0);
+    case EK_TYPE_Q4_1: return sizeof(block_q4_1);
+    case EK_TYPE_Q8_0: return sizeof(block_q8_0);
+    case EK_TYPE_Q8_1: return sizeof(block_q8_1);
+    default: return 0;
+    }
+}
+
+size_t ek_row_bytes(int type, int64_t n) {
+    int be = ek_type_block_elems(type);
+    return be ? (size_t)(n / be) * ek_type_block_bytes(type) : 0;
+}
+
+/* ---- activation quantizers ---- */
+
+void quantize_row_q8_0_ref(const float *x, void *vy, int n) {
+    block_q8_0 *y = vy;
+    for (int b = 0; b < n / EK_QK; b++) {
+        const float *xb = x + b * EK_QK;
+        float amax = 0.0f;
+        for (int j = 0; j < EK_QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        float d = amax / 127.0f;
+        float id = d ? 1.0f / d : 0.0f;
+        y[b].d = ek_f32_to_f16(d);
+        for (int j = 0; j < EK_QK; j++) y[b].qs[j] = (int8_t)roundf(xb[j] * id);
+    }
+}
+
+void quantize_row_q8_1_ref(const float *x, void *vy, int n) {
+    block_q8_1 *y = vy;
+    for (int b = 0; b < n / EK_QK; b++) {
+        const float *xb = x + b * EK_QK;
+        float amax = 0.0f;
+        for (int j = 0; j < EK_QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        float d = amax / 127.0f;
+        float id = d ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < EK_QK; j++) {
+            y[b].qs[j] = (int8_t)roundf(xb[j] * id);
+            sum += y[b].qs[j];
+        }
+        y[b].d = d;
+        y[b].s = d * (float)sum;
+    }
+}
+
+/* ---- dequantizers (embedding rows, tests) ---- */
+
+void dequantize_row_q4_0_ref(const void *vx, float *y, int n) {
+    const block_q4_0 *x = vx;
+    for (int b = 0; b < n / EK_QK; b++) {
+        float d = ek_f16_to_f32(x[b].d);
+        for (int j = 0; j < EK_QK / 2; j++) {
+            y[b * EK_QK + j] = d * ((x[b].qs[j] & 0x0f) - 8);
+            y[b * EK_QK + j + EK_QK / 2] = d * ((x[b].qs[j] >> 4) - 8);
+        }
+    }
+}
+
+void dequantize_row_q4_1_ref(const void *vx, float *y, int n) {
+    const block_q4_1 *x = vx;
+    for (int b = 0; b < n / EK_QK; b++) {
+        float d = ek_f16_to_f32(x[b].d), m = ek_f16_to_f32(x[b].m);
+        for (int j = 0; j < EK_QK / 2; j++) {
+            y[b * EK_QK + j] = d * (x[b].qs[j] & 0x0f) + m;
+            y[b * EK_QK + j + EK_QK / 2] = d * (x[b].qs[j] >> 4) + m;
+        }
+    }
+}
+
+void dequantize_row_q8_0_ref(const void *vx, float *y, int n) {
+    const block_q8_0 *x = vx;
+    for (int b = 0; b < n / EK_QK; b++) {
+        float d = ek_f16_to_f32(x[b].d);
+        for (int j = 0; j < EK_QK; j++) y[b * EK_QK + j] = d * x[b].qs[j];
+    }
+}
+
+void dequantize_row_f16_ref(const void *vx, float *y, int n) {
+    const ek_f16 *x = vx;
+    for (int i = 0; i < n; i++) y[i] = ek_f16_to_f32(x[i]);
+}
+
+void dequantize_row_f32_ref(const void *vx, float *y, int n) {
+    memcpy(y, vx, (size_t)n * sizeof(float));
+}
+
+/* ---- dot products: one weight row with one activation row ---- */
+
+static float dot_q4_0_q8_0(int n, const block_q4_0 *w, const block_q8_0 *x) {
+    float sum = 0.0f;
+    for (int b = 0; b < n / EK_QK; b++) {
+        int acc = 0;
+        for (int j = 0; j < EK_QK / 2; j++) {
+            acc += ((w[b].qs[j] & 0x0f) - 8) * x[b].qs[j];
+            acc += ((w[b].qs[j] >> 4) - 8) * x[b].qs[j + EK_QK / 2];
+        }
+        sum += ek_f16_to_f32(w[b].d) * ek_f16_to_f32(x[b].d) * (float)acc;
+    }
+    return sum;
+}
+
+static float dot_q4_1_q8_1(int n, const block_q4_1 *w, const block_q8_1 *x) {
+    float sum = 0.0f;
+    for (int b = 0; b < n / EK_QK; b++) {
+        int acc = 0;
+        for (int j = 0; j < EK_QK / 2; j++) {
+            acc += (w[b].qs[j] & 0x0f) * x[b].qs[j];
+            acc += (w[b].qs[j] >> 4) * x[b].qs[j + EK_QK / 2];
+        }
+        sum += ek_f16_to_f32(w[b].d) * x[b].d * (float)acc + ek_f16_to_f32(w[b].m) * x[b].s;
+    }
+    return sum;
+}
+
+static float dot_q8_0_q8_0(int n, const block_q8_0 *w, const block_q8_0 *x) {
+    float sum = 0.0f;
+    for (int b = 0; b < n / EK_QK; b++) {
+        int acc = 0;
+        for (int j = 0; j < EK_QK; j++) acc += w[b].qs[j] * x[b].qs[j];
+        sum += ek_f16_to_f32(w[b].d) * ek_f16_to_f32(x[b].d) * (float)acc;
+    }
+    return sum;
+}
+
+static float dot_f16_f32(int n, const ek_f16 *w, const float *x) {
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) sum += ek_f16_to_f32(w[i]) * x[i];
+    return sum;
+}
+
+static float dot_f32_f32(int n, const float *w, const float *x) {
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) sum += w[i] * x[i];
+    return sum;
+}
+
+/* Each gemm is the same double loop around its dot product. */
+#define DEFINE_GEMM_REF(name, wtype, xtype, dot)                                   \
+    void name(int n, const void *w, size_t w_stride, int nrows, const void *x,   \
+              size_t x_stride, int nx, float *y, size_t y_stride) {              \
+        for (int j = 0; j < nx; j++) {                                             \
+            const xtype *xr = (const xtype *)((const char *)x + j * x_stride);     \
+            for (int i = 0; i < nrows; i++) {                                      \
+                const wtype *wr = (const wtype *)((const char *)w + i * w_stride); \
+                y[j * y_stride + i] = dot(n, wr, xr);                              \
+            }                                                                      \
+        }                                                                          \
+    }
+
+DEFINE_GEMM_REF(gemm_q4_0_q8_0_ref, block_q4_0, block_q8_0, dot_q4_0_q8_0)
+DEFINE_GEMM_REF(gemm_q4_1_q8_1_ref, block_q4_1, block_q8_1, dot_q4_1_q8_1)
+DEFINE_GEMM_REF(gemm_q8_0_q8_0_ref, block_q8_0, block_q8_0, dot_q8_0_q8_0)
+DEFINE_GEMM_REF(gemm_f16_f32_ref, ek_f16, float, dot_f16_f32)
+DEFINE_GEMM_REF(gemm_f32_f32_ref, float, float, dot_f32_f32)
