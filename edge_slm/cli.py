@@ -1,0 +1,271 @@
+"""The edge-slm command line. A user's mistake prints one line and exits 1."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from .errors import EdgeSlmError
+from .paths import default_model_path
+
+log = logging.getLogger("edge_slm")
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+class Group(click.Group):
+    """Turns our own exceptions into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgeSlmError as e:
+            click.echo(f"edge-slm: {e}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=Group)
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+def main(verbose: int) -> None:
+    """Run a small language model on this device, offline."""
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def model_option(f):
+    return click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
+                        default=None, help="GGUF file (default: the pulled SmolLM2-135M).")(f)
+
+
+def runtime_options(f):
+    f = click.option("--threads", type=click.IntRange(1, 256), default=default_threads,
+                     show_default="all CPUs", help="Threads for the forward pass.")(f)
+    f = click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=2048,
+                     show_default=True, help="Context length in tokens.")(f)
+    f = click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default="f16",
+                     show_default=True, help="KV cache element type.")(f)
+    return model_option(f)
+
+
+@dataclass
+class Loaded:
+    model: object
+    runtime: object
+    tokenizer: object
+
+
+def load(model_path: Path | None, threads: int, n_ctx: int, kv_type: str = "f16",
+         max_batch: int = 64) -> Loaded:
+    from .model import RuntimeOptions, load_model
+
+    path = model_path or default_model_path()
+    if model_path is None and not path.exists():
+        raise EdgeSlmError(f"no model at {path}; run `edge-slm pull` or pass --model")
+    model = load_model(path)
+    tokenizer = model.tokenizer()
+    runtime = model.runtime(RuntimeOptions(n_threads=threads, n_ctx=n_ctx, max_batch=max_batch,
+                                           kv_type=kv_type))
+    log.info("loaded %s: %d layers, backend %s, %d threads", path.name, model.config.n_layer,
+             runtime.backend, threads)
+    return Loaded(model, runtime, tokenizer)
+
+
+def sampling_options(f):
+    f = click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)(f)
+    f = click.option("--temperature", type=click.FloatRange(0), default=None,
+                     help="0 = greedy.")(f)
+    f = click.option("--top-k", type=click.IntRange(0), default=40, show_default=True)(f)
+    f = click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95,
+                     show_default=True)(f)
+    f = click.option("--repeat-penalty", type=click.FloatRange(0, min_open=True), default=1.0,
+                     show_default=True)(f)
+    f = click.option("--seed", type=int, default=None, help="Seed for sampling.")(f)
+    f = click.option("--stop", multiple=True, help="Stop string (repeatable).")(f)
+    return f
+
+
+def generation_config(max_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop,
+                      default_temperature: float, ignore_eos: bool = False):
+    from .generate import GenerationConfig
+    from .sampler import SamplingConfig
+
+    t = default_temperature if temperature is None else temperature
+    return GenerationConfig(max_tokens=max_tokens, stop=tuple(stop), ignore_eos=ignore_eos,
+                            sampling=SamplingConfig(temperature=t, top_k=top_k, top_p=top_p,
+                                                    repeat_penalty=repeat_penalty, seed=seed))
+
+
+def chat_prompt(loaded: Loaded, messages: list[dict[str, str]]) -> list[int]:
+    return loaded.tokenizer.encode(loaded.tokenizer.render_chat(messages))
+
+
+def stream_out(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+@main.command()
+def pull() -> None:
+    """Fetch the default model (SmolLM2-135M-Instruct Q4_1) and verify it."""
+    from .pull import pull_model
+
+    click.echo(str(pull_model()))
+
+
+@main.command()
+@click.argument("question")
+@runtime_options
+@sampling_options
+@click.option("--system", default=None, help="System prompt (default: the model's own).")
+def ask(question, model_path, threads, n_ctx, kv_type, system, **sampling) -> None:
+    """Answer QUESTION, streamed to stdout."""
+    from .generate import generate
+
+    loaded = load(model_path, threads, n_ctx, kv_type)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": question}]
+    cfg = generation_config(**sampling, default_temperature=0.2)
+    generate(loaded.runtime, loaded.tokenizer, chat_prompt(loaded, messages), cfg, on_text=stream_out)
+    stream_out("\n")
+
+
+@main.command()
+@click.argument("text")
+@runtime_options
+@sampling_options
+@click.option("--json", "as_json", is_flag=True, help="Print ids and text as JSON.")
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-generation tokens.")
+def complete(text, model_path, threads, n_ctx, kv_type, as_json, ignore_eos, **sampling) -> None:
+    """Continue raw TEXT (no chat template; greedy unless --temperature)."""
+    from .generate import generate
+
+    loaded = load(model_path, threads, n_ctx, kv_type)
+    ids = loaded.tokenizer.encode(text)
+    cfg = generation_config(**sampling, default_temperature=0.0, ignore_eos=ignore_eos)
+    result = generate(loaded.runtime, loaded.tokenizer, ids, cfg,
+                      on_text=None if as_json else stream_out)
+    if as_json:
+        click.echo(json.dumps({"prompt_tokens": result.prompt_tokens, "tokens": result.tokens,
+                               "text": result.text}, ensure_ascii=False))
+    else:
+        stream_out("\n")
+
+
+@main.command()
+@click.argument("text")
+@model_option
+@click.option("--json", "as_json", is_flag=True, help="Print the ids as a JSON list.")
+def tokenize(text, model_path, as_json) -> None:
+    """Print the token ids of TEXT (BOS only if the model asks for it)."""
+    from .model import GGUFFile
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(GGUFFile(model_path or default_model_path()))
+    ids = tok.encode(text)
+    click.echo(json.dumps(ids) if as_json else " ".join(map(str, ids)))
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise click.BadParameter("no token ids given")
+    return ids
+
+
+@main.command()
+@click.option("--ids", required=True, help="Comma-separated token ids, e.g. 1,2,3.")
+@click.option("--npy", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output .npy file: float32 [positions, vocab].")
+@runtime_options
+def logits(ids, out, model_path, threads, n_ctx, kv_type) -> None:
+    """Write the logits at every position of an id sequence."""
+    import numpy as np
+
+    from .generate import check_fits
+
+    seq = parse_ids(ids)
+    loaded = load(model_path, threads, max(n_ctx, len(seq) + 1), kv_type)
+    vocab = loaded.model.config.vocab
+    bad = [i for i in seq if not 0 <= i < vocab]
+    if bad:
+        raise EdgeSlmError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+    check_fits(len(seq), loaded.runtime.opts.n_ctx)
+    np.save(out, loaded.runtime.prefill(seq, all_logits=True))
+    click.echo(f"{out}: {len(seq)} x {vocab} float32")
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--ctx", "n_ctx", type=click.IntRange(1), default=None,
+              help="Context to size memory for (default: the model's).")
+@click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default="f16", show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=default_threads)
+def info(path, n_ctx, kv_type, threads) -> None:
+    """Describe a GGUF model and the memory it needs."""
+    from .model import GGUFFile, RuntimeOptions, check_tensors, memory_needed, read_config
+
+    f = GGUFFile(path or default_model_path())
+    cfg = read_config(f)
+    tensors = f.tensors()
+    check_tensors(f.path, cfg, tensors)
+    weights = sum(t.nbytes for t in tensors.values())
+    ctx = n_ctx or cfg.context_length
+    mem = memory_needed(cfg, weights, RuntimeOptions(n_threads=threads, n_ctx=ctx, kv_type=kv_type))
+    types = Counter(t.type.name for t in tensors.values())
+    mib = 1024 * 1024
+    lines = [
+        f"file          {f.path} ({f.path.stat().st_size / mib:.1f} MiB)",
+        f"architecture  {f.get('general.architecture')} ({f.get('general.name', '?')})",
+        f"layers        {cfg.n_layer}, width {cfg.dim}, FFN {cfg.hidden_dim}",
+        f"heads         {cfg.n_head} query / {cfg.n_kv_head} KV, head size {cfg.head_dim}",
+        f"vocabulary    {cfg.vocab} ({f.get('tokenizer.ggml.model', '?')})",
+        f"context       {cfg.context_length} trained; RoPE base {cfg.rope_base:g}",
+        f"tensors       {len(tensors)}: " + ", ".join(f"{n} x {t}" for t, n in types.most_common()),
+        f"memory at context {ctx} ({kv_type} KV):",
+        f"  weights     {mem['weights'] / mib:8.1f} MiB (memory-mapped)",
+        f"  KV cache    {mem['kv_cache'] / mib:8.1f} MiB",
+        f"  run state   {mem['run_state'] / mib:8.1f} MiB",
+        f"  total       {sum(mem.values()) / mib:8.1f} MiB",
+    ]
+    click.echo("\n".join(lines))
+
+
+@main.command()
+@runtime_options
+@sampling_options
+@click.option("--system", default=None, help="System prompt (default: the model's own).")
+def chat(model_path, threads, n_ctx, kv_type, system, **sampling) -> None:
+    """Chat in the terminal; the oldest turns make way when the context fills."""
+    from .chat import ChatSession
+
+    loaded = load(model_path, threads, n_ctx, kv_type)
+    cfg = generation_config(**sampling, default_temperature=0.2)
+    session = ChatSession(loaded.runtime, loaded.tokenizer, cfg, system=system)
+    click.echo("Type a question; an empty line or Ctrl-D ends the chat.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        session.ask(line, on_text=stream_out)
+        stream_out("\n")

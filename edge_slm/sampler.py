@@ -1,0 +1,62 @@
+"""Choosing the next token from logits: greedy, or temperature with top-k,
+top-p and a repetition penalty, from a seeded generator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0    # 0 means greedy: always the most likely token
+    top_k: int = 40             # keep the k most likely (0 = all)
+    top_p: float = 0.95         # then the smallest set with this much probability
+    repeat_penalty: float = 1.0  # > 1 discourages tokens seen in the last repeat_last_n
+    repeat_last_n: int = 64
+    seed: int | None = None     # None draws a fresh seed
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.repeat_last_n < 0 or self.repeat_penalty <= 0:
+            raise ValueError("top_k and repeat_last_n must be >= 0, repeat_penalty > 0")
+
+
+class Sampler:
+    def __init__(self, cfg: SamplingConfig):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def penalize(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """llama.cpp's rule: shrink positive logits, grow negative ones."""
+        cfg = self.cfg
+        if cfg.repeat_penalty == 1.0 or not history or cfg.repeat_last_n == 0:
+            return logits
+        seen = np.unique(np.asarray(history[-cfg.repeat_last_n:], dtype=np.int64))
+        out = logits.copy()
+        v = out[seen]
+        out[seen] = np.where(v > 0, v / cfg.repeat_penalty, v * cfg.repeat_penalty)
+        return out
+
+    def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        logits = self.penalize(logits, history)
+        cfg = self.cfg
+        if cfg.temperature == 0.0:
+            return int(np.argmax(logits))
+        ids = np.arange(logits.shape[0])
+        if 0 < cfg.top_k < logits.shape[0]:
+            ids = np.argpartition(logits, -cfg.top_k)[-cfg.top_k:]
+        scaled = logits[ids].astype(np.float64) / cfg.temperature
+        order = np.argsort(-scaled)
+        ids, scaled = ids[order], scaled[order]
+        p = np.exp(scaled - scaled[0])
+        p /= p.sum()
+        if cfg.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(p), cfg.top_p)) + 1
+            ids, p = ids[:keep], p[:keep] / p[:keep].sum()
+        return int(self.rng.choice(ids, p=p))

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import TinySpec, write_tiny_model  # noqa: E402
+
+from edge_slm.paths import default_model_path  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: longer than the 15-minute `make test` budget allows")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    made: dict[TinySpec, Path] = {}
+
+    def make(spec: TinySpec) -> Path:
+        if spec not in made:
+            made[spec] = write_tiny_model(tmp_path_factory.mktemp("tiny") / "model.gguf", spec)
+        return made[spec]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    path = default_model_path()
+    if not path.exists():
+        pytest.fail(f"the reference model is missing at {path}: run `make setup` (edge-slm pull)")
+    return path
