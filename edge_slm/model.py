@@ -175,6 +175,11 @@ class RuntimeOptions:
     max_batch: int = 64    # tokens per forward call (prompt chunk, batched decode)
     kv_type: str = "f16"   # "f16" or "q8_0"
     backend: str | None = None  # kernel table; None = best for this CPU
+    max_logits: int | None = None  # logits rows per call (default max_batch)
+
+    @property
+    def logits_rows(self) -> int:
+        return self.max_logits or self.max_batch
 
 
 class Transformer:
@@ -197,7 +202,7 @@ class Transformer:
         except (ValueError, KeyError) as e:
             raise ModelError(f"model rejected: {_reason(e)}") from None
         self._lock = threading.Lock()
-        self._logits = np.zeros((opts.max_batch, cfg.vocab), dtype=np.float32)
+        self._logits = np.zeros((opts.logits_rows, cfg.vocab), dtype=np.float32)
 
     @property
     def backend(self) -> str:
@@ -210,6 +215,8 @@ class Transformer:
         The returned array is a view of a reused buffer: copy what you keep."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         n_out = int(np.count_nonzero(want))
+        if n_out > len(self._logits):
+            raise ValueError(f"{n_out} logits rows asked for, at most {len(self._logits)}")
         out = self._logits[:n_out]
         with self._lock:
             self._model.forward(tokens, np.ascontiguousarray(pos, dtype=np.int32),
@@ -222,7 +229,7 @@ class Transformer:
         (or every row, [len(ids), vocab], when all_logits)."""
         if not ids:
             raise ValueError("nothing to evaluate")
-        B = self.opts.max_batch
+        B = min(self.opts.max_batch, len(self._logits)) if all_logits else self.opts.max_batch
         rows = []
         last = None
         for lo in range(0, len(ids), B):
@@ -285,5 +292,5 @@ def memory_needed(cfg: ModelConfig, weight_bytes: int, opts: RuntimeOptions) -> 
     kv, state = _core.model_bytes(cfg.core(), n_slots=opts.n_slots, n_ctx=opts.n_ctx,
                                   max_batch=opts.max_batch, n_threads=opts.n_threads,
                                   kv_type=int(KV_TYPES[opts.kv_type]))
-    logits = opts.max_batch * cfg.vocab * 4
+    logits = opts.logits_rows * cfg.vocab * 4
     return {"weights": weight_bytes, "kv_cache": kv, "run_state": state + logits}

@@ -1,0 +1,106 @@
+# Developer entry points. On a fresh Debian machine `make run` and `make test`
+# are all a newcomer needs; every step below is skipped when already done.
+#
+# The package is installed editable into .venv without build isolation and
+# with a persistent CMake build directory (build/<wheel tag>): Python edits
+# are live at once, and a change to any C file or to the build files makes
+# the install stamp stale, so the next `make setup` (and so `make test`,
+# `make run`, ...) re-runs the install, which is an incremental CMake build.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+EDGE_SLM := $(VENV)/bin/edge-slm
+STAMPS := build/stamps
+ARCH := $(shell uname -m)
+
+APT_PACKAGES := build-essential python3-dev python3-venv \
+	mosquitto mosquitto-clients \
+	gcc-aarch64-linux-gnu qemu-user-static \
+	chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+# Everything the extension is built from (the C tests have their own Makefile).
+CORE_SOURCES := CMakeLists.txt pyproject.toml \
+	$(shell find kernels -path kernels/tests -prune -o -name '*.[ch]' -print)
+
+# The peer for `make bench`. Pinned so pip's wheel cache serves the one build.
+# The default native build of llama.cpp enables AMX and crashes on the first
+# decode on the x86 development VMs, so x86-64 gets an explicit AVX2 build.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+ifeq ($(ARCH),x86_64)
+PEER_ENV := CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+endif
+
+.PHONY: setup run test test-slow bench soak arm64 clean distclean
+
+setup: $(STAMPS)/apt $(STAMPS)/install $(STAMPS)/model
+
+# System packages, installed only when one is missing; checked again when
+# this file changes, in case the list did.
+$(STAMPS)/apt: Makefile
+	@set -e; \
+	missing=$$(for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -qx 'install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install" $$missing; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	@mkdir -p $(@D) && touch $@
+
+# pyvenv.cfg, not bin/python: the latter is a symlink whose mtime is the
+# interpreter's, which would make a recreated venv look older than the stamps.
+$(VENV)/pyvenv.cfg: | $(STAMPS)/apt
+	$(PYTHON) -m venv $(VENV)
+
+# What --no-build-isolation needs in the venv.
+$(STAMPS)/build-deps: $(VENV)/pyvenv.cfg
+	$(PIP) install -q 'scikit-build-core>=0.10' cmake ninja
+	@mkdir -p $(@D) && touch $@
+
+$(STAMPS)/install: $(STAMPS)/build-deps $(CORE_SOURCES)
+	$(PIP) install -q --no-build-isolation --config-settings=build-dir='build/{wheel_tag}' -e '.[test]'
+	@touch $@
+
+# The reference model (see edge_slm/pull.py); verified, so this is a no-op
+# when it is already in place.
+$(STAMPS)/model: $(STAMPS)/install
+	$(EDGE_SLM) pull
+	@touch $@
+
+run: setup
+	$(EDGE_SLM) ask "What should I check first when a pump loses pressure?"
+	$(EDGE_SLM) chat
+
+test: setup
+	$(MAKE) -C kernels/tests all
+	$(PY) -m pytest -m "not slow" tests/
+
+test-slow: setup
+	$(PY) -m pytest -m slow tests/
+
+$(STAMPS)/peer: $(STAMPS)/build-deps
+	$(PEER_ENV) $(PIP) install '$(LLAMA_CPP_PYTHON)'
+	@touch $@
+
+bench: setup $(STAMPS)/peer
+	$(EDGE_SLM) bench --json bench.json
+
+soak: setup
+	$(EDGE_SLM) soak --memory-budget 256M --slots 1,2,4 --requests 2000 --json soak.json
+
+arm64: setup
+	bash scripts/check-arm64.sh
+
+# Keeps .venv (it holds the slow-to-build peer); `make distclean` removes it.
+clean:
+	if [ -f kernels/tests/Makefile ]; then $(MAKE) -C kernels/tests clean; fi
+	rm -rf build dist .pytest_cache .hypothesis bench.json soak.json edge_slm/_core*.so
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,438 @@
+"""The engine every front end stands on: a memory plan fixed at start, a
+bounded queue, and continuous batching over KV slots.
+
+One thread owns the model. Each step it admits queued requests into free
+slots, then runs a single forward pass holding one next token for every
+decoding slot plus a chunk of one prefilling prompt, so a long prompt joins
+without stalling the answers already streaming. Callers submit, stream,
+cancel and read status from any thread.
+
+    engine = Engine(EngineConfig(memory_budget=parse_size("256M")))
+    req = engine.submit("Why does a pump lose pressure?", max_tokens=64)
+    for piece in req.stream():
+        print(piece, end="")
+    print(req.result().status)
+    engine.close()
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .chat import common_prefix
+from .errors import EdgeSlmError
+from .generate import TextStream
+from .memory import Fixed, MemoryPlan, current_rss, plan_memory
+from .model import RuntimeOptions, load_model
+from .paths import default_model_path
+from .sampler import Sampler, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+# Request outcomes, as the MQTT protocol and the kiosk report them.
+OK, BUSY, TOO_LONG, TIMEOUT, CANCELLED, ERROR = "ok", "busy", "too_long", "timeout", "cancelled", "error"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: Path | None = None        # GGUF file; None = the pulled default
+    memory_budget: int | None = None  # bytes for the whole process; None = no ceiling
+    slots: int = 4                   # conversations decoded together (fewer if the budget says so)
+    ctx: int | None = None           # tokens per slot; None = the most the budget allows
+    min_ctx: int = 512               # below this a slot is not useful: refuse to start
+    kv_type: str = "f16"             # "f16", or "q8_0" to halve the cache
+    threads: int = 2
+    max_batch: int = 64              # tokens per forward pass (decode tokens + a prompt chunk)
+    prefill_chunk: int = 32          # prompt tokens per step while others decode
+    queue_size: int = 16             # waiting requests beyond the slots; more are refused (busy)
+    timeout: float = 120.0           # default seconds from submit to the last token
+    max_tokens: int = 256            # default answer length cap
+    overflow: str = "refuse"         # over-long prompts: "refuse" (too_long) or "truncate"
+    keep_tokens: int = 64            # start of the conversation kept when the context shifts
+    backend: str | None = None       # kernel table; None = best for this CPU
+
+    def __post_init__(self) -> None:
+        if self.overflow not in ("refuse", "truncate"):
+            raise EdgeSlmError(f"overflow must be 'refuse' or 'truncate', not {self.overflow!r}")
+        if self.slots < 1 or self.queue_size < 0 or self.threads < 1 or self.max_batch < 1:
+            raise EdgeSlmError("slots, threads and max_batch must be positive, queue_size >= 0")
+
+
+@dataclass
+class Result:
+    status: str                   # OK, BUSY, TOO_LONG, TIMEOUT, CANCELLED, ERROR
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    finish_reason: str | None = None  # "stop" or "length" when status is OK
+    error: str | None = None          # one line, for anything but OK
+    retry_after: float | None = None  # seconds, with BUSY
+    queued_s: float = 0.0
+    ttft_s: float | None = None       # submit to first token
+    total_s: float = 0.0
+
+
+_DONE = object()
+
+
+class Request:
+    """A submitted question. Stream its text, wait for its result, or cancel it."""
+
+    def __init__(self, rid: str, prompt: list[int], max_tokens: int, sampling: SamplingConfig,
+                 stop: tuple[str, ...], timeout: float, on_text: Callable[[str], None] | None):
+        self.id = rid
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.sampling = sampling
+        self.stop = stop
+        self.created = time.monotonic()
+        self.deadline = self.created + timeout
+        self.on_text = on_text
+        self._pieces: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._cancelled = threading.Event()
+        self._result: Result | None = None
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed at the engine's next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Result:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} still running after {timeout} s")
+        assert self._result is not None
+        return self._result
+
+    def stream(self, timeout: float | None = None) -> Iterator[str]:
+        """Text pieces as they are generated; ends when the request finishes."""
+        while True:
+            try:
+                piece = self._pieces.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"no text from request {self.id} for {timeout} s") from None
+            if piece is _DONE:
+                return
+            yield piece
+
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self._pieces.put(piece)
+            if self.on_text:
+                self.on_text(piece)
+
+    def _finish(self, result: Result) -> None:
+        result.total_s = time.monotonic() - self.created
+        self._result = result
+        self._pieces.put(_DONE)
+        self._done.set()
+
+
+@dataclass
+class Slot:
+    """One KV sequence: what it caches, and the request using it (if any)."""
+
+    index: int
+    cache: list[int] = field(default_factory=list)  # tokens whose K/V fill positions 0..
+    req: Request | None = None
+    seq: list[int] = field(default_factory=list)    # prompt + answer so far
+    n_prompt: int = 0
+    answer: list[int] = field(default_factory=list)
+    sampler: Sampler | None = None
+    text: TextStream | None = None
+    started: float = 0.0
+    first_token: float | None = None
+    keep: int = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return len(self.cache) < len(self.seq) - 1 or not self.answer and len(self.cache) < self.n_prompt
+
+    def release(self) -> None:
+        self.req = None
+        self.sampler = None
+        self.text = None
+        self.answer = []
+        self.seq = []
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig = EngineConfig()):
+        self.cfg = cfg
+        interpreter = current_rss()
+        path = cfg.model or default_model_path()
+        if cfg.model is None and not path.exists():
+            raise EdgeSlmError(f"no model at {path}; run `edge-slm pull` or pass --model")
+        self.model = load_model(path)
+        before = current_rss()
+        self.tokenizer = self.model.tokenizer()
+        tokenizer_bytes = max(0, current_rss() - before)
+        self.plan = make_plan(cfg, self.model, interpreter, tokenizer_bytes)
+        log.info("memory plan: %s\n%s", self.plan.summary(), self.plan.describe())
+        self.runtime = self.model.runtime(RuntimeOptions(
+            n_threads=cfg.threads, n_ctx=self.plan.n_ctx, n_slots=self.plan.n_slots,
+            max_batch=cfg.max_batch, kv_type=cfg.kv_type, backend=cfg.backend,
+            max_logits=max(cfg.max_batch, self.plan.n_slots)))
+        self.slots = [Slot(i) for i in range(self.plan.n_slots)]
+        self._queue: collections.deque[Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._stats = collections.Counter()
+        self._busy_time = 0.0
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="edge-slm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the API ----
+
+    def submit(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
+               max_tokens: int | None = None, sampling: SamplingConfig | None = None,
+               stop: tuple[str, ...] = (), timeout: float | None = None,
+               on_text: Callable[[str], None] | None = None, request_id: str | None = None) -> Request:
+        """Queue a question: raw `prompt` text, or chat `messages` rendered with
+        the model's template. Never blocks: a full queue gives a BUSY result."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        text = self.tokenizer.render_chat(messages) if messages is not None else prompt
+        ids = self.tokenizer.encode(text)
+        req = Request(request_id or f"r{next(self._ids)}", ids, max_tokens or self.cfg.max_tokens,
+                      sampling or SamplingConfig(), tuple(stop),
+                      self.cfg.timeout if timeout is None else timeout, on_text)
+        limit = self.prompt_limit(req.max_tokens)
+        if len(ids) > limit:
+            if self.cfg.overflow == "refuse" or limit <= self.cfg.keep_tokens:
+                self._count(TOO_LONG)
+                req._finish(Result(TOO_LONG, prompt_tokens=len(ids), error=(
+                    f"prompt is {len(ids)} tokens; at most {limit} fit with room for the answer")))
+                return req
+            keep = self.cfg.keep_tokens
+            req.prompt = ids[:keep] + ids[len(ids) - (limit - keep):]
+        with self._cond:
+            if self._stopping:
+                req._finish(Result(ERROR, error="engine is shutting down"))
+                return req
+            if len(self._queue) >= self.cfg.queue_size:
+                self._stats[BUSY] += 1
+                req._finish(Result(BUSY, prompt_tokens=len(ids), retry_after=self._retry_hint(),
+                                   error="queue full; retry later"))
+                return req
+            self._queue.append(req)
+            self._cond.notify()
+        return req
+
+    def prompt_limit(self, max_tokens: int) -> int:
+        """Longest prompt accepted: the context minus room for the answer
+        (at most a quarter of the context is reserved)."""
+        n_ctx = self.plan.n_ctx
+        return n_ctx - max(1, min(max_tokens, n_ctx // 4))
+
+    def status(self) -> dict:
+        with self._cond:
+            busy = sum(s.req is not None for s in self.slots)
+            depth = len(self._queue)
+            stats = dict(self._stats)
+        elapsed = self._busy_time or 1e-9
+        return {"slots": len(self.slots), "slots_busy": busy, "queue_depth": depth,
+                "queue_size": self.cfg.queue_size, "n_ctx": self.plan.n_ctx,
+                "memory_plan": self.plan.as_dict(), "rss": current_rss(),
+                "tokens_generated": stats.get("tokens", 0),
+                "decode_tps": stats.get("tokens", 0) / elapsed,
+                "requests": {k: v for k, v in stats.items() if k != "tokens"},
+                "backend": self.runtime.backend, "uptime_s": time.monotonic() - self._started}
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- the engine thread ----
+
+    def _count(self, status: str) -> None:
+        with self._cond:
+            self._stats[status] += 1
+
+    def _retry_hint(self) -> float:
+        done = max(1, self._stats.get(OK, 0))
+        per_request = self._busy_time / done if self._busy_time else 1.0
+        return round(max(1.0, per_request * (len(self._queue) + 1) / len(self.slots)), 1)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._queue and not any(s.req for s in self.slots):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                self._admit()
+            t0 = time.monotonic()
+            try:
+                self._step()
+            except Exception as e:  # a bug must not strand callers waiting forever
+                log.exception("engine step failed")
+                for s in self.slots:
+                    if s.req:
+                        self._end(s, Result(ERROR, error=f"internal error: {e}"))
+                    s.cache = []
+            self._busy_time += time.monotonic() - t0
+        for s in self.slots:
+            if s.req:
+                self._end(s, Result(CANCELLED, error="engine shut down"))
+        while self._queue:
+            self._queue.popleft()._finish(Result(CANCELLED, error="engine shut down"))
+
+    def _admit(self) -> None:
+        """Move queued requests into free slots, preferring the slot whose
+        cache shares the longest prefix (a common system prompt)."""
+        now = time.monotonic()
+        while self._queue:
+            free = [s for s in self.slots if s.req is None]
+            if not free:
+                return
+            req = self._queue.popleft()
+            if req.cancelled or now > req.deadline:
+                status = CANCELLED if req.cancelled else TIMEOUT
+                self._stats[status] += 1
+                req._finish(Result(status, prompt_tokens=len(req.prompt), queued_s=now - req.created,
+                                   error="cancelled while queued" if req.cancelled else "timed out in queue"))
+                continue
+            slot = max(free, key=lambda s: common_prefix(s.cache, req.prompt))
+            shared = min(common_prefix(slot.cache, req.prompt), len(req.prompt) - 1)
+            slot.cache = slot.cache[:shared]
+            slot.req = req
+            slot.seq = list(req.prompt)
+            slot.n_prompt = len(req.prompt)
+            slot.answer = []
+            slot.sampler = Sampler(req.sampling)
+            slot.text = TextStream(self.tokenizer, req.stop)
+            slot.started = now
+            slot.first_token = None
+            slot.keep = min(self.cfg.keep_tokens, len(req.prompt))
+
+    def _step(self) -> None:
+        # Expire and cancel first, so a freed slot costs no more compute.
+        now = time.monotonic()
+        for s in self.slots:
+            if s.req and s.req.cancelled:
+                self._end(s, self._partial(s, CANCELLED, "cancelled"))
+            elif s.req and now > s.req.deadline:
+                self._end(s, self._partial(s, TIMEOUT, "deadline passed"))
+        active = [s for s in self.slots if s.req]
+        if not active:
+            return
+        for s in active:
+            if len(s.cache) == self.plan.n_ctx:
+                self._shift(s)
+
+        tokens, pos, slot_ids, want, owners = [], [], [], [], []
+        room = self.cfg.max_batch
+        decoding = [s for s in active if len(s.cache) == len(s.seq) - 1 and s.answer]
+        for s in decoding:
+            tokens.append(s.seq[-1])
+            pos.append(len(s.cache))
+            slot_ids.append(s.index)
+            want.append(1)
+            owners.append(s)
+            room -= 1
+        # Prompts are prefilled in chunks, the oldest request first.
+        for s in sorted((s for s in active if s not in decoding), key=lambda s: s.req.created):
+            if room <= 0:
+                break
+            start = len(s.cache)
+            chunk = s.seq[start:start + min(room, self.cfg.prefill_chunk)]
+            for i, t in enumerate(chunk):
+                tokens.append(t)
+                pos.append(start + i)
+                slot_ids.append(s.index)
+                last = start + i == len(s.seq) - 1
+                want.append(1 if last else 0)
+                if last:
+                    owners.append(s)
+            room -= len(chunk)
+            s._pending = chunk  # type: ignore[attr-defined]
+
+        logits = self.runtime.forward(np.array(tokens, np.int32), np.array(pos, np.int32),
+                                      np.array(slot_ids, np.int32), np.array(want, np.uint8))
+        for s in decoding:
+            s.cache.append(s.seq[-1])
+        for s in active:
+            chunk = getattr(s, "_pending", None)
+            if chunk is not None:
+                s.cache.extend(chunk)
+                del s._pending
+        for row, s in zip(logits, owners):
+            self._next_token(s, row)
+
+    def _next_token(self, s: Slot, logits: np.ndarray) -> None:
+        req = s.req
+        tok = s.sampler.sample(logits, s.seq)
+        if s.first_token is None:
+            s.first_token = time.monotonic()
+        if self.tokenizer.is_eog(tok):
+            self._end(s, self._partial(s, OK, None, finish="stop"))
+            return
+        s.answer.append(tok)
+        s.seq.append(tok)
+        with self._cond:
+            self._stats["tokens"] += 1
+        req._emit(s.text.feed(tok))
+        if s.text.stopped:
+            self._end(s, self._partial(s, OK, None, finish="stop"))
+        elif len(s.answer) >= req.max_tokens:
+            self._end(s, self._partial(s, OK, None, finish="length"))
+
+    def _shift(self, s: Slot) -> None:
+        """The slot's context is full: drop the older half after the kept start,
+        re-rotating the cached keys instead of recomputing them."""
+        n_used = len(s.cache)
+        n_drop = max(1, (n_used - s.keep) // 2)
+        self.runtime.kv_shift(s.index, s.keep, n_drop, n_used)
+        del s.cache[s.keep:s.keep + n_drop]
+        del s.seq[s.keep:s.keep + n_drop]
+        log.info("slot %d: context full, dropped %d tokens after the first %d", s.index, n_drop, s.keep)
+
+    def _partial(self, s: Slot, status: str, error: str | None, finish: str | None = None) -> Result:
+        tail = s.text.flush() if status == OK and s.text else ""
+        if tail:
+            s.req._emit(tail)
+        return Result(status, text=s.text.text if s.text else "", tokens=list(s.answer),
+                      prompt_tokens=s.n_prompt, finish_reason=finish, error=error,
+                      queued_s=s.started - s.req.created,
+                      ttft_s=(s.first_token - s.req.created) if s.first_token else None)
+
+    def _end(self, s: Slot, result: Result) -> None:
+        self._count(result.status)
+        req = s.req
+        s.release()
+        req._finish(result)
+
+
+def make_plan(cfg: EngineConfig, model, interpreter: int, tokenizer: int) -> MemoryPlan:
+    fixed = Fixed(model.config, cfg.memory_budget or 0, model.path.stat().st_size, interpreter,
+                  tokenizer, cfg.threads, cfg.max_batch)
+    if cfg.memory_budget is None:
+        return fixed.plan(cfg.slots, min(cfg.ctx or 2048, model.config.context_length), cfg.kv_type)
+    return plan_memory(fixed, kv_type=cfg.kv_type, slots=cfg.slots, ctx=cfg.ctx, min_ctx=cfg.min_ctx)

@@ -1,0 +1,145 @@
+"""The memory plan: how many conversations (slots) and how much context fit
+in a budget, counting everything the process holds.
+
+Measured, not guessed: the interpreter's own resident size is read from
+/proc when the plan is made, the tokenizer's cost by building it, and the
+C side reports the exact bytes of its KV cache and run state. The weights
+are memory-mapped and counted as resident, because decoding touches every
+page of them for every token."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from . import _core
+from .errors import EdgeSlmError
+from .formats import KV_TYPES
+
+MIB = 1024 * 1024
+# Python objects per request, thread stacks touched, allocator slack: kept
+# free so the ceiling holds under traffic, not only at start.
+HEADROOM = 24 * MIB
+# Contexts are planned in steps of this many tokens.
+CTX_STEP = 256
+
+
+class BudgetError(EdgeSlmError):
+    """The model cannot run within the memory budget."""
+
+
+def parse_size(text: str | int) -> int:
+    """'256M', '1.5G', '300MiB', '65536' -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise EdgeSlmError(f"memory size {text!r}: expected a number with K, M or G, e.g. 256M")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def current_rss() -> int:
+    """Resident bytes of this process now."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss() -> int:
+    """High-water resident bytes of this process."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int
+    interpreter: int   # resident before the model: Python, numpy, our modules
+    tokenizer: int
+    weights: int       # mapped model file
+    run_state: int     # activations, quantized copies, logits rows
+    kv_per_slot: int
+    headroom: int
+    n_slots: int
+    n_ctx: int
+    kv_type: str
+
+    @property
+    def kv_cache(self) -> int:
+        return self.kv_per_slot * self.n_slots
+
+    @property
+    def total(self) -> int:
+        return (self.interpreter + self.tokenizer + self.weights + self.run_state + self.kv_cache
+                + self.headroom)
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {"budget": self.budget, "interpreter": self.interpreter, "tokenizer": self.tokenizer,
+                "weights": self.weights, "run_state": self.run_state, "kv_cache": self.kv_cache,
+                "headroom": self.headroom, "total": self.total, "n_slots": self.n_slots,
+                "n_ctx": self.n_ctx, "kv_type": self.kv_type}
+
+    def describe(self) -> str:
+        rows = [("interpreter", self.interpreter), ("tokenizer", self.tokenizer),
+                ("weights (mapped)", self.weights), ("run state", self.run_state),
+                (f"KV cache {self.n_slots} x {self.n_ctx} ({self.kv_type})", self.kv_cache),
+                ("headroom", self.headroom), ("total", self.total), ("budget", self.budget)]
+        return "\n".join(f"  {name:<34} {n / MIB:8.1f} MiB" for name, n in rows)
+
+    def summary(self) -> str:
+        return (f"{self.n_slots} slot(s) x {self.n_ctx} tokens ({self.kv_type} KV), "
+                f"{self.total / MIB:.0f} of {self.budget / MIB:.0f} MiB")
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """What the plan does not choose: the model and the measured process."""
+
+    cfg: object          # ModelConfig
+    budget: int
+    weights: int
+    interpreter: int
+    tokenizer: int
+    n_threads: int
+    max_batch: int       # tokens per forward call
+
+    def plan(self, n_slots: int, n_ctx: int, kv_type: str) -> MemoryPlan:
+        kv, state = _core.model_bytes(self.cfg.core(), n_slots=1, n_ctx=n_ctx,
+                                      max_batch=self.max_batch, n_threads=self.n_threads,
+                                      kv_type=int(KV_TYPES[kv_type]))
+        logits = max(self.max_batch, n_slots) * self.cfg.vocab * 4
+        return MemoryPlan(self.budget, self.interpreter, self.tokenizer, self.weights,
+                          state + logits, kv, HEADROOM, n_slots, n_ctx, kv_type)
+
+
+def plan_memory(fixed: Fixed, *, kv_type: str = "f16", slots: int | None = None,
+                ctx: int | None = None, min_ctx: int = 512) -> MemoryPlan:
+    """Fit slots x context into the budget: the requested context (or the
+    model's) with as many of the requested slots as fit; if not even one
+    fits, the longest context down to min_ctx; otherwise refuse, saying what
+    one slot at min_ctx would need."""
+    want_slots = slots or 4
+    want_ctx = min(ctx or fixed.cfg.context_length, fixed.cfg.context_length)
+    candidates = [want_ctx] + list(range(want_ctx - want_ctx % CTX_STEP, min_ctx - 1, -CTX_STEP))
+    for n_ctx in candidates:
+        if not min_ctx <= n_ctx <= want_ctx:
+            continue
+        one = fixed.plan(want_slots, n_ctx, kv_type)
+        room = fixed.budget - (one.total - one.kv_cache)
+        n_slots = min(want_slots, room // one.kv_per_slot)
+        if n_slots >= 1:
+            return fixed.plan(n_slots, n_ctx, kv_type)
+    need = fixed.plan(1, min_ctx, kv_type)
+    hint = ""
+    if kv_type != "q8_0":
+        hint = f"; with --kv-type q8_0 it needs {fixed.plan(1, min_ctx, 'q8_0').total / MIB:.0f} MiB"
+    raise BudgetError(
+        f"memory budget {fixed.budget / MIB:.0f} MiB is too small: one slot at the minimum context "
+        f"({min_ctx} tokens) needs {need.total / MIB:.0f} MiB (weights {fixed.weights / MIB:.0f}, "
+        f"interpreter {fixed.interpreter / MIB:.0f}, KV {need.kv_cache / MIB:.0f}){hint}")

@@ -1,0 +1,1 @@
+"""MQTT side of edge-slm: the protocol, the bridge service and device-side helpers."""
