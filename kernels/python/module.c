@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "edge_bandwidth.h"
 #include "edge_kernels.h"
 #include "edge_model.h"
 
@@ -601,6 +602,22 @@ static PyObject *py_model_bytes(PyObject *self, PyObject *args, PyObject *kw) {
                          (Py_ssize_t)ek_model_state_bytes(&c, max_batch, n_ctx, n_threads));
 }
 
+static PyObject *py_read_bandwidth(PyObject *self, PyObject *args) {
+    (void)self;
+    int n_threads, reps;
+    Py_ssize_t bytes;
+    if (!PyArg_ParseTuple(args, "ini", &n_threads, &bytes, &reps)) return NULL;
+    if (bytes < 4096 || n_threads < 1 || n_threads > 256 || reps < 1) {
+        PyErr_SetString(PyExc_ValueError, "need bytes >= 4096, 1..256 threads, reps >= 1");
+        return NULL;
+    }
+    double gbs;
+    Py_BEGIN_ALLOW_THREADS gbs = ek_read_bandwidth(n_threads, (size_t)bytes, reps);
+    Py_END_ALLOW_THREADS
+    if (gbs < 0) return status_error((int)-gbs, "read_bandwidth");
+    return PyFloat_FromDouble(gbs);
+}
+
 static PyMethodDef module_methods[] = {
     {"backends", py_backends, METH_NOARGS, "kernel tables usable on this CPU, best first"},
     {"best_backend", py_best_backend, METH_NOARGS, "the table used by default ($EDGE_SLM_BACKEND)"},
@@ -615,6 +632,8 @@ static PyMethodDef module_methods[] = {
     {"attention", py_attention, METH_VARARGS,
      "attention(backend, q, k, v, kv_type, n_pos, head_dim, scale, out)"},
     {"kv_store", py_kv_store, METH_VARARGS, "kv_store(backend, kv_type, src, dst)"},
+    {"read_bandwidth", py_read_bandwidth, METH_VARARGS,
+     "read_bandwidth(n_threads, bytes, reps) -> best GB/s streaming reads"},
     {"model_bytes", (PyCFunction)(void (*)(void))py_model_bytes, METH_VARARGS | METH_KEYWORDS,
      "model_bytes(config, n_slots, n_ctx, max_batch, n_threads, kv_type) -> (kv, state)"},
     {NULL, NULL, 0, NULL},

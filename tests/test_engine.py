@@ -1,0 +1,172 @@
+"""The engine on tiny random models: the memory planner, the bounded queue,
+deadlines, cancellation, context shift, and batched decode agreeing with
+one request at a time."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from tiny_models import TinySpec
+
+from edge_slm.engine import BUSY, CANCELLED, OK, TIMEOUT, TOO_LONG, Engine, EngineConfig
+from edge_slm.generate import GenerationConfig, generate
+from edge_slm.memory import MIB, BudgetError, Fixed, parse_size, plan_memory
+from edge_slm.model import RuntimeOptions, load_model
+
+PROMPTS = ["hello there", "the pump", "valve 7 is stuck", "x" * 30, "what is 2+2?", "abc"]
+
+
+@pytest.fixture(scope="module")
+def long_model(tiny_model_factory):
+    return tiny_model_factory(TinySpec(context_length=4096))
+
+
+def engine(path, **kw) -> Engine:
+    opts = dict(model=path, slots=2, ctx=256, min_ctx=64, threads=2, timeout=30.0)
+    opts.update(kw)
+    return Engine(EngineConfig(**opts))
+
+
+def wait_until(pred, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.005)
+
+
+# ---- the planner ----
+
+def fixed(path, budget, **kw):
+    m = load_model(path)
+    return Fixed(m.config, budget, weights=kw.get("weights", 100 * MIB), interpreter=40 * MIB,
+                 tokenizer=5 * MIB, n_threads=2, max_batch=64)
+
+
+def test_parse_size():
+    assert parse_size("256M") == 256 * MIB
+    assert parse_size("1.5G") == 1536 * MIB
+    assert parse_size("300MiB") == 300 * MIB
+    assert parse_size("4096") == 4096
+    with pytest.raises(Exception, match="memory size"):
+        parse_size("lots")
+
+
+def test_plan_gives_requested_slots_when_they_fit(long_model):
+    plan = plan_memory(fixed(long_model, 1024 * MIB), slots=4, ctx=2048)
+    assert (plan.n_slots, plan.n_ctx) == (4, 2048)
+    assert plan.total <= plan.budget
+
+
+def test_plan_reduces_slots_then_context(long_model):
+    f = fixed(long_model, 0)
+    per_slot = f.plan(1, 2048, "f16").kv_per_slot
+    base = f.plan(1, 2048, "f16").total - per_slot
+    two = plan_memory(Fixed(**{**f.__dict__, "budget": base + 2 * per_slot + per_slot // 2}),
+                      slots=4, ctx=2048)
+    assert (two.n_slots, two.n_ctx) == (2, 2048)
+    assert two.total <= two.budget
+    small = plan_memory(Fixed(**{**f.__dict__, "budget": base + per_slot // 2}), slots=4, ctx=2048,
+                        min_ctx=256)
+    assert small.n_slots == 1 and 256 <= small.n_ctx < 2048
+    assert small.total <= small.budget
+
+
+def test_plan_refuses_with_what_would_fit(long_model):
+    with pytest.raises(BudgetError, match=r"too small: one slot .* needs \d+ MiB.*q8_0"):
+        plan_memory(fixed(long_model, 120 * MIB), slots=1, ctx=2048)
+
+
+def test_q8_0_cache_is_half_of_f16(long_model):
+    f = fixed(long_model, 0)
+    f16, q8 = f.plan(1, 1024, "f16").kv_per_slot, f.plan(1, 1024, "q8_0").kv_per_slot
+    assert q8 / f16 == pytest.approx(34 / 64)
+
+
+def test_engine_refuses_to_start_over_budget(tiny_model):
+    with pytest.raises(BudgetError):
+        engine(tiny_model, memory_budget=8 * MIB)
+
+
+# ---- serving ----
+
+def test_batched_decode_matches_one_at_a_time(tiny_model):
+    gen = GenerationConfig(max_tokens=24)
+    m = load_model(tiny_model)
+    tok = m.tokenizer()
+    alone = []
+    for p in PROMPTS[:4]:
+        rt = m.runtime(RuntimeOptions(n_threads=2, n_ctx=256, max_batch=1))
+        alone.append(generate(rt, tok, tok.encode(p), gen).tokens)
+    with engine(tiny_model, slots=4, prefill_chunk=4) as e:
+        reqs = [e.submit(p, max_tokens=24) for p in PROMPTS[:4]]
+        together = [r.result(timeout=60) for r in reqs]
+    assert all(r.status == OK for r in together)
+    assert [r.tokens for r in together] == alone
+    assert any(len(t) > 5 for t in alone)
+
+
+def test_stream_yields_the_text(tiny_model):
+    with engine(tiny_model) as e:
+        r = e.submit("hello", max_tokens=12)
+        pieces = list(r.stream(timeout=30))
+        assert "".join(pieces) == r.result().text
+
+
+def test_full_queue_is_refused_at_once(tiny_model):
+    with engine(tiny_model, slots=1, queue_size=1) as e:
+        first = e.submit("a", max_tokens=100000, stop=("\x00never",))
+        wait_until(lambda: e.status()["slots_busy"] == 1)
+        second = e.submit("b", max_tokens=5)
+        t0 = time.monotonic()
+        third = e.submit("c", max_tokens=5)
+        assert third.done() and time.monotonic() - t0 < 0.5
+        res = third.result()
+        assert res.status == BUSY and res.retry_after and res.retry_after > 0
+        first.cancel()
+        assert first.result(timeout=10).status in (CANCELLED, OK)
+        assert second.result(timeout=30).status == OK
+
+
+def test_deadline_ends_a_request(tiny_model):
+    with engine(tiny_model) as e:
+        r = e.submit("slow", max_tokens=100000, timeout=0.3).result(timeout=10)
+        assert r.status in (TIMEOUT, OK)
+        if r.status == TIMEOUT:
+            assert r.total_s < 5
+
+
+def test_cancel_frees_the_slot(tiny_model):
+    with engine(tiny_model, slots=1) as e:
+        r = e.submit("go on", max_tokens=100000)
+        next(iter(r.stream(timeout=10)), None)
+        r.cancel()
+        assert r.result(timeout=10).status in (CANCELLED, OK)
+        wait_until(lambda: e.status()["slots_busy"] == 0)
+        assert e.submit("next", max_tokens=3).result(timeout=10).status == OK
+
+
+def test_too_long_prompt_is_refused_or_truncated(tiny_model):
+    long_prompt = "word " * 400
+    with engine(tiny_model, ctx=128) as e:
+        r = e.submit(long_prompt, max_tokens=8).result(timeout=10)
+        assert r.status == TOO_LONG and "tokens" in r.error
+    with engine(tiny_model, ctx=128, overflow="truncate", keep_tokens=4) as e:
+        r = e.submit(long_prompt, max_tokens=8).result(timeout=30)
+        assert r.status == OK
+
+
+def test_context_shift_lets_an_answer_run_past_the_context(tiny_model):
+    with engine(tiny_model, slots=1, ctx=64, min_ctx=64, keep_tokens=4) as e:
+        r = e.submit("abcdefghij", max_tokens=150, stop=("\x00never",),
+                     ).result(timeout=60)
+    assert r.status == OK
+    assert r.finish_reason == "stop" or len(r.tokens) == 150
+
+
+def test_status_reports_the_plan(tiny_model):
+    with engine(tiny_model, slots=3) as e:
+        s = e.status()
+        assert s["slots"] == 3 and s["queue_depth"] == 0 and s["memory_plan"]["n_slots"] == 3
+        e.submit("hi", max_tokens=4).result(timeout=10)
+        assert e.status()["requests"].get(OK) == 1
