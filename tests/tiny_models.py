@@ -43,6 +43,7 @@ class TinySpec:
     tied: bool = True
     arch: str = "llama"
     seed: int = 0
+    down_type: str | None = None  # another type for ffn_down, e.g. "Q6_K" (random bytes)
 
 
 def write_tiny_model(path: Path, spec: TinySpec = TinySpec()) -> Path:
@@ -73,7 +74,11 @@ def write_tiny_model(path: Path, spec: TinySpec = TinySpec()) -> Path:
     def matrix(name: str, rows: int, cols: int, qtype: str, scale: float) -> None:
         data = (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
         t = gguf.GGMLQuantizationType[qtype]
-        if t == gguf.GGMLQuantizationType.F32:
+        if qtype == spec.down_type:  # a type we cannot quantize: random blocks will do
+            elems, nbytes = gguf.GGML_QUANT_SIZES[t]
+            w.add_tensor(name, rng.integers(0, 256, (rows, cols // elems * nbytes), dtype=np.uint8),
+                         raw_dtype=t)
+        elif t == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, data)
         else:
             w.add_tensor(name, quantize(data, t), raw_dtype=t)
@@ -94,7 +99,7 @@ def write_tiny_model(path: Path, spec: TinySpec = TinySpec()) -> Path:
         norm(p + "ffn_norm.weight")
         matrix(p + "ffn_gate.weight", spec.hidden_dim, spec.dim, spec.weight_type, s)
         matrix(p + "ffn_up.weight", spec.hidden_dim, spec.dim, spec.weight_type, s)
-        matrix(p + "ffn_down.weight", spec.dim, spec.hidden_dim, spec.weight_type,
+        matrix(p + "ffn_down.weight", spec.dim, spec.hidden_dim, spec.down_type or spec.weight_type,
                1.0 / np.sqrt(spec.hidden_dim))
     norm("output_norm.weight")
     if not spec.tied:
