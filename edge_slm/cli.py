@@ -216,36 +216,49 @@ def logits(ids, out, model_path, threads, n_ctx, kv_type) -> None:
 @click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--ctx", "n_ctx", type=click.IntRange(1), default=None,
               help="Context to size memory for (default: the model's).")
-@click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default="f16", show_default=True)
-@click.option("--threads", type=click.IntRange(1, 256), default=default_threads)
-def info(path, n_ctx, kv_type, threads) -> None:
-    """Describe a GGUF model and the memory it needs."""
-    from .model import GGUFFile, RuntimeOptions, check_tensors, memory_needed, read_config
+@click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default=None,
+              help="KV cache element type (default f16).")
+@click.option("--threads", type=click.IntRange(1, 256), default=None)
+@click.option("--memory-budget", default=None, envvar="EDGE_SLM_MEMORY_BUDGET",
+              help="Plan slots and context within this many bytes, e.g. 256M.")
+@click.option("--slots", type=click.IntRange(1), default=None, help="Slots wanted (with a budget).")
+def info(path, n_ctx, kv_type, threads, memory_budget, slots) -> None:
+    """Describe a GGUF model and the memory it needs (and the plan within a budget)."""
+    from .config import load_engine_config
+    from .memory import MIB, Fixed, current_rss, plan_memory
+    from .model import GGUFFile, check_tensors, read_config
+    from .tokenizer import Tokenizer
 
+    interpreter = current_rss()
     f = GGUFFile(path or default_model_path())
     cfg = read_config(f)
     tensors = f.tensors()
     check_tensors(f.path, cfg, tensors)
-    weights = sum(t.nbytes for t in tensors.values())
-    ctx = n_ctx or cfg.context_length
-    mem = memory_needed(cfg, weights, RuntimeOptions(n_threads=threads, n_ctx=ctx, kv_type=kv_type))
+    before = current_rss()
+    Tokenizer.from_gguf(f)
+    tokenizer = max(0, current_rss() - before)
+    ecfg = load_engine_config({"memory_budget": memory_budget, "slots": slots, "ctx": n_ctx,
+                               "kv_type": kv_type, "threads": threads})
+    fixed = Fixed(cfg, ecfg.memory_budget or 0, f.path.stat().st_size, interpreter, tokenizer,
+                  ecfg.threads, ecfg.max_batch)
     types = Counter(t.type.name for t in tensors.values())
-    mib = 1024 * 1024
     lines = [
-        f"file          {f.path} ({f.path.stat().st_size / mib:.1f} MiB)",
+        f"file          {f.path} ({f.path.stat().st_size / MIB:.1f} MiB)",
         f"architecture  {f.get('general.architecture')} ({f.get('general.name', '?')})",
         f"layers        {cfg.n_layer}, width {cfg.dim}, FFN {cfg.hidden_dim}",
         f"heads         {cfg.n_head} query / {cfg.n_kv_head} KV, head size {cfg.head_dim}",
         f"vocabulary    {cfg.vocab} ({f.get('tokenizer.ggml.model', '?')})",
         f"context       {cfg.context_length} trained; RoPE base {cfg.rope_base:g}",
         f"tensors       {len(tensors)}: " + ", ".join(f"{n} x {t}" for t, n in types.most_common()),
-        f"memory at context {ctx} ({kv_type} KV):",
-        f"  weights     {mem['weights'] / mib:8.1f} MiB (memory-mapped)",
-        f"  KV cache    {mem['kv_cache'] / mib:8.1f} MiB",
-        f"  run state   {mem['run_state'] / mib:8.1f} MiB",
-        f"  total       {sum(mem.values()) / mib:8.1f} MiB",
     ]
-    click.echo("\n".join(lines))
+    if ecfg.memory_budget:
+        plan = plan_memory(fixed, kv_type=ecfg.kv_type, slots=ecfg.slots, ctx=ecfg.ctx,
+                           min_ctx=min(ecfg.min_ctx, cfg.context_length))
+        lines.append(f"plan          {plan.summary()}")
+    else:
+        plan = fixed.plan(1, min(ecfg.ctx or cfg.context_length, cfg.context_length), ecfg.kv_type)
+        lines.append(f"memory for one slot at context {plan.n_ctx}:")
+    click.echo("\n".join(lines) + "\n" + plan.describe())
 
 
 @main.command()
@@ -269,3 +282,8 @@ def chat(model_path, threads, n_ctx, kv_type, system, **sampling) -> None:
             break
         session.ask(line, on_text=stream_out)
         stream_out("\n")
+
+
+from .soak import soak  # noqa: E402
+
+main.add_command(soak)

@@ -285,12 +285,3 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     tensors = f.tensors()
     check_tensors(f.path, cfg, tensors)
     return LoadedModel(f.path, f, cfg, tensors)
-
-
-def memory_needed(cfg: ModelConfig, weight_bytes: int, opts: RuntimeOptions) -> dict[str, int]:
-    """Bytes for weights, KV cache and run state at the given sizes."""
-    kv, state = _core.model_bytes(cfg.core(), n_slots=opts.n_slots, n_ctx=opts.n_ctx,
-                                  max_batch=opts.max_batch, n_threads=opts.n_threads,
-                                  kv_type=int(KV_TYPES[opts.kv_type]))
-    logits = opts.logits_rows * cfg.vocab * 4
-    return {"weights": weight_bytes, "kv_cache": kv, "run_state": state + logits}

@@ -1,0 +1,66 @@
+"""Engine settings from three places, later ones winning: the config file
+($EDGE_SLM_CONFIG, or config.toml under $EDGE_SLM_HOME), environment
+variables (EDGE_SLM_MEMORY_BUDGET and the like), and command-line options.
+
+    # config.toml
+    [engine]
+    memory_budget = "256M"
+    slots = 4
+    kv_type = "q8_0"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .engine import EngineConfig
+from .errors import EdgeSlmError
+from .memory import parse_size
+from .paths import home
+
+FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
+
+
+def config_path() -> Path:
+    env = os.environ.get("EDGE_SLM_CONFIG")
+    return Path(env) if env else home() / "config.toml"
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name == "memory_budget":
+        return None if value in (None, "", "none") else parse_size(value)
+    if name == "model":
+        return None if value in (None, "") else Path(value)
+    kind = FIELDS[name].type
+    try:
+        if "int" in str(kind) and not isinstance(value, int):
+            return int(value)
+        if "float" in str(kind) and not isinstance(value, float):
+            return float(value)
+    except ValueError:
+        raise EdgeSlmError(f"setting {name}: {value!r} is not a number") from None
+    return value
+
+
+def load_engine_config(overrides: dict[str, Any] | None = None, path: Path | None = None) -> EngineConfig:
+    values: dict[str, Any] = {}
+    path = path or config_path()
+    if path.exists():
+        try:
+            table = tomllib.loads(path.read_text()).get("engine", {})
+        except (tomllib.TOMLDecodeError, OSError) as e:
+            raise EdgeSlmError(f"{path}: {e}") from None
+        unknown = set(table) - set(FIELDS)
+        if unknown:
+            raise EdgeSlmError(f"{path}: unknown engine setting(s) {', '.join(sorted(unknown))}")
+        values.update(table)
+    for name in FIELDS:
+        env = os.environ.get(f"EDGE_SLM_{name.upper()}")
+        if env is not None:
+            values[name] = env
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return EngineConfig(**{k: _coerce(k, v) for k, v in values.items()})
