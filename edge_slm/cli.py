@@ -55,8 +55,8 @@ def model_option(f):
 def runtime_options(f):
     f = click.option("--threads", type=click.IntRange(1, 256), default=default_threads,
                      show_default="all CPUs", help="Threads for the forward pass.")(f)
-    f = click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=2048,
-                     show_default=True, help="Context length in tokens.")(f)
+    f = click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=None,
+                     help="Context length in tokens (default: 2048 or the model's, if shorter).")(f)
     f = click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default="f16",
                      show_default=True, help="KV cache element type.")(f)
     return model_option(f)
@@ -69,7 +69,7 @@ class Loaded:
     tokenizer: object
 
 
-def load(model_path: Path | None, threads: int, n_ctx: int, kv_type: str = "f16",
+def load(model_path: Path | None, threads: int, n_ctx: int | None, kv_type: str = "f16",
          max_batch: int = 64) -> Loaded:
     from .model import RuntimeOptions, load_model
 
@@ -78,6 +78,7 @@ def load(model_path: Path | None, threads: int, n_ctx: int, kv_type: str = "f16"
         raise EdgeSlmError(f"no model at {path}; run `edge-slm pull` or pass --model")
     model = load_model(path)
     tokenizer = model.tokenizer()
+    n_ctx = n_ctx or min(2048, model.config.context_length)
     runtime = model.runtime(RuntimeOptions(n_threads=threads, n_ctx=n_ctx, max_batch=max_batch,
                                            kv_type=kv_type))
     log.info("loaded %s: %d layers, backend %s, %d threads", path.name, model.config.n_layer,
@@ -202,7 +203,7 @@ def logits(ids, out, model_path, threads, n_ctx, kv_type) -> None:
     from .generate import check_fits
 
     seq = parse_ids(ids)
-    loaded = load(model_path, threads, max(n_ctx, len(seq) + 1), kv_type)
+    loaded = load(model_path, threads, max(n_ctx or 0, len(seq) + 1), kv_type)
     vocab = loaded.model.config.vocab
     bad = [i for i in seq if not 0 <= i < vocab]
     if bad:
@@ -287,3 +288,6 @@ def chat(model_path, threads, n_ctx, kv_type, system, **sampling) -> None:
 from .soak import soak  # noqa: E402
 
 main.add_command(soak)
+
+from .bench import bench  # noqa: E402
+main.add_command(bench)

@@ -242,8 +242,9 @@ class Transformer:
                                np.full(n, slot, np.int32), want)
             if all_logits:
                 rows.append(out.copy())
-            last = out[-1]
-        return np.concatenate(rows) if all_logits else last.copy()
+            elif lo + n == len(ids):
+                last = out[-1].copy()
+        return np.concatenate(rows) if all_logits else last
 
     def kv_shift(self, slot: int, keep: int, n_drop: int, n_used: int) -> None:
         with self._lock:

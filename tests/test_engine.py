@@ -124,16 +124,14 @@ def test_full_queue_is_refused_at_once(tiny_model):
         res = third.result()
         assert res.status == BUSY and res.retry_after and res.retry_after > 0
         first.cancel()
-        assert first.result(timeout=10).status in (CANCELLED, OK)
+        assert first.result(timeout=10).status == CANCELLED
         assert second.result(timeout=30).status == OK
 
 
 def test_deadline_ends_a_request(tiny_model):
     with engine(tiny_model) as e:
         r = e.submit("slow", max_tokens=100000, timeout=0.3).result(timeout=10)
-        assert r.status in (TIMEOUT, OK)
-        if r.status == TIMEOUT:
-            assert r.total_s < 5
+        assert r.status == TIMEOUT and r.tokens and r.total_s < 5
 
 
 def test_cancel_frees_the_slot(tiny_model):
@@ -141,7 +139,7 @@ def test_cancel_frees_the_slot(tiny_model):
         r = e.submit("go on", max_tokens=100000)
         next(iter(r.stream(timeout=10)), None)
         r.cancel()
-        assert r.result(timeout=10).status in (CANCELLED, OK)
+        assert r.result(timeout=10).status == CANCELLED
         wait_until(lambda: e.status()["slots_busy"] == 0)
         assert e.submit("next", max_tokens=3).result(timeout=10).status == OK
 
@@ -160,8 +158,7 @@ def test_context_shift_lets_an_answer_run_past_the_context(tiny_model):
     with engine(tiny_model, slots=1, ctx=64, min_ctx=64, keep_tokens=4) as e:
         r = e.submit("abcdefghij", max_tokens=150, stop=("\x00never",),
                      ).result(timeout=60)
-    assert r.status == OK
-    assert r.finish_reason == "stop" or len(r.tokens) == 150
+    assert r.status == OK and len(r.tokens) == 150
 
 
 def test_status_reports_the_plan(tiny_model):

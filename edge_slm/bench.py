@@ -1,0 +1,347 @@
+"""`edge-slm bench`: our runtime against llama.cpp on the same GGUF.
+
+Both runtimes get the same file, thread count, context size and token ids.
+Every measurement round is a fresh process (edge_slm.bench_worker) running
+the whole suite once for one runtime; rounds alternate between the runtimes
+so slow drift on the machine (thermal state, other load) hits both alike, and
+every figure reported is the median over rounds."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .bench_worker import OURS, PEER, RoundResult, Workload
+from .errors import EdgeSlmError
+from .paths import default_model_path
+
+log = logging.getLogger(__name__)
+
+PREFILL_LENGTHS = (16, 128, 512)
+TTFT_PROMPT = 64
+N_DECODE = 128
+DECODE_TEXT = "The main parts of a centrifugal pump are"
+# Token ids for prompts are drawn from here (clipped to the vocabulary): ordinary
+# text tokens, clear of the special tokens at the start of the vocabulary.
+ID_RANGE = (100, 40000)
+WORKLOAD_SEED = 1234
+BANDWIDTH_BYTES = 512 << 20  # well past the last-level cache
+BANDWIDTH_REPS = 5
+MIN_REPS = 5                 # fewer rounds than this make medians noisy
+CHILD_TIMEOUT_S = 900.0
+MIB = 1024 * 1024
+
+
+@dataclass
+class RunSummary:
+    """Medians over rounds for one runtime at one thread count, plus the raw samples."""
+
+    runtime: str
+    threads: int
+    prefill_tps: dict[str, float]
+    decode_tps: float
+    ttft_ms: float
+    peak_rss_mb: float
+    decode_bw_fraction: float
+    backend: str
+    version: str
+    samples: dict[str, Any]
+    greedy_ids: list[int]  # from the first round
+    info: dict[str, object] = field(default_factory=dict)
+
+
+def weight_bytes_per_token(model_path: Path) -> tuple[int, dict[str, int]]:
+    """Bytes of weights one decode step reads from memory, and how they add up.
+
+    Counted: every tensor of every block (the nine per layer, norms included),
+    output_norm, and the output projection read in full; SmolLM2 ties it to
+    token_embd, so then token_embd counts in full. The embedding lookup adds
+    one row of token_embd (counted once more: it is a separate read). Not
+    counted: the KV cache, which grows with position (at the positions the
+    decode covers it is a few percent of the weights) and activations, which
+    stay in cache."""
+    from .formats import row_bytes
+    from .model import load_model
+
+    model = load_model(model_path)
+    t = model.tensors
+    blocks = sum(v.nbytes for k, v in t.items() if k.startswith("blk."))
+    out = t.get("output.weight", t["token_embd.weight"])
+    embd = t["token_embd.weight"]
+    parts = {"blocks": blocks, "output_norm": t["output_norm.weight"].nbytes,
+             "output_projection": out.nbytes, "embedding_row": row_bytes(embd.type, embd.cols)}
+    return sum(parts.values()), parts
+
+
+def make_workload(model_path: Path) -> tuple[Workload, str]:
+    """The suite's token ids, and where the decode prompt came from.
+
+    Prefill speed does not depend on which ids are fed, so those prompts are
+    fixed pseudo-random ids; the decode prompt is real text when the tokenizer
+    is available, so the greedy continuation compared across runtimes is a
+    sensible one."""
+    import numpy as np
+
+    from .model import load_model
+
+    model = load_model(model_path)
+    vocab = model.config.vocab
+    lo, hi = min(ID_RANGE[0], vocab // 2), min(ID_RANGE[1], vocab)
+    rng = np.random.default_rng(WORKLOAD_SEED)
+
+    def ids(n: int) -> list[int]:
+        return [int(x) for x in rng.integers(lo, hi, n)]
+
+    prefill = {n: ids(n) for n in PREFILL_LENGTHS}
+    ttft = ids(TTFT_PROMPT)
+    try:
+        decode_prompt, source = model.tokenizer().encode(DECODE_TEXT), f"text: {DECODE_TEXT!r}"
+    except ImportError:  # the tokenizer module is not there yet
+        decode_prompt, source = ids(16), "fixed ids"
+    return Workload(prefill=prefill, ttft_prompt=ttft, decode_prompt=decode_prompt,
+                    n_decode=N_DECODE), source
+
+
+def measure_bandwidth(threads: list[int]) -> dict[int, float]:
+    from . import _core
+
+    return {t: float(_core.read_bandwidth(t, BANDWIDTH_BYTES, BANDWIDTH_REPS)) for t in threads}
+
+
+def run_child(runtime: str, model_path: Path, threads: int, ctx: int, workload: Path) -> tuple[RoundResult, float]:
+    """One round in a fresh interpreter: its result and the CPU seconds it used."""
+    cmd = [sys.executable, "-m", "edge_slm.bench_worker", "--runtime", runtime,
+           "--model", str(model_path), "--threads", str(threads), "--ctx", str(ctx),
+           "--workload", str(workload)]
+    log.info("round: %s", " ".join(cmd[2:]))
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
+        timer = threading.Timer(CHILD_TIMEOUT_S, p.kill)
+        timer.start()
+        try:
+            out = p.stdout.read()
+            p.stdout.close()
+            # wait4 rather than wait(): it also returns the child's rusage.
+            _, status, usage = os.wait4(p.pid, 0)
+        finally:
+            timer.cancel()
+        p.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
+        err.seek(0)
+        stderr = err.read().decode(errors="replace").strip()
+    if p.returncode != 0:
+        log.error("%s round failed (exit %d):\n%s", runtime, p.returncode, stderr)
+        last = stderr.splitlines()[-1] if stderr else "no output"
+        raise EdgeSlmError(f"the {runtime} benchmark round failed (exit {p.returncode}): {last}")
+    if stderr:
+        log.debug("%s round stderr:\n%s", runtime, stderr)
+    d = json.loads(out.decode().strip().splitlines()[-1])
+    d["prefill_tps"] = {int(n): v for n, v in d["prefill_tps"].items()}
+    return RoundResult(**d), usage.ru_utime + usage.ru_stime
+
+
+def summarize(rounds: list[RoundResult], cpu_s: list[float], bandwidth_gbs: float,
+              bytes_per_token: int) -> RunSummary:
+    med = statistics.median
+    first = rounds[0]
+    prefill = {str(n): med(r.prefill_tps[n] for r in rounds) for n in sorted(first.prefill_tps)}
+    decode = med(r.decode_tps for r in rounds)
+    samples = {
+        "prefill_tps": {str(n): [r.prefill_tps[n] for r in rounds] for n in sorted(first.prefill_tps)},
+        "decode_tps": [r.decode_tps for r in rounds],
+        "ttft_ms": [r.ttft_ms for r in rounds],
+        "peak_rss_mb": [r.peak_rss_mb for r in rounds],
+        "rss_baseline_mb": [r.rss_baseline_mb for r in rounds],
+        "load_s": [r.load_s for r in rounds],
+        "cpu_s": cpu_s,
+    }
+    return RunSummary(
+        runtime=first.runtime, threads=first.threads, prefill_tps=prefill, decode_tps=decode,
+        ttft_ms=med(r.ttft_ms for r in rounds), peak_rss_mb=med(r.peak_rss_mb for r in rounds),
+        # Weight bytes streamed per second over what the machine can read:
+        # how close decode is to the memory-bound ceiling.
+        decode_bw_fraction=decode * bytes_per_token / (bandwidth_gbs * 1e9),
+        backend=first.backend, version=first.version, samples=samples,
+        greedy_ids=first.greedy_ids, info=first.info)
+
+
+def agreeing_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading greedy tokens two runs share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model")):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu,
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "loadavg_start": list(os.getloadavg())}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- the table ----
+
+def _fmt(x: float) -> str:
+    return f"{x:,.1f}" if x < 1000 else f"{x:,.0f}"
+
+
+def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
+                 agreement: dict[int, list[int]], n_greedy: int) -> str:
+    by = {(s.runtime, s.threads): s for s in summaries}
+    runtimes = [r for r in (OURS, PEER) if any(s.runtime == r for s in summaries)]
+    peer = PEER in runtimes
+    lines = []
+    head = f"{'':28}" + "".join(f"{r:>12}" for r in runtimes)
+    if peer:
+        head += f"{'ours/peer':>12}  better"
+    # (label, getter, which way is better)
+    figures = [(f"prefill {n} tok, tok/s", lambda s, n=n: s.prefill_tps[str(n)], "higher")
+               for n in PREFILL_LENGTHS]
+    figures += [(f"decode {N_DECODE} tok, tok/s", lambda s: s.decode_tps, "higher"),
+                (f"first token ({TTFT_PROMPT} tok), ms", lambda s: s.ttft_ms, "lower"),
+                ("peak RSS, MiB", lambda s: s.peak_rss_mb, "lower"),
+                ("decode bandwidth used, %", lambda s: 100 * s.decode_bw_fraction, "higher")]
+    for t in sorted({s.threads for s in summaries}):
+        lines.append(f"threads {t}  (memory read bandwidth {bandwidth[t]:.1f} GB/s)")
+        lines.append(head)
+        for label, get, better in figures:
+            vals = [get(by[(r, t)]) for r in runtimes]
+            row = f"  {label:26}" + "".join(f"{_fmt(v):>12}" for v in vals)
+            if peer:
+                row += f"{vals[0] / vals[1]:>12.2f}  {better}"
+            lines.append(row)
+        if peer:
+            agree = agreement[t]
+            lines.append(f"  {'greedy tokens agreeing':26}{min(agree):>12}{'':>12}"
+                         f"{'':>12}  of {n_greedy} (fewest over rounds)")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+@click.command()
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="GGUF file (default: the pulled SmolLM2-135M).")
+@click.option("--threads", type=click.IntRange(1, 256), multiple=True, default=(1, 2),
+              show_default=True, help="Thread count to measure at (repeatable).")
+@click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True,
+              help="Context length, the same for both runtimes.")
+@click.option("--reps", type=click.IntRange(1), default=MIN_REPS, show_default=True,
+              help="Rounds per runtime and thread count; figures are medians.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write every figure and raw sample here.")
+@click.option("--no-peer", is_flag=True, help="Measure edge-slm only (no llama-cpp-python needed).")
+def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: int,
+          json_path: Path | None, no_peer: bool) -> None:
+    """Measure speed and memory against llama.cpp (llama-cpp-python) on the same model."""
+    path = model_path or default_model_path()
+    if model_path is None and not path.exists():
+        raise EdgeSlmError(f"no model at {path}; run `edge-slm pull` or pass --model")
+    if not no_peer and importlib.util.find_spec("llama_cpp") is None:
+        raise EdgeSlmError("llama-cpp-python is not installed; run `make bench` "
+                           "(or pass --no-peer to measure edge-slm alone)")
+    if reps < MIN_REPS:
+        log.warning("%d rounds: medians of fewer than %d are noisy", reps, MIN_REPS)
+    thread_counts = sorted(set(threads))
+    runtimes = (OURS,) if no_peer else (OURS, PEER)
+
+    workload, decode_source = make_workload(path)
+    if workload.positions_needed > n_ctx:
+        raise EdgeSlmError(f"--ctx {n_ctx} is too small: the suite needs {workload.positions_needed} positions")
+    bytes_per_token, byte_parts = weight_bytes_per_token(path)
+    machine = machine_info()
+    if machine["loadavg_start"][0] > 0.5:
+        log.warning("load average %.1f: other work on this machine will skew the figures",
+                    machine["loadavg_start"][0])
+    bandwidth = measure_bandwidth(thread_counts)
+
+    rounds: dict[tuple[str, int], list[RoundResult]] = {}
+    cpu: dict[tuple[str, int], list[float]] = {}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="edge-slm-bench-") as tmp:
+        wpath = Path(tmp) / "workload.json"
+        wpath.write_text(workload.to_json())
+        for rep in range(reps):
+            for t in thread_counts:
+                for rt in runtimes:
+                    click.echo(f"round {rep + 1}/{reps}: {rt}, {t} thread{'s' * (t > 1)}", err=True)
+                    result, cpu_s = run_child(rt, path, t, n_ctx, wpath)
+                    rounds.setdefault((rt, t), []).append(result)
+                    cpu.setdefault((rt, t), []).append(cpu_s)
+    elapsed = time.monotonic() - started
+    machine["loadavg_end"] = list(os.getloadavg())
+
+    summaries = [summarize(rounds[(rt, t)], cpu[(rt, t)], bandwidth[t], bytes_per_token)
+                 for t in thread_counts for rt in runtimes]
+    n_greedy = N_DECODE + 1
+    agreement = {} if no_peer else {
+        t: [agreeing_prefix(a.greedy_ids, b.greedy_ids)
+            for a, b in zip(rounds[(OURS, t)], rounds[(PEER, t)])] for t in thread_counts}
+    # Whether our own greedy output is the same in every round and at every
+    # thread count: a cheap check that threading does not change the result.
+    ours_ids = {tuple(r.greedy_ids) for t in thread_counts for r in rounds[(OURS, t)]}
+
+    click.echo(f"{path.name}: n_ctx {n_ctx}, median of {reps} round{'s' * (reps > 1)} "
+               f"per figure, one fresh process each ({elapsed:.0f} s)")
+    click.echo(format_table(summaries, bandwidth, agreement, n_greedy))
+    if len(ours_ids) > 1:
+        click.echo(f"note: edge-slm's greedy tokens differ between rounds or thread counts "
+                   f"({len(ours_ids)} distinct sequences)")
+
+    if json_path is not None:
+        top = max(thread_counts)
+        doc = {
+            "bandwidth_gbs": bandwidth[top],
+            "bandwidth_gbs_by_threads": {str(t): bw for t, bw in bandwidth.items()},
+            "runs": [{k: v for k, v in asdict(s).items() if k != "greedy_ids"} for s in summaries],
+            "greedy_agreement": {
+                "tokens_compared": n_greedy,
+                "decode_prompt": decode_source,
+                "agreeing_prefix_by_threads": {str(t): a for t, a in agreement.items()},
+                "edge_slm_consistent": len(ours_ids) == 1,
+                "greedy_ids": {f"{s.runtime}/{s.threads}": s.greedy_ids for s in summaries},
+            },
+            "model": {"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size,
+                      "weight_bytes_per_token": bytes_per_token,
+                      "weight_bytes_per_token_parts": byte_parts},
+            "settings": {"n_ctx": n_ctx, "reps": reps, "threads": thread_counts,
+                         "prefill_lengths": list(PREFILL_LENGTHS), "ttft_prompt": TTFT_PROMPT,
+                         "n_decode": N_DECODE, "kv_type": "f16", "n_batch": 512,
+                         "bandwidth_bytes": BANDWIDTH_BYTES, "bandwidth_reps": BANDWIDTH_REPS,
+                         "peak_rss": "VmHWM of the round's own process, MiB"},
+            "machine": machine,
+            "elapsed_s": elapsed,
+        }
+        json_path.write_text(json.dumps(doc, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")

@@ -1,0 +1,480 @@
+"""Text to token ids and back, built from a GGUF file's own vocabulary.
+
+Two vocabulary kinds are supported, as llama.cpp names them in
+`tokenizer.ggml.model`:
+
+  gpt2   byte-level BPE, run by Hugging Face `tokenizers`, with the
+         pre-tokenizer regexes llama.cpp uses for the file's
+         `tokenizer.ggml.pre`.
+  llama  SentencePiece BPE, run by `sentencepiece` from a model proto built
+         out of the tokens, scores and token types.
+
+Both aim at llama.cpp's ids for `tokenize(text, add_bos=False, special=True)`.
+Decoding goes through one table of bytes per token (what llama.cpp's
+`token_to_piece` gives), so whole-sequence decoding and streaming share the
+same code and streaming never splits a multi-byte character."""
+
+from __future__ import annotations
+
+import codecs
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Protocol
+
+from gguf import Keys, TokenType
+
+from .chat_template import render_chat
+from .errors import ModelError, UnsupportedModel
+
+K = Keys.Tokenizer
+
+# Token texts llama.cpp treats as ending a generation whatever the metadata
+# says (llama-vocab.cpp, "special_eog_ids").
+EOG_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
+    "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+})
+
+# llama.cpp shows an unknown token as this block character.
+UNKNOWN_PIECE = "\u2585".encode()
+
+
+# ---------------------------------------------------------------- pre-tokenizers
+
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3_REGEX = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+                r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """How llama.cpp splits text into words before BPE, for one `tokenizer.ggml.pre`."""
+
+    splits: tuple[str, ...]       # regexes applied in turn; matches and gaps both become words
+    ignore_merges: bool = False   # a word that is itself a token is not merged further
+    add_bos: bool = False         # llama.cpp's default when the file does not say
+
+
+_DIGITS_THEN_GPT2 = PreTokenizer((r"\p{N}", GPT2_REGEX))
+_GPT2 = PreTokenizer((GPT2_REGEX,))
+_LLAMA3 = PreTokenizer((LLAMA3_REGEX,), ignore_merges=True, add_bos=True)
+_QWEN2 = PreTokenizer((QWEN2_REGEX,))
+
+# The same groups as llama.cpp's llm_tokenizer_bpe; names it maps to a type we
+# do not list here are refused rather than tokenized subtly wrong.
+PRE_TOKENIZERS: dict[str, PreTokenizer] = {
+    "default": PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", r"[0-9][0-9][0-9]")),
+    **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
+                     "minerva-7b"], _DIGITS_THEN_GPT2),
+    **dict.fromkeys(["gpt-2", "phi-2", "mpt", "olmo", "jais"], _GPT2),
+    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe"], _LLAMA3),
+    **dict.fromkeys(["qwen2", "stablelm2", "deepseek-r1-qwen"], _QWEN2),
+}
+
+
+# ---------------------------------------------------------------- metadata
+
+@dataclass
+class Vocab:
+    """The `tokenizer.*` metadata of a GGUF file, checked."""
+
+    model: str                    # tokenizer.ggml.model: "gpt2" or "llama"
+    tokens: list[str]
+    types: list[int]              # gguf.TokenType per token
+    scores: list[float] | None
+    merges: list[str] | None
+    pre: str
+    bos_id: int | None
+    eos_id: int | None
+    unk_id: int | None
+    eog_ids: frozenset[int]
+    add_bos: bool | None          # None: the file does not say
+    add_space_prefix: bool
+    chat_template: str | None
+    source: str = "model"         # names the file in error messages
+
+
+def _token_id(meta: Mapping[str, Any], key: str, n_vocab: int, source: str) -> int | None:
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not 0 <= int(value) < n_vocab:
+        raise ModelError(f"{source}: {key} = {value} is outside the vocabulary (0..{n_vocab - 1})")
+    return int(value)
+
+
+def _eog_ids(meta: Mapping[str, Any], tokens: list[str], source: str) -> frozenset[int]:
+    ids = {_token_id(meta, k, len(tokens), source) for k in (K.EOS_ID, K.EOT_ID, K.EOM_ID)}
+    ids.update(i for i, t in enumerate(tokens) if t in EOG_TEXTS)
+    ids.discard(None)
+    return frozenset(ids)
+
+
+def parse_vocab(meta: Mapping[str, Any], source: str = "model") -> Vocab:
+    """Check and collect the tokenizer metadata (keys as gguf-py names them)."""
+    model = meta.get(K.MODEL)
+    if model is None:
+        raise ModelError(f"{source}: {K.MODEL} is missing")
+    if model not in ("gpt2", "llama"):
+        raise UnsupportedModel(f"{source}: tokenizer model {model!r} is not supported "
+                               f"(supported: gpt2, llama)")
+    tokens = list(meta.get(K.LIST) or [])
+    if not tokens:
+        raise ModelError(f"{source}: {K.LIST} is missing or empty")
+    n = len(tokens)
+    types = [int(t) for t in meta.get(K.TOKEN_TYPE) or [TokenType.NORMAL] * n]
+    scores = meta.get(K.SCORES)
+    for key, values in ((K.TOKEN_TYPE, types), (K.SCORES, scores)):
+        if values is not None and len(values) != n:
+            raise ModelError(f"{source}: {key} has {len(values)} entries for {n} tokens")
+    valid_types = {int(t) for t in TokenType}
+    bad = next((t for t in types if t not in valid_types), None)
+    if bad is not None:
+        raise ModelError(f"{source}: {K.TOKEN_TYPE} holds {bad}, not a token type")
+    # llama.cpp refuses a gpt2 vocabulary without merges, but gguf-py's writer
+    # drops an empty array, so "no merges" (byte-level tokens only) reads as missing.
+    merges = meta.get(K.MERGES)
+    add_bos = meta.get(K.ADD_BOS)
+    return Vocab(
+        model=model, tokens=tokens, types=types,
+        scores=[float(s) for s in scores] if scores is not None else None,
+        merges=list(merges) if merges is not None else None,
+        pre=meta.get(K.PRE) or "default",
+        bos_id=_token_id(meta, K.BOS_ID, n, source),
+        eos_id=_token_id(meta, K.EOS_ID, n, source),
+        unk_id=_token_id(meta, K.UNK_ID, n, source),
+        eog_ids=_eog_ids(meta, tokens, source),
+        add_bos=None if add_bos is None else bool(add_bos),
+        # llama.cpp's default: SentencePiece vocabularies prefix a space.
+        add_space_prefix=bool(meta.get(K.ADD_PREFIX, model == "llama")),
+        chat_template=meta.get(K.CHAT_TEMPLATE) or None,
+        source=source,
+    )
+
+
+def _reader_metadata(reader: Any) -> dict[str, Any]:
+    """The tokenizer.* fields of a gguf.GGUFReader, as Python values."""
+    out = {}
+    for key, f in reader.fields.items():
+        if key.startswith("tokenizer."):
+            try:
+                out[key] = f.contents()
+            except Exception as e:  # gguf-py raises many types for a damaged field
+                raise ModelError(f"metadata {key} is unreadable ({e})") from None
+    return out
+
+
+# ---------------------------------------------------------------- backends
+
+class _Backend(Protocol):
+    """What differs between vocabulary kinds."""
+
+    strips_run_space: bool  # decoding drops the space encoding put before each text run
+
+    def encode(self, text: str, special: bool) -> list[int]: ...
+
+    def piece(self, token_id: int) -> bytes: ...
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the printable stand-in for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = iter(range(256, 512))
+    return {chr(b if b in printable else next(extra)): b for b in range(256)}
+
+
+class _ByteLevelBPE:
+    strips_run_space = False
+
+    def __init__(self, vocab: Vocab):
+        pre = PRE_TOKENIZERS.get(vocab.pre)
+        if pre is None:
+            raise UnsupportedModel(
+                f"{vocab.source}: pre-tokenizer {vocab.pre!r} ({K.PRE}) is not supported "
+                f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+        self.pre = pre
+        self._vocab = vocab
+        self._hf = self._build(vocab, pre)
+
+    @staticmethod
+    def _build(vocab: Vocab, pre: PreTokenizer):
+        from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+
+        merges = []
+        for m in vocab.merges or []:
+            left, sep, right = m.partition(" ")  # byte-level tokens hold no literal space
+            if not sep:
+                raise ModelError(f"{vocab.source}: merge {m!r} is not two tokens")
+            merges.append((left, right))
+        # Later duplicates win, as in llama.cpp's token_to_id.
+        ids = {t: i for i, t in enumerate(vocab.tokens)}
+        try:
+            bpe = models.BPE(vocab=ids, merges=merges, ignore_merges=pre.ignore_merges)
+        except Exception as e:
+            raise ModelError(f"{vocab.source}: the BPE vocabulary is inconsistent ({e})") from None
+        tok = Tokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.splits]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        # Control tokens are matched in text only when special=True; user-defined
+        # ones always, as llama.cpp's tokenizer_st_partition does.
+        tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t, ty in zip(vocab.tokens, vocab.types)
+                                if ty == TokenType.CONTROL])
+        tok.add_tokens([AddedToken(t, normalized=False, special=False)
+                        for t, ty in zip(vocab.tokens, vocab.types)
+                        if ty == TokenType.USER_DEFINED])
+        return tok
+
+    @cached_property
+    def _hf_plain(self):
+        """A copy that reads control-token text as ordinary text (special=False);
+        a separate object, so the shared one is never reconfigured mid-call."""
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(self._hf.to_str())
+        tok.encode_special_tokens = True
+        return tok
+
+    def encode(self, text: str, special: bool) -> list[int]:
+        hf = self._hf if special else self._hf_plain
+        return hf.encode(text, add_special_tokens=False).ids
+
+    @cached_property
+    def _pieces(self) -> list[bytes]:
+        decoder = _byte_decoder()
+
+        def byte_level(text: str) -> bytes:
+            # A character outside the alphabet (a malformed vocabulary) keeps its UTF-8.
+            return b"".join(bytes([decoder[c]]) if c in decoder else c.encode() for c in text)
+
+        return [_piece_by_type(t, ty, byte_level) for t, ty in zip(self._vocab.tokens,
+                                                                    self._vocab.types)]
+
+    def piece(self, token_id: int) -> bytes:
+        return self._pieces[token_id]
+
+
+def _piece_by_type(text: str, ttype: int, normal: Callable[[str], bytes]) -> bytes:
+    """The bytes llama.cpp's token_to_piece gives for a token (special=True)."""
+    if ttype == TokenType.NORMAL:
+        return normal(text)
+    if ttype == TokenType.BYTE:
+        return bytes([int(text[3:5], 16)])  # "<0xAB>"
+    if ttype == TokenType.UNKNOWN:
+        return UNKNOWN_PIECE
+    if ttype == TokenType.UNUSED:
+        return b""
+    return text.encode()  # control and user-defined tokens: their text as written
+
+
+def _special_splitter(texts: list[str]) -> re.Pattern[str] | None:
+    """A pattern whose split() isolates these token texts, longest first so
+    that a token containing another wins."""
+    if not texts:
+        return None
+    return re.compile("(" + "|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)) + ")")
+
+
+class _SentencePiece:
+    strips_run_space: bool
+
+    def __init__(self, vocab: Vocab):
+        import sentencepiece as spm
+
+        self._vocab = vocab
+        self.strips_run_space = vocab.add_space_prefix
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=self._model_proto(vocab))
+        except (RuntimeError, OSError) as e:
+            raise ModelError(f"{vocab.source}: sentencepiece rejected the vocabulary ({e})") from None
+        # llama.cpp splits these out of the text before SentencePiece sees it;
+        # control tokens only when special=True.
+        self._user = [t for t, ty in zip(vocab.tokens, vocab.types) if ty == TokenType.USER_DEFINED]
+        self._control = [t for t, ty in zip(vocab.tokens, vocab.types) if ty == TokenType.CONTROL]
+        self._ids = {t: i for i, t in enumerate(vocab.tokens)}
+        self._splitters = {special: _special_splitter(self._user + (self._control if special else []))
+                           for special in (False, True)}
+        self._pieces = [_piece_by_type(t, ty, lambda s: s.replace("\u2581", " ").encode())
+                        for t, ty in zip(vocab.tokens, vocab.types)]
+
+    @staticmethod
+    def _model_proto(vocab: Vocab) -> bytes:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        types = list(vocab.types)
+        unk = vocab.unk_id if vocab.unk_id is not None else next(
+            (i for i, t in enumerate(types) if t == TokenType.UNKNOWN), None)
+        if unk is None:
+            raise ModelError(f"{vocab.source}: a SentencePiece vocabulary needs an unknown token")
+        types[unk] = TokenType.UNKNOWN  # sentencepiece insists the unk id is typed so
+        m = pb.ModelProto()
+        scores = vocab.scores or [0.0] * len(vocab.tokens)
+        for text, score, ttype in zip(vocab.tokens, scores, types):
+            m.pieces.add(piece=text, score=score, type=ttype)
+        ts = m.trainer_spec
+        ts.model_type = pb.TrainerSpec.BPE
+        ts.vocab_size = len(vocab.tokens)
+        ts.byte_fallback = TokenType.BYTE in types
+        ts.unk_id = unk
+        ts.bos_id = ts.eos_id = ts.pad_id = -1  # BOS/EOS are our business, not sentencepiece's
+        ns = m.normalizer_spec
+        ns.name = "identity"  # llama.cpp does not normalise: neither may we
+        ns.add_dummy_prefix = vocab.add_space_prefix
+        ns.remove_extra_whitespaces = False
+        ns.escape_whitespaces = True
+        return m.SerializeToString()
+
+    def encode(self, text: str, special: bool) -> list[int]:
+        out: list[int] = []
+        splitter = self._splitters[special]
+        parts = splitter.split(text) if splitter else [text]
+        # re.split with one group alternates text runs (even) and specials (odd).
+        for i, part in enumerate(parts):
+            if i % 2:
+                out.append(self._ids[part])
+            elif part:
+                # Each run gets SentencePiece's leading space, as llama.cpp gives
+                # every text fragment that follows a special token.
+                out.extend(self._sp.encode(part))
+        return out
+
+    def piece(self, token_id: int) -> bytes:
+        return self._pieces[token_id]
+
+    def starts_run(self, token_id: int) -> bool:
+        return self._vocab.types[token_id] in (TokenType.CONTROL, TokenType.USER_DEFINED)
+
+
+# ---------------------------------------------------------------- the tokenizer
+
+class Tokenizer:
+    """A GGUF file's tokenizer: encode, decode, stream, and the chat template."""
+
+    def __init__(self, vocab: Vocab):
+        self.vocab = vocab
+        self._backend: _ByteLevelBPE | _SentencePiece = (
+            _ByteLevelBPE(vocab) if vocab.model == "gpt2" else _SentencePiece(vocab))
+        if vocab.add_bos is not None:
+            self.add_bos = vocab.add_bos
+        elif isinstance(self._backend, _ByteLevelBPE):
+            self.add_bos = self._backend.pre.add_bos
+        else:
+            self.add_bos = True  # llama.cpp's default for SentencePiece vocabularies
+        self._controls = frozenset(i for i, t in enumerate(vocab.types) if t == TokenType.CONTROL)
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any], source: str = "model") -> Tokenizer:
+        """From GGUF metadata as a mapping of key -> value (only tokenizer.* keys are read)."""
+        return cls(parse_vocab(meta, source))
+
+    @classmethod
+    def from_gguf(cls, src: Any) -> Tokenizer:
+        """From an open edge_slm.model.GGUFFile, a gguf.GGUFReader, or a path to a GGUF file."""
+        if isinstance(src, (str, os.PathLike)):
+            import gguf
+
+            try:
+                src = gguf.GGUFReader(src, "r")
+            except Exception as e:
+                raise ModelError(f"{src}: not a readable GGUF file ({e})") from None
+        if hasattr(src, "fields"):  # gguf.GGUFReader
+            return cls.from_metadata(_reader_metadata(src), str(getattr(src, "path", "model")))
+        keys = [k for k in src.reader.fields if k.startswith("tokenizer.")]
+        return cls.from_metadata({k: src.get(k) for k in keys}, str(src.path))
+
+    # -- ids
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab.tokens)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.vocab.bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.vocab.eos_id
+
+    def is_eog(self, token_id: int) -> bool:
+        """Whether the token ends a generation (EOS, EOT, EOM, <|im_end|> and the like)."""
+        return token_id in self.vocab.eog_ids
+
+    # -- text
+
+    def encode(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        """Token ids of `text`. BOS is prepended if the model asks for it, unless
+        `add_bos` says otherwise; with special=False, special-token markup such
+        as <|im_start|> is tokenized as plain text."""
+        ids = self._backend.encode(text, special)
+        if self.add_bos if add_bos is None else add_bos:
+            if self.bos_id is None:
+                raise ModelError(f"{self.vocab.source}: BOS requested but the model has no BOS token")
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """What the token contributes to the output, as bytes: possibly part of
+        a UTF-8 character, hence bytes and not str."""
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return self._backend.piece(token_id)
+
+    def decode(self, ids: Iterable[int], special: bool = True) -> str:
+        """The text of `ids`; with special=False control tokens (<|im_end|> ...) are left out."""
+        stream = self.stream_decoder(special)
+        return "".join(stream.feed(i) for i in ids) + stream.flush()
+
+    def stream_decoder(self, special: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, special)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The model's chat template (ChatML if it has none) applied to `messages`."""
+        tokens = self.vocab.tokens
+        return render_chat(self.vocab.chat_template, messages, add_generation_prompt,
+                           bos_token=tokens[self.bos_id] if self.bos_id is not None else "",
+                           eos_token=tokens[self.eos_id] if self.eos_id is not None else "")
+
+    def _piece(self, token_id: int, special: bool, run_start: bool) -> tuple[bytes, bool]:
+        """A token's bytes in context, and whether the next token starts a text run.
+
+        SentencePiece encoding put a space before every text run (at the start
+        and after each special token); decoding takes it off again, so that
+        decode(encode(s)) == s."""
+        piece = self.token_bytes(token_id)
+        backend = self._backend
+        if isinstance(backend, _SentencePiece) and backend.starts_run(token_id):
+            run_start = True
+        elif backend.strips_run_space and run_start and piece:
+            piece = piece[1:] if piece.startswith(b" ") else piece
+            run_start = False
+        if not special and token_id in self._controls:
+            piece = b""
+        return piece, run_start
+
+
+class StreamDecoder:
+    """Turns token ids into text as they arrive. Bytes of a character split
+    across tokens are held back until the character is complete; invalid
+    UTF-8 becomes U+FFFD, as in decode()."""
+
+    def __init__(self, tokenizer: Tokenizer, special: bool = True):
+        self._tokenizer = tokenizer
+        self._special = special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._run_start = True
+
+    def feed(self, token_id: int) -> str:
+        """The text completed by this token: often "", sometimes more than its own share."""
+        piece, self._run_start = self._tokenizer._piece(token_id, self._special, self._run_start)
+        return self._utf8.decode(piece)
+
+    def flush(self) -> str:
+        """Whatever is held back (an unfinished character shows as U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
