@@ -19,7 +19,7 @@ from __future__ import annotations
 import codecs
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Protocol
@@ -174,11 +174,10 @@ def _reader_metadata(reader: Any) -> dict[str, Any]:
 class _Backend(Protocol):
     """What differs between vocabulary kinds."""
 
-    strips_run_space: bool  # decoding drops the space encoding put before each text run
-
     def encode(self, text: str, special: bool) -> list[int]: ...
 
-    def piece(self, token_id: int) -> bytes: ...
+    def normal_bytes(self, text: str) -> bytes:
+        """The bytes a NORMAL token stands for, from its text in the vocabulary."""
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -189,8 +188,6 @@ def _byte_decoder() -> dict[str, int]:
 
 
 class _ByteLevelBPE:
-    strips_run_space = False
-
     def __init__(self, vocab: Vocab):
         pre = PRE_TOKENIZERS.get(vocab.pre)
         if pre is None:
@@ -198,8 +195,8 @@ class _ByteLevelBPE:
                 f"{vocab.source}: pre-tokenizer {vocab.pre!r} ({K.PRE}) is not supported "
                 f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
         self.pre = pre
-        self._vocab = vocab
         self._hf = self._build(vocab, pre)
+        self._byte_of = _byte_decoder()
 
     @staticmethod
     def _build(vocab: Vocab, pre: PreTokenizer):
@@ -245,32 +242,10 @@ class _ByteLevelBPE:
         hf = self._hf if special else self._hf_plain
         return hf.encode(text, add_special_tokens=False).ids
 
-    @cached_property
-    def _pieces(self) -> list[bytes]:
-        decoder = _byte_decoder()
-
-        def byte_level(text: str) -> bytes:
-            # A character outside the alphabet (a malformed vocabulary) keeps its UTF-8.
-            return b"".join(bytes([decoder[c]]) if c in decoder else c.encode() for c in text)
-
-        return [_piece_by_type(t, ty, byte_level) for t, ty in zip(self._vocab.tokens,
-                                                                    self._vocab.types)]
-
-    def piece(self, token_id: int) -> bytes:
-        return self._pieces[token_id]
-
-
-def _piece_by_type(text: str, ttype: int, normal: Callable[[str], bytes]) -> bytes:
-    """The bytes llama.cpp's token_to_piece gives for a token (special=True)."""
-    if ttype == TokenType.NORMAL:
-        return normal(text)
-    if ttype == TokenType.BYTE:
-        return bytes([int(text[3:5], 16)])  # "<0xAB>"
-    if ttype == TokenType.UNKNOWN:
-        return UNKNOWN_PIECE
-    if ttype == TokenType.UNUSED:
-        return b""
-    return text.encode()  # control and user-defined tokens: their text as written
+    def normal_bytes(self, text: str) -> bytes:
+        # A character outside the alphabet (a malformed vocabulary) keeps its UTF-8.
+        byte_of = self._byte_of
+        return b"".join(bytes([byte_of[c]]) if c in byte_of else c.encode() for c in text)
 
 
 def _special_splitter(texts: list[str]) -> re.Pattern[str] | None:
@@ -282,13 +257,9 @@ def _special_splitter(texts: list[str]) -> re.Pattern[str] | None:
 
 
 class _SentencePiece:
-    strips_run_space: bool
-
     def __init__(self, vocab: Vocab):
         import sentencepiece as spm
 
-        self._vocab = vocab
-        self.strips_run_space = vocab.add_space_prefix
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self._model_proto(vocab))
         except (RuntimeError, OSError) as e:
@@ -300,8 +271,6 @@ class _SentencePiece:
         self._ids = {t: i for i, t in enumerate(vocab.tokens)}
         self._splitters = {special: _special_splitter(self._user + (self._control if special else []))
                            for special in (False, True)}
-        self._pieces = [_piece_by_type(t, ty, lambda s: s.replace("\u2581", " ").encode())
-                        for t, ty in zip(vocab.tokens, vocab.types)]
 
     @staticmethod
     def _model_proto(vocab: Vocab) -> bytes:
@@ -344,11 +313,21 @@ class _SentencePiece:
                 out.extend(self._sp.encode(part))
         return out
 
-    def piece(self, token_id: int) -> bytes:
-        return self._pieces[token_id]
+    def normal_bytes(self, text: str) -> bytes:
+        return text.replace("\u2581", " ").encode()  # SentencePiece writes spaces as U+2581
 
-    def starts_run(self, token_id: int) -> bool:
-        return self._vocab.types[token_id] in (TokenType.CONTROL, TokenType.USER_DEFINED)
+
+def _token_bytes(text: str, ttype: int, backend: _Backend) -> bytes:
+    """The bytes llama.cpp's token_to_piece gives for a token (special=True)."""
+    if ttype == TokenType.NORMAL:
+        return backend.normal_bytes(text)
+    if ttype == TokenType.BYTE:
+        return bytes([int(text[3:5], 16)])  # "<0xAB>"
+    if ttype == TokenType.UNKNOWN:
+        return UNKNOWN_PIECE
+    if ttype == TokenType.UNUSED:
+        return b""
+    return text.encode()  # control and user-defined tokens: their text as written
 
 
 # ---------------------------------------------------------------- the tokenizer
@@ -358,15 +337,22 @@ class Tokenizer:
 
     def __init__(self, vocab: Vocab):
         self.vocab = vocab
-        self._backend: _ByteLevelBPE | _SentencePiece = (
-            _ByteLevelBPE(vocab) if vocab.model == "gpt2" else _SentencePiece(vocab))
-        if vocab.add_bos is not None:
-            self.add_bos = vocab.add_bos
-        elif isinstance(self._backend, _ByteLevelBPE):
-            self.add_bos = self._backend.pre.add_bos
+        backend: _Backend
+        if vocab.model == "gpt2":
+            backend = _ByteLevelBPE(vocab)
+            default_add_bos = backend.pre.add_bos
         else:
-            self.add_bos = True  # llama.cpp's default for SentencePiece vocabularies
+            backend = _SentencePiece(vocab)
+            default_add_bos = True  # llama.cpp's default for SentencePiece vocabularies
+        self._backend = backend
+        self.add_bos = default_add_bos if vocab.add_bos is None else vocab.add_bos
+        self._pieces = [_token_bytes(t, ty, backend) for t, ty in zip(vocab.tokens, vocab.types)]
         self._controls = frozenset(i for i, t in enumerate(vocab.types) if t == TokenType.CONTROL)
+        # SentencePiece encoding puts a space before each text run: at the start
+        # and after each token split out of the text (control or user-defined).
+        self._strip_run_space = vocab.model == "llama" and vocab.add_space_prefix
+        self._run_breaks = frozenset(i for i, t in enumerate(vocab.types)
+                                     if t in (TokenType.CONTROL, TokenType.USER_DEFINED))
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], source: str = "model") -> Tokenizer:
@@ -424,7 +410,7 @@ class Tokenizer:
         a UTF-8 character, hence bytes and not str."""
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return self._backend.piece(token_id)
+        return self._pieces[token_id]
 
     def decode(self, ids: Iterable[int], special: bool = True) -> str:
         """The text of `ids`; with special=False control tokens (<|im_end|> ...) are left out."""
@@ -444,15 +430,13 @@ class Tokenizer:
     def _piece(self, token_id: int, special: bool, run_start: bool) -> tuple[bytes, bool]:
         """A token's bytes in context, and whether the next token starts a text run.
 
-        SentencePiece encoding put a space before every text run (at the start
-        and after each special token); decoding takes it off again, so that
-        decode(encode(s)) == s."""
+        The space SentencePiece encoding put before each text run comes off
+        again, so that decode(encode(s)) == s."""
         piece = self.token_bytes(token_id)
-        backend = self._backend
-        if isinstance(backend, _SentencePiece) and backend.starts_run(token_id):
+        if token_id in self._run_breaks:
             run_start = True
-        elif backend.strips_run_space and run_start and piece:
-            piece = piece[1:] if piece.startswith(b" ") else piece
+        elif self._strip_run_space and run_start and piece:
+            piece = piece.removeprefix(b" ")
             run_start = False
         if not special and token_id in self._controls:
             piece = b""

@@ -16,6 +16,22 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer than the 15-minute `make test` budget allows")
 
 
+_REPORT: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def parity_report() -> list[str]:
+    """Figures tests want shown in the run's summary (parity, agreement)."""
+    return _REPORT
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORT:
+        terminalreporter.section("edge-slm figures")
+        for line in _REPORT:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf")

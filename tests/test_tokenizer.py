@@ -1,0 +1,339 @@
+"""The tokenizer against llama.cpp's ids (tests/fixtures/tokenize.json, made by
+scripts/make_parity_fixtures.py), round trips, streaming, the chat template,
+and the loader on tiny GGUF vocabularies written here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from tiny_models import CHATML, byte_level_alphabet
+
+from edge_slm.chat_template import CHATML_TEMPLATE, ConversationRejected, render_chat
+from edge_slm.errors import ModelError, UnsupportedModel
+from edge_slm.model import GGUFFile
+from edge_slm.tokenizer import Tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE = FIXTURES / "tokenize.json"
+PARITY_JSON = FIXTURES / "parity.json"
+PARITY_NPZ = FIXTURES / "parity.npz"
+T = gguf.TokenType
+
+
+@pytest.fixture(scope="module")
+def smollm(real_model) -> Tokenizer:
+    return Tokenizer.from_gguf(GGUFFile(real_model))
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[dict]:
+    return json.loads(FIXTURE.read_text(encoding="utf-8"))["cases"]
+
+
+# ---------------------------------------------------------------- the real model vs llama.cpp
+
+def test_ids_match_llama_cpp(smollm, cases):
+    assert len(cases) >= 300
+    wrong = [(c["text"], smollm.encode(c["text"]), c["ids"]) for c in cases
+             if smollm.encode(c["text"]) != c["ids"]]
+    matched = len(cases) - len(wrong)
+    assert not wrong, f"{matched} of {len(cases)} strings matched llama.cpp; first misses: {wrong[:5]}"
+
+
+def test_ids_without_special_match_llama_cpp(smollm, cases):
+    plain = [c for c in cases if "ids_no_special" in c]
+    assert len(plain) >= 20
+    wrong = [c["text"] for c in plain if smollm.encode(c["text"], special=False) != c["ids_no_special"]]
+    assert not wrong, f"{len(plain) - len(wrong)} of {len(plain)} matched; misses: {wrong[:5]}"
+
+
+def test_round_trip(smollm, cases):
+    wrong = [c["text"] for c in cases if smollm.decode(smollm.encode(c["text"])) != c["text"]]
+    assert not wrong, f"{len(cases) - len(wrong)} of {len(cases)} round-tripped; misses: {wrong[:5]}"
+
+
+def test_parity_prompts_tokenize_and_render_as_llama_cpp_saw_them(smollm):
+    # The parity fixture feeds these ids to our runtime; they must be what
+    # our tokenizer and chat template make of the same conversations.
+    meta = json.loads(PARITY_JSON.read_text(encoding="utf-8"))
+    arrays = np.load(PARITY_NPZ)
+    offsets, rows = arrays["prompt_offsets"], arrays["position_offsets"]
+    for p, prompt in enumerate(meta["prompts"]):
+        ids = arrays["prompt_ids"][offsets[p]:offsets[p + 1]].tolist()
+        assert smollm.encode(prompt["text"]) == ids, prompt["name"]
+        if prompt["kind"] == "chat":
+            assert smollm.render_chat(prompt["messages"]) == prompt["text"], prompt["name"]
+        # Each generated token is the top-1 of the row before it.
+        first = rows[p] + len(ids) - 1
+        assert (arrays["top_ids"][first:first + meta["n_steps"], 0] == arrays["generated_ids"][p]).all()
+        assert rows[p + 1] - rows[p] == len(ids) + meta["n_steps"]
+
+
+def test_smollm_metadata(smollm):
+    assert (smollm.vocab_size, smollm.bos_id, smollm.eos_id) == (49152, 1, 2)
+    assert smollm.encode("Hi") == smollm.encode("Hi", add_bos=False)  # add_bos_token = false
+    assert smollm.encode("Hi", add_bos=True)[0] == 1
+    assert smollm.is_eog(2)                     # <|im_end|>, the EOS
+    assert smollm.is_eog(0)                     # <|endoftext|>, by its text as in llama.cpp
+    assert not smollm.is_eog(1) and not smollm.is_eog(smollm.encode("Hi")[0])
+
+
+@pytest.mark.parametrize("text, splits", [
+    ("👨‍👩‍👧‍👦 family", True), ("中文测试：你好，世界！", True), ("🇫🇷🇯🇵 flags", True),
+    ("日本語のテキスト", True), ("สวัสดีชาวโลก", True), ("naïve café 🙂", False)])
+def test_stream_decoder_never_splits_a_character(smollm, text, splits):
+    ids = smollm.encode(text)
+    stream = smollm.stream_decoder()
+    pieces = [stream.feed(i) for i in ids]
+    assert "".join(pieces) + stream.flush() == smollm.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    # Where a token ends mid-character, its piece is held back: "" comes out.
+    assert ("" in pieces) == splits
+
+
+def test_stream_decoder_flushes_an_unfinished_character(smollm):
+    ids = smollm.encode("🙂")
+    stream = smollm.stream_decoder()
+    assert [stream.feed(i) for i in ids[:-1]] == [""] * (len(ids) - 1)
+    assert stream.flush() == "\ufffd"
+
+
+def test_decode_without_special_drops_control_tokens(smollm):
+    ids = smollm.encode("<|im_start|>user\nHi<|im_end|>")
+    assert smollm.decode(ids, special=False) == "user\nHi"
+
+
+def test_token_bytes_rejects_an_id_outside_the_vocabulary(smollm):
+    with pytest.raises(ValueError, match="49152"):
+        smollm.token_bytes(49152)
+
+
+def test_smollm_chat_template_renders_chatml_with_default_system_prompt(smollm):
+    conversation = [{"role": "user", "content": "How do I reset the breaker?"},
+                    {"role": "assistant", "content": "Switch it off, then on."},
+                    {"role": "user", "content": "Thanks"}]
+    assert smollm.render_chat(conversation) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        "<|im_end|>\n"
+        "<|im_start|>user\nHow do I reset the breaker?<|im_end|>\n"
+        "<|im_start|>assistant\nSwitch it off, then on.<|im_end|>\n"
+        "<|im_start|>user\nThanks<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    custom = smollm.render_chat([{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "Hi"}], add_generation_prompt=False)
+    assert custom == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+
+
+# ---------------------------------------------------------------- chat templates
+
+def test_missing_template_falls_back_to_chatml():
+    messages = [{"role": "user", "content": "Hi"}]
+    assert render_chat(None, messages) == render_chat(CHATML_TEMPLATE, messages) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_template_variables_and_helpers():
+    template = ("{{ bos_token }}{% for m in messages %}{{ m | tojson }}{% endfor %}"
+                "{% if add_generation_prompt %}>{% endif %}{{ eos_token }}")
+    out = render_chat(template, [{"role": "user", "content": "é<b>"}], bos_token="<s>", eos_token="</s>")
+    assert out == '<s>{"role": "user", "content": "é<b>"}></s>'
+
+
+def test_template_raise_exception_rejects_the_conversation():
+    template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('must start with user') }}{% endif %}"
+    with pytest.raises(ConversationRejected, match="must start with user"):
+        render_chat(template, [{"role": "assistant", "content": "x"}])
+
+
+@pytest.mark.parametrize("template", ["{% for m in messages %}", "{{ ''.__class__.__mro__ }}"],
+                         ids=["syntax", "sandbox"])
+def test_broken_or_unsafe_template_is_a_model_error(template):
+    with pytest.raises(ModelError, match="chat template"):
+        render_chat(template, [{"role": "user", "content": "x"}])
+
+
+# ---------------------------------------------------------------- tiny vocabularies
+
+def write_vocab(path: Path, model: str, tokens: list[str], types: list[int], *,
+                pre: str | None = None, merges: list[str] | None = None,
+                scores: list[float] | None = None, bos: int | None = None, eos: int | None = None,
+                add_bos: bool | None = None, template: str | None = None) -> Path:
+    """A GGUF holding only tokenizer metadata (no tensors)."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model(model)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if merges is not None:
+        w.add_token_merges(merges)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if bos is not None:
+        w.add_bos_token_id(bos)
+    if eos is not None:
+        w.add_eos_token_id(eos)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    if template is not None:
+        w.add_chat_template(template)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+BPE_MERGES = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2", "12 3"]
+BPE_TOKENS = byte_level_alphabet() + [m.replace(" ", "") for m in BPE_MERGES] + [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<note>"]
+BPE_TYPES = [T.NORMAL] * (256 + len(BPE_MERGES)) + [T.CONTROL] * 3 + [T.USER_DEFINED]
+ID = {t: i for i, t in enumerate(BPE_TOKENS)}
+
+
+def bpe_vocab(tmp_path: Path, pre: str = "smollm", **kw) -> Tokenizer:
+    args = dict(pre=pre, merges=BPE_MERGES, bos=ID["<|im_start|>"], eos=ID["<|im_end|>"],
+                add_bos=False, template=CHATML)
+    args.update(kw)
+    return Tokenizer.from_gguf(write_vocab(tmp_path / "bpe.gguf", "gpt2", BPE_TOKENS, BPE_TYPES, **args))
+
+
+def byte_ids(text: str) -> list[int]:
+    # The tiny alphabet is in byte order, so a lone byte's id is its value.
+    return list(text.encode())
+
+
+# Expected ids below were checked against llama.cpp (llama-cpp-python 0.3.36,
+# vocab_only) on these same vocabularies.
+def test_tiny_bpe_encodes_like_llama_cpp(tmp_path):
+    tok = bpe_vocab(tmp_path)
+    assert tok.encode("hello world") == [ID["hello"], ID["Ġworld"]]
+    assert tok.encode("hello  world ") == [ID["hello"], 32, ID["Ġworld"], 32]
+    assert tok.encode("héllo") == [ord("h"), 0xC3, 0xA9, ID["ll"], ord("o")]
+    assert tok.encode("<|im_start|>hello<note>") == [ID["<|im_start|>"], ID["hello"], ID["<note>"]]
+    # special=False: control-token markup is text; user-defined tokens still match.
+    assert tok.encode("<|im_start|>hello<note>", special=False) == (
+        byte_ids("<|im_start|>") + [ID["hello"], ID["<note>"]])
+    assert tok.encode("") == [] and tok.encode("", add_bos=True) == [ID["<|im_start|>"]]
+
+
+@pytest.mark.parametrize("pre, expected", [
+    ("smollm", byte_ids("12 123 x12")),                    # every digit alone
+    ("qwen2", byte_ids("12 123 x12")),
+    ("gpt-2", [ID["12"], 32, ID["123"], 32, ord("x"), ID["12"]]),
+    ("llama-bpe", [ID["12"], 32, ID["123"], 32, ord("x"), ID["12"]]),
+    ("default", [ID["12"], 32, ID["123"], 32, ord("x"), ID["12"]]),
+])
+def test_tiny_bpe_pre_tokenizers(tmp_path, pre, expected):
+    assert bpe_vocab(tmp_path, pre=pre).encode("12 123 x12") == expected
+
+
+def test_tiny_bpe_decode_stream_and_eog(tmp_path):
+    tok = bpe_vocab(tmp_path)
+    for text in ["hello world", "héllo wörld", "  \n\t", "<|im_end|>x<note>", "日本 🙂"]:
+        assert tok.decode(tok.encode(text)) == text
+    stream = tok.stream_decoder()
+    assert [stream.feed(i) for i in tok.encode("é")] == ["", "é"]
+    assert tok.is_eog(ID["<|im_end|>"]) and tok.is_eog(ID["<|endoftext|>"])
+    assert not tok.is_eog(ID["hello"]) and not tok.is_eog(ID["<|im_start|>"])
+    assert tok.render_chat([{"role": "user", "content": "hi"}]) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+SPM_PIECES = ["▁h", "▁he", "▁hel", "▁hell", "▁hello", "▁w", "▁wo", "▁wor", "▁worl", "▁world",
+              "▁", "h", "e", "l", "o", "w", "r", "d"]
+SPM_TOKENS = (["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
+              + ["<|im_end|>", "<note>"])
+SPM_TYPES = ([T.UNKNOWN, T.CONTROL, T.CONTROL] + [T.BYTE] * 256 + [T.NORMAL] * len(SPM_PIECES)
+             + [T.CONTROL, T.USER_DEFINED])
+SPM_SCORES = [0.0] * 259 + [-1.0 - i for i in range(len(SPM_PIECES))] + [0.0, 0.0]
+SID = {t: i for i, t in enumerate(SPM_TOKENS)}
+
+
+@pytest.fixture
+def spm(tmp_path) -> Tokenizer:
+    path = write_vocab(tmp_path / "spm.gguf", "llama", SPM_TOKENS, SPM_TYPES, scores=SPM_SCORES,
+                       bos=1, eos=2, add_bos=True)
+    return Tokenizer.from_gguf(path)
+
+
+def test_tiny_sentencepiece_encodes_like_llama_cpp(spm):
+    assert spm.encode("hello world") == [1, SID["▁hello"], SID["▁world"]]  # add_bos_token = true
+    assert spm.encode("hello world", add_bos=False) == [SID["▁hello"], SID["▁world"]]
+    assert spm.encode("  hello", add_bos=False) == [SID["▁"], SID["▁"], SID["▁hello"]]
+    # Byte fallback for what the vocabulary lacks.
+    assert spm.encode("é", add_bos=False) == [SID["▁"], SID["<0xC3>"], SID["<0xA9>"]]
+    # Each text run after a special token gets its own leading space.
+    assert spm.encode("hello<|im_end|>world", add_bos=False) == [
+        SID["▁hello"], SID["<|im_end|>"], SID["▁world"]]
+    assert spm.encode("<|im_end|>", add_bos=False, special=False)[0] != SID["<|im_end|>"]
+    assert spm.encode("hello<note> world", add_bos=False) == [
+        SID["▁hello"], SID["<note>"], SID["▁"], SID["▁world"]]
+
+
+def test_tiny_sentencepiece_decode_and_stream(spm):
+    for text in ["hello world", "  hello", "héllo wörld", "hello<|im_end|>world", "<note>hello", ""]:
+        assert spm.decode(spm.encode(text, add_bos=False)) == text
+    assert spm.decode([1, SID["▁hello"]], special=False) == "hello"
+    stream = spm.stream_decoder()
+    assert [stream.feed(i) for i in [SID["▁hello"], SID["<0xC3>"], SID["<0xA9>"], SID["▁world"]]] == [
+        "hello", "", "é", " world"]
+    assert spm.is_eog(2) and not spm.is_eog(1)
+
+
+def test_tokenizer_from_reader_and_from_metadata(tmp_path):
+    path = write_vocab(tmp_path / "v.gguf", "gpt2", BPE_TOKENS, BPE_TYPES, pre="smollm",
+                       merges=BPE_MERGES)
+    from_reader = Tokenizer.from_gguf(gguf.GGUFReader(path))
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
+            "tokenizer.ggml.tokens": BPE_TOKENS, "tokenizer.ggml.token_type": BPE_TYPES,
+            "tokenizer.ggml.merges": BPE_MERGES}
+    from_meta = Tokenizer.from_metadata(meta)
+    assert from_reader.encode("hello world") == from_meta.encode("hello world") == [
+        ID["hello"], ID["Ġworld"]]
+    assert from_meta.bos_id is None and from_meta.render_chat([{"role": "user", "content": "x"}]) == (
+        "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n")  # no template: ChatML
+    with pytest.raises(ModelError, match="no BOS"):
+        from_meta.encode("x", add_bos=True)
+
+
+# ---------------------------------------------------------------- bad metadata
+
+BASE_META = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
+             "tokenizer.ggml.tokens": BPE_TOKENS, "tokenizer.ggml.token_type": BPE_TYPES,
+             "tokenizer.ggml.merges": BPE_MERGES}
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"tokenizer.ggml.model": "bert"}, UnsupportedModel, "'bert'"),
+    ({"tokenizer.ggml.pre": "klingon-bpe"}, UnsupportedModel, "'klingon-bpe'"),
+    ({"tokenizer.ggml.model": None}, ModelError, "tokenizer.ggml.model is missing"),
+    ({"tokenizer.ggml.tokens": []}, ModelError, "tokens is missing or empty"),
+    ({"tokenizer.ggml.merges": ["hello"]}, ModelError, "'hello' is not two tokens"),
+    ({"tokenizer.ggml.merges": ["q z9"]}, ModelError, "inconsistent"),
+    ({"tokenizer.ggml.token_type": [1, 1]}, ModelError, f"2 entries for {len(BPE_TOKENS)} tokens"),
+    ({"tokenizer.ggml.token_type": [9] * len(BPE_TOKENS)}, ModelError, "holds 9"),
+    ({"tokenizer.ggml.eos_token_id": len(BPE_TOKENS)}, ModelError, "eos_token_id = .* is outside"),
+])
+def test_bad_metadata_is_a_model_error(change, error, match):
+    meta = {k: v for k, v in {**BASE_META, **change}.items() if v is not None}
+    with pytest.raises(error, match=match):
+        Tokenizer.from_metadata(meta, "bad.gguf")
+
+
+def test_sentencepiece_without_unknown_token_is_a_model_error():
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b"],
+            "tokenizer.ggml.token_type": [1, 1], "tokenizer.ggml.scores": [0.0, 0.0]}
+    with pytest.raises(ModelError, match="unknown token"):
+        Tokenizer.from_metadata(meta)
+
+
+def test_unreadable_file_is_a_model_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises(ModelError, match="bad.gguf"):
+        Tokenizer.from_gguf(bad)
