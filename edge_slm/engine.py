@@ -188,7 +188,7 @@ class Engine:
         self.runtime = self.model.runtime(RuntimeOptions(
             n_threads=cfg.threads, n_ctx=self.plan.n_ctx, n_slots=self.plan.n_slots,
             max_batch=cfg.max_batch, kv_type=cfg.kv_type, backend=cfg.backend,
-            max_logits=max(cfg.max_batch, self.plan.n_slots)))
+            max_logits=self.plan.n_slots))  # a step wants at most one row per slot
         self.slots = [Slot(i) for i in range(self.plan.n_slots)]
         self._queue: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()

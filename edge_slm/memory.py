@@ -113,28 +113,29 @@ class Fixed:
         kv, state = _core.model_bytes(self.cfg.core(), n_slots=1, n_ctx=n_ctx,
                                       max_batch=self.max_batch, n_threads=self.n_threads,
                                       kv_type=int(KV_TYPES[kv_type]))
-        logits = max(self.max_batch, n_slots) * self.cfg.vocab * 4
+        logits = n_slots * self.cfg.vocab * 4  # one row per slot per step
         return MemoryPlan(self.budget, self.interpreter, self.tokenizer, self.weights,
                           state + logits, kv, HEADROOM, n_slots, n_ctx, kv_type)
 
 
 def plan_memory(fixed: Fixed, *, kv_type: str = "f16", slots: int | None = None,
                 ctx: int | None = None, min_ctx: int = 512) -> MemoryPlan:
-    """Fit slots x context into the budget: the requested context (or the
-    model's) with as many of the requested slots as fit; if not even one
-    fits, the longest context down to min_ctx; otherwise refuse, saying what
-    one slot at min_ctx would need."""
+    """Fit slots x context into the budget. Concurrency comes first: the
+    requested slots at the longest context that fits (down to min_ctx), then
+    fewer slots; if one slot at min_ctx does not fit, refuse, saying what it
+    would need."""
     want_slots = slots or 4
-    want_ctx = min(ctx or fixed.cfg.context_length, fixed.cfg.context_length)
-    candidates = [want_ctx] + list(range(want_ctx - want_ctx % CTX_STEP, min_ctx - 1, -CTX_STEP))
-    for n_ctx in candidates:
-        if not min_ctx <= n_ctx <= want_ctx:
-            continue
-        one = fixed.plan(want_slots, n_ctx, kv_type)
-        room = fixed.budget - (one.total - one.kv_cache)
-        n_slots = min(want_slots, room // one.kv_per_slot)
-        if n_slots >= 1:
-            return fixed.plan(n_slots, n_ctx, kv_type)
+    want_ctx = min(ctx or 2048, fixed.cfg.context_length)
+    min_ctx = min(min_ctx, want_ctx)
+    contexts = [want_ctx] + [c for c in range(want_ctx - want_ctx % CTX_STEP, min_ctx - 1, -CTX_STEP)
+                             if min_ctx <= c < want_ctx]
+    if contexts[-1] != min_ctx:
+        contexts.append(min_ctx)
+    for n_slots in range(want_slots, 0, -1):
+        for n_ctx in contexts:
+            plan = fixed.plan(n_slots, n_ctx, kv_type)
+            if plan.total <= fixed.budget:
+                return plan
     need = fixed.plan(1, min_ctx, kv_type)
     hint = ""
     if kv_type != "q8_0":

@@ -58,18 +58,19 @@ def test_plan_gives_requested_slots_when_they_fit(long_model):
     assert plan.total <= plan.budget
 
 
-def test_plan_reduces_slots_then_context(long_model):
+def test_plan_keeps_slots_and_shortens_context_first(long_model):
     f = fixed(long_model, 0)
-    per_slot = f.plan(1, 2048, "f16").kv_per_slot
-    base = f.plan(1, 2048, "f16").total - per_slot
-    two = plan_memory(Fixed(**{**f.__dict__, "budget": base + 2 * per_slot + per_slot // 2}),
-                      slots=4, ctx=2048)
-    assert (two.n_slots, two.n_ctx) == (2, 2048)
-    assert two.total <= two.budget
-    small = plan_memory(Fixed(**{**f.__dict__, "budget": base + per_slot // 2}), slots=4, ctx=2048,
-                        min_ctx=256)
-    assert small.n_slots == 1 and 256 <= small.n_ctx < 2048
-    assert small.total <= small.budget
+    one = f.plan(1, 2048, "f16")
+    base = one.total - one.kv_per_slot
+    # Room for 2.5 slots at 2048: four slots at a shorter context.
+    budget = base + one.kv_per_slot * 5 // 2
+    plan = plan_memory(Fixed(**{**f.__dict__, "budget": budget}), slots=4, ctx=2048, min_ctx=256)
+    assert plan.n_slots == 4 and 256 <= plan.n_ctx <= 1280
+    assert plan.total <= budget
+    # Room for under four slots even at the minimum: fewer slots.
+    budget = base + f.plan(1, 256, "f16").kv_per_slot * 5 // 2
+    plan = plan_memory(Fixed(**{**f.__dict__, "budget": budget}), slots=4, ctx=2048, min_ctx=256)
+    assert plan.n_slots == 2 and plan.total <= budget
 
 
 def test_plan_refuses_with_what_would_fit(long_model):
