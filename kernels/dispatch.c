@@ -8,10 +8,18 @@
 
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
+/* Bits of the kernel's ABI, for C libraries too old to name them. */
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1UL << 20)
+#endif
+#ifndef HWCAP2_I8MM
+#define HWCAP2_I8MM (1UL << 13)
+#endif
 #endif
 
+#if defined(__x86_64__) || defined(_M_X64)
 static int cpu_has_avx2(void) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__GNUC__) || defined(__clang__)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
            __builtin_cpu_supports("f16c");
 #else
@@ -19,15 +27,46 @@ static int cpu_has_avx2(void) {
 #endif
 }
 
+static int cpu_has_avx_vnni(void) {
+#if defined(__GNUC__) || defined(__clang__)
+    return cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
+#else
+    return 0;
+#endif
+}
+#endif
+
+#if defined(__aarch64__)
+/* Elsewhere than Linux we cannot ask, so only plain NEON is used. */
+static int cpu_has_dotprod(void) {
+#if defined(__linux__)
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+    return 0;
+#endif
+}
+
+static int cpu_has_i8mm(void) {
+#if defined(__linux__)
+    return cpu_has_dotprod() && (getauxval(AT_HWCAP2) & HWCAP2_I8MM) != 0;
+#else
+    return 0;
+#endif
+}
+#endif
+
 const ek_kernels *const *ek_available(void) {
     /* Built once from read-only facts (the CPU), so concurrent first calls
      * write the same values. */
-    static const ek_kernels *list[4];
+    static const ek_kernels *list[5];
     int n = 0;
 #if defined(__aarch64__)
+    if (cpu_has_i8mm()) list[n++] = &ek_kernels_neon_i8mm; /* also uses dotprod */
+    if (cpu_has_dotprod()) list[n++] = &ek_kernels_neon_dotprod;
     list[n++] = &ek_kernels_neon; /* NEON is part of armv8-a */
 #endif
 #if defined(__x86_64__) || defined(_M_X64)
+    if (cpu_has_avx_vnni()) list[n++] = &ek_kernels_avx_vnni;
     if (cpu_has_avx2()) list[n++] = &ek_kernels_avx2;
 #endif
     list[n++] = &ek_kernels_ref;

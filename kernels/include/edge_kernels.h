@@ -87,7 +87,8 @@ typedef struct {
     const char *name;
     ek_type_ops types[EK_TYPE_COUNT];
 
-    /* out[i] = x[i] / rms(x) * w[i]; out may alias x */
+    /* out[i] = x[i] / rms(x) * w[i]; out may alias x. The sum of squares is
+     * taken in double, so every implementation gets the same scale. */
     void (*rmsnorm)(float *out, const float *x, const float *w, int n, float eps);
     /* Rotate adjacent pairs (x[2i], x[2i+1]) of each head by angle i:
      * cs[2i] = cos, cs[2i+1] = sin, for i < head_dim / 2. */
@@ -104,6 +105,8 @@ typedef struct {
      *            consecutive positions are kv_stride bytes apart
      *   scores   scratch, [n_pos]
      *   out      [head_dim] = sum_t softmax(scale * q.k_t)_t * v_t
+     * q and the softmax weights are rounded to f16 first, as llama.cpp does
+     * when it multiplies them with its f16 cache.
      */
     void (*attention)(float *out, const float *q, const void *k, const void *v,
                       size_t kv_stride, int kv_type, int n_pos, int head_dim,
@@ -117,9 +120,12 @@ typedef struct {
 extern const ek_kernels ek_kernels_ref;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const ek_kernels ek_kernels_avx2;
+extern const ek_kernels ek_kernels_avx_vnni; /* AVX2 with AVX-VNNI dot products */
 #endif
 #if defined(__aarch64__)
 extern const ek_kernels ek_kernels_neon;
+extern const ek_kernels ek_kernels_neon_dotprod; /* armv8.2-a dotprod */
+extern const ek_kernels ek_kernels_neon_i8mm;    /* armv8.6-a i8mm (and dotprod) */
 #endif
 
 /* Implementations usable on this CPU, best first, NULL-terminated. */

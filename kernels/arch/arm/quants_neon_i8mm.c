@@ -1,0 +1,186 @@
+/* The NEON table with smmla (armv8.6-a+i8mm) for prefill.
+ *
+ * smmla multiplies a 2x8 by an 8x2 int8 matrix into a 2x2 int32 tile, so
+ * one instruction serves two weight rows times two activation rows: twice
+ * the products of an sdot. Tiles are 4 weight rows by 4 activation rows
+ * (2 x 2 smmla tiles). A single activation row (decode) or a leftover
+ * single row or column would waste half of each smmla, so those go to the
+ * dotprod gemm, which every i8mm CPU has. Other kernels are plain NEON.
+ */
+#include "neon.h"
+
+/* Two rows' blocks interleaved for smmla: v[k] holds elements 8k..8k+7 of
+ * the first row, then the same of the second. */
+typedef struct {
+    int8x16_t v[4];
+} block_pair;
+
+EK_INLINE int8x16_t zip_lo64(int8x16_t a, int8x16_t b) {
+    return vreinterpretq_s8_s64(vzip1q_s64(vreinterpretq_s64_s8(a), vreinterpretq_s64_s8(b)));
+}
+
+EK_INLINE int8x16_t zip_hi64(int8x16_t a, int8x16_t b) {
+    return vreinterpretq_s8_s64(vzip2q_s64(vreinterpretq_s64_s8(a), vreinterpretq_s64_s8(b)));
+}
+
+EK_INLINE block_pair interleave(quants32 a, quants32 b) {
+    block_pair p = {{zip_lo64(a.lo, b.lo), zip_hi64(a.lo, b.lo), zip_lo64(a.hi, b.hi),
+                     zip_hi64(a.hi, b.hi)}};
+    return p;
+}
+
+/* [w0.x0, w0.x1, w1.x0, w1.x1] over one block. */
+EK_INLINE int32x4_t mmla_block(block_pair w, block_pair x) {
+    int32x4_t r = vmmlaq_s32(vdupq_n_s32(0), w.v[0], x.v[0]);
+    r = vmmlaq_s32(r, w.v[1], x.v[1]);
+    r = vmmlaq_s32(r, w.v[2], x.v[2]);
+    return vmmlaq_s32(r, w.v[3], x.v[3]);
+}
+
+EK_INLINE float32x4_t f32_abab(float a, float b) {
+    const float32x2_t ab = vset_lane_f32(b, vdup_n_f32(a), 1);
+    return vcombine_f32(ab, ab);
+}
+
+EK_INLINE quants32 weight_quants(const int wtype, const char *row, int b, const ek_f16 **d,
+                                 const ek_f16 **m) {
+    if (wtype == EK_TYPE_Q4_0) {
+        const block_q4_0 *blk = (const block_q4_0 *)row + b;
+        *d = *m = &blk->d;
+        return unpack_q4(blk->qs, 8);
+    }
+    if (wtype == EK_TYPE_Q4_1) {
+        const block_q4_1 *blk = (const block_q4_1 *)row + b;
+        *d = &blk->d;
+        *m = &blk->m;
+        return unpack_q4(blk->qs, 0);
+    }
+    const block_q8_0 *blk = (const block_q8_0 *)row + b;
+    *d = *m = &blk->d;
+    return load_q8(blk->qs);
+}
+
+/* RP pairs of weight rows by CP pairs of activation rows. */
+EK_INLINE void gemm_tile_mmla(const int wtype, const int RP, const int CP, int nb,
+                              const char *w, size_t w_stride, const char *x, size_t x_stride,
+                              float *y, size_t y_stride) {
+    float32x4_t acc[2][2];
+#pragma GCC unroll 2
+    for (int p = 0; p < RP; p++)
+#pragma GCC unroll 2
+        for (int c = 0; c < CP; c++) acc[p][c] = vdupq_n_f32(0.0f);
+
+    for (int b = 0; b < nb; b++) {
+        block_pair wp[2];
+        float32x4_t dw[2], mw[2]; /* [row 0, row 0, row 1, row 1], as the tile's lanes */
+#pragma GCC unroll 2
+        for (int p = 0; p < RP; p++) {
+            const ek_f16 *d0, *d1, *m0, *m1;
+            const char *row = w + 2 * p * w_stride;
+            const quants32 q0 = weight_quants(wtype, row, b, &d0, &m0);
+            const quants32 q1 = weight_quants(wtype, row + w_stride, b, &d1, &m1);
+            wp[p] = interleave(q0, q1);
+            dw[p] = f16x4_gather(d0, d0, d1, d1);
+            mw[p] = wtype == EK_TYPE_Q4_1 ? f16x4_gather(m0, m0, m1, m1) : vdupq_n_f32(0.0f);
+        }
+#pragma GCC unroll 2
+        for (int c = 0; c < CP; c++) {
+            const char *col = x + 2 * c * x_stride;
+            block_pair xp;
+            float32x4_t dx, s = vdupq_n_f32(0.0f); /* [col 0, col 1, col 0, col 1] */
+            if (wtype == EK_TYPE_Q4_1) {
+                const block_q8_1 *b0 = (const block_q8_1 *)col + b;
+                const block_q8_1 *b1 = (const block_q8_1 *)(col + x_stride) + b;
+                xp = interleave(load_q8(b0->qs), load_q8(b1->qs));
+                dx = f32_abab(b0->d, b1->d);
+                s = f32_abab(b0->s, b1->s);
+            } else {
+                const block_q8_0 *b0 = (const block_q8_0 *)col + b;
+                const block_q8_0 *b1 = (const block_q8_0 *)(col + x_stride) + b;
+                xp = interleave(load_q8(b0->qs), load_q8(b1->qs));
+                dx = f16x4_gather(&b0->d, &b1->d, &b0->d, &b1->d);
+            }
+#pragma GCC unroll 2
+            for (int p = 0; p < RP; p++) {
+                const float32x4_t sum = vcvtq_f32_s32(mmla_block(wp[p], xp));
+                acc[p][c] = vfmaq_f32(acc[p][c], sum, vmulq_f32(dw[p], dx));
+                if (wtype == EK_TYPE_Q4_1) acc[p][c] = vfmaq_f32(acc[p][c], mw[p], s);
+            }
+        }
+    }
+
+    for (int p = 0; p < RP; p++)
+        for (int c = 0; c < CP; c++) {
+            float *y00 = y + 2 * c * y_stride + 2 * p, *y01 = y00 + y_stride;
+            y00[0] = vgetq_lane_f32(acc[p][c], 0);
+            y01[0] = vgetq_lane_f32(acc[p][c], 1);
+            y00[1] = vgetq_lane_f32(acc[p][c], 2);
+            y01[1] = vgetq_lane_f32(acc[p][c], 3);
+        }
+}
+
+/* 2 * RP weight rows against all nx activation rows. */
+EK_INLINE void gemm_rows_mmla(const int wtype, const int RP, int n, const char *w,
+                              size_t w_stride, const char *x, size_t x_stride, int nx, float *y,
+                              size_t y_stride, ek_gemm_fn thin) {
+    const int nb = n / EK_QK;
+    int j = 0;
+    for (; j + 4 <= nx; j += 4)
+        gemm_tile_mmla(wtype, RP, 2, nb, w, w_stride, x + j * x_stride, x_stride,
+                       y + j * y_stride, y_stride);
+    if (nx - j >= 2) {
+        gemm_tile_mmla(wtype, RP, 1, nb, w, w_stride, x + j * x_stride, x_stride,
+                       y + j * y_stride, y_stride);
+        j += 2;
+    }
+    if (j < nx)
+        thin(n, w, w_stride, 2 * RP, x + j * x_stride, x_stride, 1, y + j * y_stride, y_stride);
+}
+
+EK_INLINE void gemm_mmla(const int wtype, int n, const void *w, size_t w_stride, int nrows,
+                         const void *x, size_t x_stride, int nx, float *y, size_t y_stride,
+                         ek_gemm_fn thin) {
+    if (nx < 2) {
+        thin(n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);
+        return;
+    }
+    const char *wr = w;
+    int i = 0;
+    for (; i + 4 <= nrows; i += 4)
+        gemm_rows_mmla(wtype, 2, n, wr + i * w_stride, w_stride, x, x_stride, nx, y + i,
+                       y_stride, thin);
+    if (nrows - i >= 2) {
+        gemm_rows_mmla(wtype, 1, n, wr + i * w_stride, w_stride, x, x_stride, nx, y + i,
+                       y_stride, thin);
+        i += 2;
+    }
+    if (i < nrows) thin(n, wr + i * w_stride, w_stride, 1, x, x_stride, nx, y + i, y_stride);
+}
+
+static void gemm_q4_0_q8_0_neon_i8mm(int n, const void *w, size_t w_stride, int nrows,
+                                     const void *x, size_t x_stride, int nx, float *y,
+                                     size_t y_stride) {
+    gemm_mmla(EK_TYPE_Q4_0, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride,
+              gemm_q4_0_q8_0_neon_dotprod);
+}
+
+static void gemm_q4_1_q8_1_neon_i8mm(int n, const void *w, size_t w_stride, int nrows,
+                                     const void *x, size_t x_stride, int nx, float *y,
+                                     size_t y_stride) {
+    gemm_mmla(EK_TYPE_Q4_1, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride,
+              gemm_q4_1_q8_1_neon_dotprod);
+}
+
+static void gemm_q8_0_q8_0_neon_i8mm(int n, const void *w, size_t w_stride, int nrows,
+                                     const void *x, size_t x_stride, int nx, float *y,
+                                     size_t y_stride) {
+    gemm_mmla(EK_TYPE_Q8_0, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride,
+              gemm_q8_0_q8_0_neon_dotprod);
+}
+
+const ek_kernels ek_kernels_neon_i8mm = {
+    .name = "neon_i8mm",
+    .types = {EK_NEON_TYPE_OPS(gemm_q4_0_q8_0_neon_i8mm, gemm_q4_1_q8_1_neon_i8mm,
+                               gemm_q8_0_q8_0_neon_i8mm)},
+    EK_NEON_FLOAT_OPS,
+};

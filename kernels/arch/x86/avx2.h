@@ -1,0 +1,76 @@
+/* AVX2 kernels shared between the files of this directory: the AVX-VNNI
+ * table reuses every AVX2 kernel except the integer dot products. Included
+ * only by files built with -mavx2 -mfma -mf16c. */
+#ifndef EDGE_KERNELS_X86_AVX2_H
+#define EDGE_KERNELS_X86_AVX2_H
+
+#include <immintrin.h>
+
+#include "edge_kernels.h"
+#include "../../ref/ref.h"
+
+/* The tile loops take their sizes as constants: inlining them is what lets
+ * the compiler keep every accumulator in a register. */
+#define EK_INLINE static inline __attribute__((always_inline))
+
+void quantize_row_q8_0_avx2(const float *x, void *y, int n);
+void quantize_row_q8_1_avx2(const float *x, void *y, int n);
+
+void dequantize_row_q4_0_avx2(const void *x, float *y, int n);
+void dequantize_row_q4_1_avx2(const void *x, float *y, int n);
+void dequantize_row_q8_0_avx2(const void *x, float *y, int n);
+void dequantize_row_f16_avx2(const void *x, float *y, int n);
+
+void gemm_q4_0_q8_0_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
+                         size_t x_stride, int nx, float *y, size_t y_stride);
+void gemm_q4_1_q8_1_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
+                         size_t x_stride, int nx, float *y, size_t y_stride);
+void gemm_q8_0_q8_0_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
+                         size_t x_stride, int nx, float *y, size_t y_stride);
+void gemm_f16_f32_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
+                       size_t x_stride, int nx, float *y, size_t y_stride);
+void gemm_f32_f32_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
+                       size_t x_stride, int nx, float *y, size_t y_stride);
+
+void rmsnorm_avx2(float *out, const float *x, const float *w, int n, float eps);
+void rope_avx2(float *x, int n_heads, int head_dim, const float *cs);
+void silu_mul_avx2(float *out, const float *gate, const float *up, int n);
+void softmax_avx2(float *x, int n);
+void add_avx2(float *x, const float *y, int n);
+void attention_avx2(float *out, const float *q, const void *k, const void *v, size_t kv_stride,
+                    int kv_type, int n_pos, int head_dim, float scale, float *scores);
+void kv_store_avx2(void *dst, const float *src, int n, int kv_type);
+
+/* The per-type entries of an x86 table, given its three integer gemms. */
+#define EK_AVX2_TYPE_OPS(gemm_q4_0, gemm_q4_1, gemm_q8_0)                                  \
+    [EK_TYPE_F32] = {EK_TYPE_F32, NULL, gemm_f32_f32_avx2, dequantize_row_f32_ref},        \
+    [EK_TYPE_F16] = {EK_TYPE_F32, NULL, gemm_f16_f32_avx2, dequantize_row_f16_avx2},       \
+    [EK_TYPE_Q4_0] = {EK_TYPE_Q8_0, quantize_row_q8_0_avx2, gemm_q4_0,                     \
+                      dequantize_row_q4_0_avx2},                                           \
+    [EK_TYPE_Q4_1] = {EK_TYPE_Q8_1, quantize_row_q8_1_avx2, gemm_q4_1,                     \
+                      dequantize_row_q4_1_avx2},                                           \
+    [EK_TYPE_Q8_0] = {EK_TYPE_Q8_0, quantize_row_q8_0_avx2, gemm_q8_0,                     \
+                      dequantize_row_q8_0_avx2}
+
+/* Every x86 table shares these entries. */
+#define EK_AVX2_FLOAT_OPS                                                                  \
+    .rmsnorm = rmsnorm_avx2, .rope = rope_avx2, .silu_mul = silu_mul_avx2,                 \
+    .softmax = softmax_avx2, .add = add_avx2, .attention = attention_avx2,                 \
+    .kv_store = kv_store_avx2
+
+EK_INLINE float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 32 nibbles of a Q4 block as bytes 0..15, in element order: the low
+ * nibbles are elements 0..15, the high ones 16..31. */
+EK_INLINE __m256i unpack_nibbles(const uint8_t *qs) {
+    __m128i q = _mm_loadu_si128((const __m128i *)qs);
+    __m256i both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+}
+
+#endif

@@ -1,0 +1,475 @@
+/* Every kernel table usable on this CPU, checked against the reference.
+ *
+ * Sizes are chosen so every SIMD loop runs its tails: block rows from one
+ * block to 129, float vectors of 1 to 576 elements, gemm tiles with every
+ * leftover of rows and activation rows. Data is random with a fixed seed.
+ * Quantizers, stores, add and rmsnorm must match the reference exactly;
+ * dot products may differ only by float summation order and exp by its
+ * approximation, so they are held to a normalised mean squared error far
+ * below what any real bug gives.
+ *
+ *   test_kernels [--expect NAME,NAME...] [--expect-best NAME]
+ * fails unless each expected table is usable here (and, with --expect-best,
+ * unless NAME is the one picked first), so a run under an emulated CPU
+ * proves which paths it exercised. Prints one line per kernel and table;
+ * exits non-zero on any failure.
+ */
+#define _POSIX_C_SOURCE 200112L /* setenv */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "edge_kernels.h"
+#include "../ref/ref.h"
+
+#define TOL_DOT 1e-10 /* integer-exact dots, float ops without exp */
+#define TOL_EXP 1e-9  /* ops through an exp approximation */
+/* Attention rounds its weights to f16 after the softmax, as the reference
+ * does: a one-ulp difference in a weight can then flip its f16 rounding, a
+ * 2^-11 relative step, which cancellation in the weighted sum of v can
+ * magnify. */
+#define TOL_ATTENTION 1e-5
+
+static const int BLOCK_SIZES[] = {32, 64, 96, 288, 576, 1536, 4096 + 32};
+static const int FLOAT_SIZES[] = {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 100, 257, 576};
+static const int GEMM_ROWS[] = {1, 2, 3, 4, 5, 7, 8, 9, 17};
+static const int GEMM_COLS[] = {1, 2, 3, 4, 5, 8, 9};
+#define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+#define MAX_N (4096 + 32)
+#define MAX_ROWS 17
+#define MAX_COLS 9
+#define PAD 40 /* bytes between rows, so strides are not mistaken for widths */
+
+/* ---- random data ---- */
+
+static uint64_t rng = 0x2545f4914f6cdd1dull;
+
+static uint32_t rand_u32(void) { /* xorshift64* */
+    rng ^= rng >> 12;
+    rng ^= rng << 25;
+    rng ^= rng >> 27;
+    return (uint32_t)((rng * 0x2545f4914f6cdd1dull) >> 32);
+}
+
+static float rand_uniform(float lo, float hi) {
+    return lo + (hi - lo) * (float)(rand_u32() >> 8) / 16777216.0f;
+}
+
+static void fill_uniform(float *x, int n, float lo, float hi) {
+    for (int i = 0; i < n; i++) x[i] = rand_uniform(lo, hi);
+}
+
+static void fill_bytes(void *p, size_t n) {
+    for (size_t i = 0; i < n; i++) ((uint8_t *)p)[i] = (uint8_t)rand_u32();
+}
+
+/* Random floats with a magnitude that changes every block, so quantizer
+ * scales span a wide range, including f16 subnormals and all-zero blocks. */
+static void fill_activations(float *x, int n) {
+    static const float mags[] = {1.0f, 0.0f, 1e-6f, 3e-3f, 40.0f, 0.25f, 1e4f};
+    for (int i = 0; i < n; i++) {
+        float mag = mags[(i / EK_QK) % COUNT(mags)];
+        x[i] = mag * rand_uniform(-1.0f, 1.0f);
+    }
+    /* a block whose scale is exactly 1, with every quant a rounding tie */
+    if (n >= 3 * EK_QK)
+        for (int j = 0; j < EK_QK; j++) x[2 * EK_QK + j] = j == 0 ? 127.0f : (float)(j - 16) + 0.5f;
+}
+
+/* A weight row of any type: random quants, random but sane scales. */
+static void fill_weight_row(int type, void *row, int n) {
+    if (type == EK_TYPE_F32) {
+        fill_uniform(row, n, -1.0f, 1.0f);
+        return;
+    }
+    if (type == EK_TYPE_F16) {
+        for (int i = 0; i < n; i++) ((ek_f16 *)row)[i] = ek_f32_to_f16(rand_uniform(-1.0f, 1.0f));
+        return;
+    }
+    fill_bytes(row, ek_row_bytes(type, n));
+    for (int b = 0; b < n / EK_QK; b++) {
+        ek_f16 d = ek_f32_to_f16(rand_uniform(-0.05f, 0.05f));
+        if (type == EK_TYPE_Q4_0) ((block_q4_0 *)row)[b].d = d;
+        if (type == EK_TYPE_Q8_0) ((block_q8_0 *)row)[b].d = d;
+        if (type == EK_TYPE_Q4_1) {
+            ((block_q4_1 *)row)[b].d = ek_f32_to_f16(fabsf(rand_uniform(-0.05f, 0.05f)));
+            ((block_q4_1 *)row)[b].m = ek_f32_to_f16(rand_uniform(-0.4f, 0.0f));
+        }
+    }
+}
+
+/* ---- results ---- */
+
+/* One kernel of one table over all its cases: the worst error seen. */
+typedef struct {
+    const char *table;
+    const char *kernel;
+    double worst;
+    double tol;
+    int cases;
+    int failed;
+} result;
+
+static int n_failed;
+
+static result begin(const ek_kernels *t, const char *kernel, double tol) {
+    result r = {t->name, kernel, 0.0, tol, 0, 0};
+    return r;
+}
+
+static void record(result *r, double err) {
+    r->cases++;
+    if (!(err <= r->worst)) r->worst = err; /* NaN sticks */
+    if (!(err <= r->tol)) r->failed++;
+}
+
+static void report(const result *r) {
+    printf("%-4s %-13s %-26s worst %-9.2e (tol %.0e) over %4d cases\n",
+           r->failed ? "FAIL" : "ok", r->table, r->kernel, r->worst, r->tol, r->cases);
+    if (r->failed) n_failed++;
+}
+
+static double nmse(const float *got, const float *want, int n) {
+    double err = 0.0, ref = 0.0;
+    for (int i = 0; i < n; i++) {
+        double d = (double)got[i] - (double)want[i];
+        if (isinf(want[i]) && got[i] == want[i]) d = 0.0;
+        err += d * d;
+        ref += isinf(want[i]) ? 0.0 : (double)want[i] * want[i];
+    }
+    return ref > 0.0 ? err / ref : err;
+}
+
+/* Bytes that differ, as the error of exact kernels. */
+static double bytes_differing(const void *a, const void *b, size_t n) {
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) k += ((const uint8_t *)a)[i] != ((const uint8_t *)b)[i];
+    return (double)k;
+}
+
+/* ---- buffers, allocated once ---- */
+
+static float fa[MAX_N], fb[MAX_N], fc[MAX_N], fd[MAX_N];
+static uint8_t qa[MAX_ROWS * (MAX_N * 4 + PAD)]; /* weight rows */
+static uint8_t qx[MAX_COLS * (MAX_N * 4 + PAD)]; /* activation rows */
+static uint8_t qb[MAX_N * 4], qc[MAX_N * 4];
+static float ya[MAX_COLS * (MAX_ROWS + 3)], yb[MAX_COLS * (MAX_ROWS + 3)];
+
+static const char *type_name(int type) {
+    switch (type) {
+    case EK_TYPE_F32: return "f32";
+    case EK_TYPE_F16: return "f16";
+    case EK_TYPE_Q4_0: return "q4_0";
+    case EK_TYPE_Q4_1: return "q4_1";
+    case EK_TYPE_Q8_0: return "q8_0";
+    case EK_TYPE_Q8_1: return "q8_1";
+    default: return "?";
+    }
+}
+
+static const int WEIGHT_TYPES[] = {EK_TYPE_Q4_0, EK_TYPE_Q4_1, EK_TYPE_Q8_0, EK_TYPE_F16,
+                                   EK_TYPE_F32};
+
+/* ---- block kernels ---- */
+
+static void test_quantize(const ek_kernels *t) {
+    /* each activation format once, through a weight type that uses it */
+    static const int via[] = {EK_TYPE_Q4_0, EK_TYPE_Q4_1};
+    for (int v = 0; v < COUNT(via); v++) {
+        const ek_type_ops *ops = &t->types[via[v]], *ref = &ek_kernels_ref.types[via[v]];
+        char name[40];
+        snprintf(name, sizeof name, "quantize %s", type_name(ref->act_type));
+        result r = begin(t, name, 0.0);
+        if (ops->act_type != ref->act_type) record(&r, INFINITY);
+        for (int s = 0; s < COUNT(BLOCK_SIZES); s++) {
+            int n = BLOCK_SIZES[s];
+            size_t bytes = ek_row_bytes(ref->act_type, n);
+            fill_activations(fa, n);
+            memset(qb, 0xa5, bytes + 8);
+            memset(qc, 0xa5, bytes + 8);
+            ops->quantize(fa, qb, n);
+            ref->quantize(fa, qc, n);
+            record(&r, bytes_differing(qb, qc, bytes + 8));
+        }
+        report(&r);
+    }
+}
+
+static void test_dequantize(const ek_kernels *t) {
+    for (int w = 0; w < COUNT(WEIGHT_TYPES); w++) {
+        int type = WEIGHT_TYPES[w];
+        char name[40];
+        snprintf(name, sizeof name, "dequantize %s", type_name(type));
+        result r = begin(t, name, TOL_DOT);
+        const int *sizes = type == EK_TYPE_F32 || type == EK_TYPE_F16 ? FLOAT_SIZES : BLOCK_SIZES;
+        int count = type == EK_TYPE_F32 || type == EK_TYPE_F16 ? COUNT(FLOAT_SIZES)
+                                                                : COUNT(BLOCK_SIZES);
+        for (int s = 0; s < count; s++) {
+            int n = sizes[s];
+            fill_weight_row(type, qa, n);
+            t->types[type].dequantize(qa, fa, n);
+            ek_kernels_ref.types[type].dequantize(qa, fb, n);
+            record(&r, nmse(fa, fb, n));
+        }
+        report(&r);
+    }
+}
+
+/* One gemm shape: padded strides, and outputs outside the nrows x nx
+ * region must stay untouched. */
+static double gemm_case(const ek_kernels *t, int type, int n, int nrows, int nx) {
+    const ek_type_ops *ops = &t->types[type], *ref = &ek_kernels_ref.types[type];
+    size_t w_stride = ek_row_bytes(type, n) + PAD;
+    size_t x_stride = ek_row_bytes(ref->act_type, n) + PAD;
+    size_t y_stride = (size_t)nrows + 3;
+    for (int i = 0; i < nrows; i++) fill_weight_row(type, qa + i * w_stride, n);
+    for (int j = 0; j < nx; j++) {
+        fill_activations(fa, n);
+        if (ref->quantize)
+            ref->quantize(fa, qx + j * x_stride, n);
+        else
+            memcpy(qx + j * x_stride, fa, (size_t)n * sizeof(float));
+    }
+    size_t ny = (size_t)nx * y_stride;
+    for (size_t k = 0; k < ny; k++) ya[k] = yb[k] = -12345.0f;
+    ops->gemm(n, qa, w_stride, nrows, qx, x_stride, nx, ya, y_stride);
+    ref->gemm(n, qa, w_stride, nrows, qx, x_stride, nx, yb, y_stride);
+    for (size_t k = 0; k < ny; k++)
+        if (k % y_stride >= (size_t)nrows && ya[k] != -12345.0f) return INFINITY;
+    return nmse(ya, yb, (int)ny);
+}
+
+static void test_gemm(const ek_kernels *t) {
+    for (int w = 0; w < COUNT(WEIGHT_TYPES); w++) {
+        int type = WEIGHT_TYPES[w];
+        const ek_type_ops *ref = &ek_kernels_ref.types[type];
+        char name[40];
+        snprintf(name, sizeof name, "gemm %s x %s", type_name(type), type_name(ref->act_type));
+        result r = begin(t, name, TOL_DOT);
+        if (t->types[type].act_type != ref->act_type) record(&r, INFINITY);
+        int is_float = type == EK_TYPE_F32 || type == EK_TYPE_F16;
+        const int *sizes = is_float ? FLOAT_SIZES : BLOCK_SIZES;
+        int count = is_float ? COUNT(FLOAT_SIZES) : COUNT(BLOCK_SIZES);
+        for (int s = 0; s < count; s++)
+            for (int a = 0; a < COUNT(GEMM_ROWS); a++)
+                for (int b = 0; b < COUNT(GEMM_COLS); b++)
+                    record(&r, gemm_case(t, type, sizes[s], GEMM_ROWS[a], GEMM_COLS[b]));
+        /* the widest float rows too, for the long main loops */
+        if (is_float)
+            for (int s = 4; s < COUNT(BLOCK_SIZES); s++)
+                record(&r, gemm_case(t, type, BLOCK_SIZES[s], 5, 5));
+        report(&r);
+    }
+}
+
+/* ---- float ops ---- */
+
+static void test_rmsnorm(const ek_kernels *t) {
+    result r = begin(t, "rmsnorm", 0.0);
+    for (int s = 0; s < COUNT(FLOAT_SIZES); s++) {
+        int n = FLOAT_SIZES[s];
+        fill_uniform(fa, n, -3.0f, 3.0f);
+        fill_uniform(fb, n, 0.5f, 1.5f);
+        t->rmsnorm(fc, fa, fb, n, 1e-5f);
+        rmsnorm_ref(fd, fa, fb, n, 1e-5f);
+        record(&r, nmse(fc, fd, n));
+        t->rmsnorm(fa, fa, fb, n, 1e-5f); /* in place */
+        record(&r, nmse(fa, fd, n));
+    }
+    report(&r);
+}
+
+static void test_rope(const ek_kernels *t) {
+    static const int heads[] = {1, 3, 9};
+    static const int dims[] = {2, 4, 6, 8, 10, 16, 18, 32, 64, 128};
+    result r = begin(t, "rope", TOL_DOT);
+    for (int h = 0; h < COUNT(heads); h++)
+        for (int d = 0; d < COUNT(dims); d++) {
+            int n = heads[h] * dims[d];
+            float cs[128];
+            for (int i = 0; i < dims[d]; i += 2) {
+                float angle = rand_uniform(-100.0f, 100.0f);
+                cs[i] = cosf(angle);
+                cs[i + 1] = sinf(angle);
+            }
+            fill_uniform(fa, n, -2.0f, 2.0f);
+            memcpy(fb, fa, (size_t)n * sizeof(float));
+            t->rope(fa, heads[h], dims[d], cs);
+            rope_ref(fb, heads[h], dims[d], cs);
+            record(&r, nmse(fa, fb, n));
+        }
+    report(&r);
+}
+
+static void test_silu_mul(const ek_kernels *t) {
+    result r = begin(t, "silu_mul", TOL_EXP);
+    for (int s = 0; s < COUNT(FLOAT_SIZES); s++) {
+        int n = FLOAT_SIZES[s];
+        fill_uniform(fa, n, -12.0f, 12.0f);
+        if (n > 9) fa[3] = -95.0f, fa[5] = 95.0f, fa[7] = 0.0f; /* beyond exp's range */
+        fill_uniform(fb, n, -2.0f, 2.0f);
+        t->silu_mul(fc, fa, fb, n);
+        silu_mul_ref(fd, fa, fb, n);
+        record(&r, nmse(fc, fd, n));
+        t->silu_mul(fa, fa, fb, n); /* in place */
+        record(&r, nmse(fa, fd, n));
+    }
+    report(&r);
+}
+
+static void test_softmax(const ek_kernels *t) {
+    static const float spreads[] = {0.1f, 5.0f, 40.0f};
+    result r = begin(t, "softmax", TOL_EXP);
+    for (int s = 0; s < COUNT(FLOAT_SIZES); s++)
+        for (int k = 0; k < COUNT(spreads); k++) {
+            int n = FLOAT_SIZES[s];
+            fill_uniform(fa, n, -spreads[k], spreads[k]);
+            if (n > 9) fa[n / 2] = -INFINITY; /* a masked position */
+            memcpy(fb, fa, (size_t)n * sizeof(float));
+            t->softmax(fa, n);
+            softmax_ref(fb, n);
+            record(&r, nmse(fa, fb, n));
+        }
+    report(&r);
+}
+
+static void test_add(const ek_kernels *t) {
+    result r = begin(t, "add", 0.0);
+    for (int s = 0; s < COUNT(FLOAT_SIZES); s++) {
+        int n = FLOAT_SIZES[s];
+        fill_uniform(fa, n, -3.0f, 3.0f);
+        fill_uniform(fc, n, -3.0f, 3.0f);
+        memcpy(fb, fa, (size_t)n * sizeof(float));
+        t->add(fa, fc, n);
+        add_ref(fb, fc, n);
+        record(&r, bytes_differing(fa, fb, (size_t)n * sizeof(float)));
+    }
+    report(&r);
+}
+
+static void test_kv_store(const ek_kernels *t) {
+    result r = begin(t, "kv_store", 0.0);
+    for (int s = 0; s < COUNT(FLOAT_SIZES); s++) { /* f16: any length */
+        int n = FLOAT_SIZES[s];
+        fill_uniform(fa, n, -2.0f, 2.0f);
+        for (int i = 0; i < n; i += 5) fa[i] *= (i % 3) ? 1e-6f : 7e4f; /* subnormal, inf */
+        t->kv_store(qb, fa, n, EK_TYPE_F16);
+        kv_store_ref(qc, fa, n, EK_TYPE_F16);
+        record(&r, bytes_differing(qb, qc, (size_t)n * sizeof(ek_f16)));
+    }
+    for (int s = 0; s < COUNT(BLOCK_SIZES); s++) { /* q8_0: whole blocks */
+        int n = BLOCK_SIZES[s];
+        fill_activations(fa, n);
+        t->kv_store(qb, fa, n, EK_TYPE_Q8_0);
+        kv_store_ref(qc, fa, n, EK_TYPE_Q8_0);
+        record(&r, bytes_differing(qb, qc, ek_row_bytes(EK_TYPE_Q8_0, n)));
+    }
+    report(&r);
+}
+
+static void test_attention(const ek_kernels *t) {
+    static const int positions[] = {1, 2, 3, 17, 100};
+    static const int dims[] = {32, 64, 128, 8, 40, 100}; /* the last three: f16 only */
+    static const int kv_types[] = {EK_TYPE_F16, EK_TYPE_Q8_0};
+    static uint8_t k[100 * 3 * 128 * 2], v[100 * 3 * 128 * 2];
+    static float scores_a[100], scores_b[100];
+    result r = begin(t, "attention", TOL_ATTENTION);
+    for (int kt = 0; kt < COUNT(kv_types); kt++)
+        for (int d = 0; d < COUNT(dims); d++) {
+            int hd = dims[d], type = kv_types[kt];
+            if (type == EK_TYPE_Q8_0 && hd % EK_QK) continue;
+            /* a position holds three heads, like a real cache row */
+            size_t head_bytes = type == EK_TYPE_F16 ? (size_t)hd * sizeof(ek_f16)
+                                                    : ek_row_bytes(type, hd);
+            size_t stride = 3 * head_bytes;
+            for (int p = 0; p < COUNT(positions); p++) {
+                int n_pos = positions[p];
+                for (int i = 0; i < n_pos; i++) {
+                    fill_uniform(fa, hd, -1.5f, 1.5f);
+                    kv_store_ref(k + i * stride + head_bytes, fa, hd, type);
+                    fill_uniform(fa, hd, -1.5f, 1.5f);
+                    kv_store_ref(v + i * stride + head_bytes, fa, hd, type);
+                }
+                fill_uniform(fb, hd, -3.0f, 3.0f);
+                float scale = 1.0f / sqrtf((float)hd);
+                t->attention(fc, fb, k + head_bytes, v + head_bytes, stride, type, n_pos, hd,
+                             scale, scores_a);
+                attention_ref(fd, fb, k + head_bytes, v + head_bytes, stride, type, n_pos, hd,
+                              scale, scores_b);
+                record(&r, nmse(fc, fd, hd));
+            }
+        }
+    report(&r);
+}
+
+/* ---- the dispatcher ---- */
+
+static void test_dispatch(const char *expect, const char *expect_best) {
+    const ek_kernels *const *avail = ek_available();
+    result r = {"-", "dispatch", 0.0, 0.0, 0, 0};
+    printf("available:");
+    for (const ek_kernels *const *k = avail; *k; k++) printf(" %s", (*k)->name);
+    printf("\n");
+
+    int n = 0;
+    for (const ek_kernels *const *k = avail; *k; k++, n++) {
+        /* each usable table is found by name and can be forced */
+        setenv("EDGE_SLM_BACKEND", (*k)->name, 1);
+        record(&r, ek_find((*k)->name) == *k && ek_best() == *k ? 0.0 : 1.0);
+    }
+    unsetenv("EDGE_SLM_BACKEND");
+    record(&r, ek_best() == avail[0] && avail[n - 1] == &ek_kernels_ref ? 0.0 : 1.0);
+
+    if (expect) {
+        char buf[256];
+        snprintf(buf, sizeof buf, "%s", expect);
+        for (char *name = strtok(buf, ","); name; name = strtok(NULL, ",")) {
+            int found = ek_find(name) != NULL;
+            if (!found) printf("expected table %s is not available\n", name);
+            record(&r, found ? 0.0 : 1.0);
+        }
+    }
+    if (expect_best) {
+        int ok = strcmp(avail[0]->name, expect_best) == 0;
+        if (!ok) printf("expected %s first, got %s\n", expect_best, avail[0]->name);
+        record(&r, ok ? 0.0 : 1.0);
+    }
+    report(&r);
+}
+
+int main(int argc, char **argv) {
+    const char *expect = NULL, *expect_best = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--expect") == 0 && i + 1 < argc)
+            expect = argv[++i];
+        else if (strcmp(argv[i], "--expect-best") == 0 && i + 1 < argc)
+            expect_best = argv[++i];
+        else {
+            fprintf(stderr, "usage: %s [--expect NAME,NAME...] [--expect-best NAME]\n", argv[0]);
+            return 2;
+        }
+    }
+
+    test_dispatch(expect, expect_best);
+    int n_tables = 0;
+    for (const ek_kernels *const *k = ek_available(); *k; k++) {
+        const ek_kernels *t = *k;
+        if (t == &ek_kernels_ref) continue;
+        n_tables++;
+        test_quantize(t);
+        test_dequantize(t);
+        test_gemm(t);
+        test_rmsnorm(t);
+        test_rope(t);
+        test_silu_mul(t);
+        test_softmax(t);
+        test_add(t);
+        test_kv_store(t);
+        test_attention(t);
+    }
+    if (n_tables == 0) printf("no table other than ref is usable here\n");
+    printf("%s: %d failing\n", n_failed ? "FAILED" : "PASSED", n_failed);
+    return n_failed ? 1 : 0;
+}
