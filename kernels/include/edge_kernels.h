@@ -105,8 +105,6 @@ typedef struct {
      *            consecutive positions are kv_stride bytes apart
      *   scores   scratch, [n_pos]
      *   out      [head_dim] = sum_t softmax(scale * q.k_t)_t * v_t
-     * q and the softmax weights are rounded to f16 first, as llama.cpp does
-     * when it multiplies them with its f16 cache.
      */
     void (*attention)(float *out, const float *q, const void *k, const void *v,
                       size_t kv_stride, int kv_type, int n_pos, int head_dim,

@@ -64,25 +64,20 @@ void kv_store_ref(void *dst, const float *src, int n, int kv_type) {
     }
 }
 
-/* The query and the attention weights are rounded to f16 before they meet
- * the f16 cache, as llama.cpp's attention does (it converts the right-hand
- * operand of a matmul to the cache's type). */
 void attention_ref(float *out, const float *q, const void *k, const void *v, size_t kv_stride,
                    int kv_type, int n_pos, int head_dim, float scale, float *scores) {
-    float row[512], q16[512]; /* head_dim <= 512, checked by the model loader */
-    for (int i = 0; i < head_dim; i++) q16[i] = ek_f16_to_f32(ek_f32_to_f16(q[i]));
+    float row[512]; /* head_dim <= 512, checked by the model loader */
     for (int t = 0; t < n_pos; t++) {
         kv_load(row, (const char *)k + t * kv_stride, head_dim, kv_type);
         float s = 0.0f;
-        for (int i = 0; i < head_dim; i++) s += q16[i] * row[i];
+        for (int i = 0; i < head_dim; i++) s += q[i] * row[i];
         scores[t] = s * scale;
     }
     softmax_ref(scores, n_pos);
     for (int i = 0; i < head_dim; i++) out[i] = 0.0f;
     for (int t = 0; t < n_pos; t++) {
-        float p = ek_f16_to_f32(ek_f32_to_f16(scores[t]));
         kv_load(row, (const char *)v + t * kv_stride, head_dim, kv_type);
-        for (int i = 0; i < head_dim; i++) out[i] += p * row[i];
+        for (int i = 0; i < head_dim; i++) out[i] += scores[t] * row[i];
     }
 }
 

@@ -25,11 +25,7 @@
 
 #define TOL_DOT 1e-10 /* integer-exact dots, float ops without exp */
 #define TOL_EXP 1e-9  /* ops through an exp approximation */
-/* Attention rounds its weights to f16 after the softmax, as the reference
- * does: a one-ulp difference in a weight can then flip its f16 rounding, a
- * 2^-11 relative step, which cancellation in the weighted sum of v can
- * magnify. */
-#define TOL_ATTENTION 1e-5
+#define TOL_ATTENTION 1e-9 /* softmax through an exp approximation */
 
 static const int BLOCK_SIZES[] = {32, 64, 96, 288, 576, 1536, 4096 + 32};
 static const int FLOAT_SIZES[] = {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 100, 257, 576};

@@ -164,22 +164,11 @@ EK_INLINE float dot_q_kv(const float *q, const void *row, const int kv_type, int
     return s;
 }
 
-/* dst = src rounded to f16 and back (dst may be src). */
-EK_INLINE void round_to_f16(float *dst, const float *src, int n) {
-    int i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vcvt_f16_f32(vld1q_f32(src + i))));
-    for (; i < n; i++) dst[i] = f16_to_f32(f32_to_f16(src[i]));
-}
-
-/* As the reference, q and the attention weights go through f16 first. */
 EK_INLINE void attend(float *out, const float *q, const char *k, const char *v, size_t stride,
                       const int kv_type, int n_pos, int head_dim, float scale, float *scores) {
-    float qh[512]; /* head_dim <= 512, checked by the model loader */
-    round_to_f16(qh, q, head_dim);
     for (int t = 0; t < n_pos; t++)
-        scores[t] = dot_q_kv(qh, k + t * stride, kv_type, head_dim) * scale;
+        scores[t] = dot_q_kv(q, k + t * stride, kv_type, head_dim) * scale;
     softmax_neon(scores, n_pos);
-    round_to_f16(scores, scores, n_pos);
 
     /* 32 outputs at a time stay in registers across all positions */
     int i = 0;

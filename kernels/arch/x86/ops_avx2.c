@@ -162,24 +162,11 @@ EK_INLINE float dot_q_kv(const float *q, const void *row, const int kv_type, int
     return s;
 }
 
-/* dst = src rounded to f16 and back (dst may be src). */
-EK_INLINE void round_to_f16(float *dst, const float *src, int n) {
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(src + i),
-                                                                  _MM_FROUND_TO_NEAREST_INT)));
-    for (; i < n; i++) dst[i] = _cvtsh_ss(_cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT));
-}
-
-/* As the reference, q and the attention weights go through f16 first. */
 EK_INLINE void attend(float *out, const float *q, const char *k, const char *v, size_t stride,
                       const int kv_type, int n_pos, int head_dim, float scale, float *scores) {
-    float qh[512]; /* head_dim <= 512, checked by the model loader */
-    round_to_f16(qh, q, head_dim);
     for (int t = 0; t < n_pos; t++)
-        scores[t] = dot_q_kv(qh, k + t * stride, kv_type, head_dim) * scale;
+        scores[t] = dot_q_kv(q, k + t * stride, kv_type, head_dim) * scale;
     softmax_avx2(scores, n_pos);
-    round_to_f16(scores, scores, n_pos);
 
     /* 32 outputs at a time stay in registers across all positions; two
      * positions a step give eight independent accumulation chains */
