@@ -158,6 +158,10 @@ def summarize(rounds: list[RoundResult], cpu_s: list[float], bandwidth_gbs: floa
               bytes_per_token: int) -> RunSummary:
     med = statistics.median
     first = rounds[0]
+    builds = {(r.backend, json.dumps(r.info, sort_keys=True)) for r in rounds}
+    if len(builds) > 1:
+        log.warning("%s at %d threads: rounds ran different builds or backends: %s",
+                    first.runtime, first.threads, sorted(builds))
     prefill = {str(n): med(r.prefill_tps[n] for r in rounds) for n in sorted(first.prefill_tps)}
     decode = med(r.decode_tps for r in rounds)
     samples = {
@@ -168,6 +172,7 @@ def summarize(rounds: list[RoundResult], cpu_s: list[float], bandwidth_gbs: floa
         "rss_baseline_mb": [r.rss_baseline_mb for r in rounds],
         "load_s": [r.load_s for r in rounds],
         "cpu_s": cpu_s,
+        "backend": [r.backend for r in rounds],
     }
     return RunSummary(
         runtime=first.runtime, threads=first.threads, prefill_tps=prefill, decode_tps=decode,

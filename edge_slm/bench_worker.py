@@ -95,7 +95,7 @@ class Runner(Protocol):
 
 class EdgeSlmRunner:
     def __init__(self, model_path: Path, threads: int, ctx: int):
-        from . import __version__
+        from . import __version__, _core
         from .model import RuntimeOptions, load_model
 
         model = load_model(model_path)
@@ -105,7 +105,11 @@ class EdgeSlmRunner:
                                                kv_type="f16", max_logits=1))
         self.backend = self.rt.backend
         self.version = __version__
-        self.info = {"max_batch": N_BATCH, "kv_type": "f16"}
+        # The extension's build time: the parent checks that every round ran
+        # the same build (a `make setup` elsewhere may replace it mid-run).
+        core = Path(_core.__file__)
+        self.info = {"max_batch": N_BATCH, "kv_type": "f16", "core": core.name,
+                     "core_mtime": core.stat().st_mtime}
 
     def reset(self) -> None:
         # Nothing to do: a prefill at start=0 overwrites the cache from position 0

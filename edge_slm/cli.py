@@ -235,9 +235,8 @@ def info(path, n_ctx, kv_type, threads, memory_budget, slots) -> None:
     cfg = read_config(f)
     tensors = f.tensors()
     check_tensors(f.path, cfg, tensors)
-    before = current_rss()
     Tokenizer.from_gguf(f)
-    tokenizer = max(0, current_rss() - before)
+    tokenizer = max(0, current_rss() - interpreter)  # metadata and vocabulary, as the engine counts
     ecfg = load_engine_config({"memory_budget": memory_budget, "slots": slots, "ctx": n_ctx,
                                "kv_type": kv_type, "threads": threads})
     fixed = Fixed(cfg, ecfg.memory_budget or 0, f.path.stat().st_size, interpreter, tokenizer,

@@ -32,7 +32,7 @@ import numpy as np
 from .chat import common_prefix
 from .errors import EdgeSlmError
 from .generate import TextStream
-from .memory import Fixed, MemoryPlan, current_rss, plan_memory
+from .memory import Fixed, MemoryPlan, current_rss, limit_malloc_arenas, plan_memory
 from .model import RuntimeOptions, load_model
 from .paths import default_model_path
 from .sampler import Sampler, SamplingConfig
@@ -175,14 +175,16 @@ class Slot:
 class Engine:
     def __init__(self, cfg: EngineConfig = EngineConfig()):
         self.cfg = cfg
+        limit_malloc_arenas()
         interpreter = current_rss()
         path = cfg.model or default_model_path()
         if cfg.model is None and not path.exists():
             raise EdgeSlmError(f"no model at {path}; run `edge-slm pull` or pass --model")
         self.model = load_model(path)
-        before = current_rss()
         self.tokenizer = self.model.tokenizer()
-        tokenizer_bytes = max(0, current_rss() - before)
+        # Metadata and vocabulary: all that loading holds besides the weights,
+        # whose mapped pages are not touched until the first token.
+        tokenizer_bytes = max(0, current_rss() - interpreter)
         self.plan = make_plan(cfg, self.model, interpreter, tokenizer_bytes)
         log.info("memory plan: %s\n%s", self.plan.summary(), self.plan.describe())
         self.runtime = self.model.runtime(RuntimeOptions(

@@ -9,6 +9,7 @@ page of them for every token."""
 
 from __future__ import annotations
 
+import ctypes
 import re
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from .formats import KV_TYPES
 MIB = 1024 * 1024
 # Python objects per request, thread stacks touched, allocator slack: kept
 # free so the ceiling holds under traffic, not only at start.
-HEADROOM = 24 * MIB
+HEADROOM = 16 * MIB
 # Contexts are planned in steps of this many tokens.
 CTX_STEP = 256
 
@@ -37,6 +38,26 @@ def parse_size(text: str | int) -> int:
         raise EdgeSlmError(f"memory size {text!r}: expected a number with K, M or G, e.g. 256M")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by Python back to the system (glibc keeps it
+    otherwise), so a burst of temporary objects does not raise RSS for good."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def limit_malloc_arenas(n: int = 2) -> None:
+    """glibc gives each thread that allocates its own arena, each holding on
+    to its freed memory; a server with many client threads then grows with
+    traffic. Two arenas bound that."""
+    M_ARENA_MAX = -8
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, n)
+    except (OSError, AttributeError):
+        pass
 
 
 def current_rss() -> int:
@@ -86,7 +107,7 @@ class MemoryPlan:
                 "n_ctx": self.n_ctx, "kv_type": self.kv_type}
 
     def describe(self) -> str:
-        rows = [("interpreter", self.interpreter), ("tokenizer", self.tokenizer),
+        rows = [("interpreter", self.interpreter), ("metadata and tokenizer", self.tokenizer),
                 ("weights (mapped)", self.weights), ("run state", self.run_state),
                 (f"KV cache {self.n_slots} x {self.n_ctx} ({self.kv_type})", self.kv_cache),
                 ("headroom", self.headroom), ("total", self.total), ("budget", self.budget)]

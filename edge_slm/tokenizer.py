@@ -371,8 +371,8 @@ class Tokenizer:
                 raise ModelError(f"{src}: not a readable GGUF file ({e})") from None
         if hasattr(src, "fields"):  # gguf.GGUFReader
             return cls.from_metadata(_reader_metadata(src), str(getattr(src, "path", "model")))
-        keys = [k for k in src.reader.fields if k.startswith("tokenizer.")]
-        return cls.from_metadata({k: src.get(k) for k in keys}, str(src.path))
+        return cls.from_metadata({k: v for k, v in src.metadata.items() if k.startswith("tokenizer.")},
+                                 str(src.path))
 
     # -- ids
 
