@@ -60,22 +60,22 @@ def limit_malloc_arenas(n: int = 2) -> None:
         pass
 
 
-def current_rss() -> int:
-    """Resident bytes of this process now."""
+def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def current_rss() -> int:
+    """Resident bytes of this process now."""
+    return _status_bytes("VmRSS")
 
 
 def peak_rss() -> int:
     """High-water resident bytes of this process."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmHWM")
 
 
 @dataclass(frozen=True)

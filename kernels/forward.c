@@ -284,6 +284,27 @@ static uint8_t *kv_at(const ek_model *m, uint8_t *base, int layer, int slot, int
     return base + row * m->kv_pos_bytes;
 }
 
+/* xb = rmsnorm(x) * w for every token; the activations in xq go stale. */
+static void norm_tokens(const fwd_job *j, act_tag *tag, const ek_tensor *w, int ith, int nth) {
+    ek_model *m = j->m;
+    int dim = m->cfg.dim, lo, hi;
+    share(j->n, ith, nth, 1, &lo, &hi);
+    for (int t = lo; t < hi; t++)
+        m->k->rmsnorm(m->xb + (size_t)t * dim, m->x + (size_t)t * dim, w->data, dim, m->cfg.norm_eps);
+    ek_pool_barrier(m->pool);
+    tag->src = NULL;
+}
+
+/* x += xo, the residual connection, once every thread has finished xo. */
+static void residual_add(const fwd_job *j, int ith, int nth) {
+    ek_model *m = j->m;
+    int lo, hi;
+    ek_pool_barrier(m->pool);
+    share(j->n * m->cfg.dim, ith, nth, 16, &lo, &hi);
+    m->k->add(m->x + lo, m->xo + lo, hi - lo);
+    ek_pool_barrier(m->pool);
+}
+
 static void attention_block(const fwd_job *j, act_tag *tag, int l, int ith, int nth) {
     ek_model *m = j->m;
     const ek_kernels *k = m->k;
@@ -291,12 +312,7 @@ static void attention_block(const fwd_job *j, act_tag *tag, int l, int ith, int 
     const ek_layer *L = &m->layers[l];
     int n = j->n, hd = c->head_dim, lo, hi;
 
-    share(n, ith, nth, 1, &lo, &hi);
-    for (int t = lo; t < hi; t++)
-        k->rmsnorm(m->xb + (size_t)t * c->dim, m->x + (size_t)t * c->dim, L->attn_norm.data, c->dim,
-                   c->norm_eps);
-    ek_pool_barrier(m->pool);
-    tag->src = NULL;
+    norm_tokens(j, tag, &L->attn_norm, ith, nth);
     matmul(j, tag, &L->wq, m->xb, n, m->q, ith, nth);
     matmul(j, tag, &L->wk, m->xb, n, m->kb, ith, nth);
     matmul(j, tag, &L->wv, m->xb, n, m->vb, ith, nth);
@@ -304,6 +320,7 @@ static void attention_block(const fwd_job *j, act_tag *tag, int l, int ith, int 
 
     /* Rotate this batch's queries and keys, then file keys and values in the
      * cache: attention below reads every position, this batch's included. */
+    share(n, ith, nth, 1, &lo, &hi);
     for (int t = lo; t < hi; t++) {
         const float *cs = m->cs + (size_t)t * hd;
         float *kt = m->kb + (size_t)t * m->kv_dim, *vt = m->vb + (size_t)t * m->kv_dim;
@@ -333,10 +350,7 @@ static void attention_block(const fwd_job *j, act_tag *tag, int l, int ith, int 
     ek_pool_barrier(m->pool);
     tag->src = NULL;
     matmul(j, tag, &L->wo, m->xb, n, m->xo, ith, nth);
-    ek_pool_barrier(m->pool);
-    share(n * c->dim, ith, nth, 16, &lo, &hi);
-    k->add(m->x + lo, m->xo + lo, hi - lo);
-    ek_pool_barrier(m->pool);
+    residual_add(j, ith, nth);
 }
 
 static void ffn_block(const fwd_job *j, act_tag *tag, int l, int ith, int nth) {
@@ -346,12 +360,7 @@ static void ffn_block(const fwd_job *j, act_tag *tag, int l, int ith, int nth) {
     const ek_layer *L = &m->layers[l];
     int n = j->n, lo, hi;
 
-    share(n, ith, nth, 1, &lo, &hi);
-    for (int t = lo; t < hi; t++)
-        k->rmsnorm(m->xb + (size_t)t * c->dim, m->x + (size_t)t * c->dim, L->ffn_norm.data, c->dim,
-                   c->norm_eps);
-    ek_pool_barrier(m->pool);
-    tag->src = NULL;
+    norm_tokens(j, tag, &L->ffn_norm, ith, nth);
     matmul(j, tag, &L->w_gate, m->xb, n, m->hb, ith, nth);
     matmul(j, tag, &L->w_up, m->xb, n, m->hb2, ith, nth);
     ek_pool_barrier(m->pool);
@@ -360,10 +369,7 @@ static void ffn_block(const fwd_job *j, act_tag *tag, int l, int ith, int nth) {
     ek_pool_barrier(m->pool);
     tag->src = NULL;
     matmul(j, tag, &L->w_down, m->hb, n, m->xo, ith, nth);
-    ek_pool_barrier(m->pool);
-    share(n * c->dim, ith, nth, 16, &lo, &hi);
-    k->add(m->x + lo, m->xo + lo, hi - lo);
-    ek_pool_barrier(m->pool);
+    residual_add(j, ith, nth);
 }
 
 static void forward_worker(void *ctx, int ith, int nth) {

@@ -85,34 +85,34 @@ size_t ek_row_bytes(int type, int64_t n) {
 
 /* ---- activation quantizers ---- */
 
+/* One block to 8 bits: q = round(x / d) with d = max|x| / 127; returns d
+ * and, through sum, the sum of the quants. */
+static float quantize_block_q8(const float *x, int8_t *q, int *sum) {
+    float amax = 0.0f;
+    for (int j = 0; j < EK_QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+    float d = amax / 127.0f;
+    float id = d ? 1.0f / d : 0.0f;
+    *sum = 0;
+    for (int j = 0; j < EK_QK; j++) {
+        q[j] = (int8_t)roundf(x[j] * id);
+        *sum += q[j];
+    }
+    return d;
+}
+
 void quantize_row_q8_0_ref(const float *x, void *vy, int n) {
     block_q8_0 *y = vy;
-    for (int b = 0; b < n / EK_QK; b++) {
-        const float *xb = x + b * EK_QK;
-        float amax = 0.0f;
-        for (int j = 0; j < EK_QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        float d = amax / 127.0f;
-        float id = d ? 1.0f / d : 0.0f;
-        y[b].d = ek_f32_to_f16(d);
-        for (int j = 0; j < EK_QK; j++) y[b].qs[j] = (int8_t)roundf(xb[j] * id);
-    }
+    int sum;
+    for (int b = 0; b < n / EK_QK; b++)
+        y[b].d = ek_f32_to_f16(quantize_block_q8(x + b * EK_QK, y[b].qs, &sum));
 }
 
 void quantize_row_q8_1_ref(const float *x, void *vy, int n) {
     block_q8_1 *y = vy;
+    int sum;
     for (int b = 0; b < n / EK_QK; b++) {
-        const float *xb = x + b * EK_QK;
-        float amax = 0.0f;
-        for (int j = 0; j < EK_QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        float d = amax / 127.0f;
-        float id = d ? 1.0f / d : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < EK_QK; j++) {
-            y[b].qs[j] = (int8_t)roundf(xb[j] * id);
-            sum += y[b].qs[j];
-        }
-        y[b].d = d;
-        y[b].s = d * (float)sum;
+        y[b].d = quantize_block_q8(x + b * EK_QK, y[b].qs, &sum);
+        y[b].s = y[b].d * (float)sum;
     }
 }
 
