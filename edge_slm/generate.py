@@ -42,6 +42,8 @@ class TextStream:
 
     def feed(self, token: int) -> str:
         """Returns the text that can be shown now; sets .stopped on a stop string."""
+        if self.stopped:
+            return ""
         self._pending += self._decoder.feed(token)
         for s in self._stop:
             i = self._pending.find(s)

@@ -1,0 +1,112 @@
+"""The sampler and the text stream: choices, seeds, penalties, stop strings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_slm.generate import GenerationConfig, TextStream, generate
+from edge_slm.model import RuntimeOptions, load_model
+from edge_slm.sampler import Sampler, SamplingConfig
+
+
+def logits(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float32)
+
+
+def test_greedy_takes_the_argmax():
+    assert Sampler(SamplingConfig()).sample(logits(0.1, 3.0, 2.9)) == 1
+
+
+def test_seed_makes_sampling_repeatable_and_different_seeds_differ():
+    x = np.random.default_rng(0).standard_normal(500).astype(np.float32)
+    runs = [Sampler(SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, seed=7)) for _ in range(2)]
+    a = [runs[0].sample(x) for _ in range(50)]
+    b = [runs[1].sample(x) for _ in range(50)]
+    assert a == b
+    c = Sampler(SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, seed=8))
+    assert [c.sample(x) for _ in range(50)] != a
+
+
+def test_top_k_limits_the_choices():
+    s = Sampler(SamplingConfig(temperature=5.0, top_k=2, top_p=1.0, seed=0))
+    picks = {s.sample(logits(5, 4, 3, 2, 1)) for _ in range(300)}
+    assert picks == {0, 1}
+
+
+def test_top_p_keeps_the_smallest_likely_set():
+    # probabilities ~ 0.64, 0.24, 0.09, ...: top_p 0.8 keeps the first two
+    s = Sampler(SamplingConfig(temperature=1.0, top_k=0, top_p=0.8, seed=0))
+    picks = {s.sample(logits(3, 2, 1, 0, -1)) for _ in range(300)}
+    assert picks == {0, 1}
+
+
+def test_temperature_sharpens_and_flattens():
+    x = logits(2.0, 1.0, 0.0)
+    cold = Sampler(SamplingConfig(temperature=0.05, top_k=0, top_p=1.0, seed=0))
+    hot = Sampler(SamplingConfig(temperature=10.0, top_k=0, top_p=1.0, seed=0))
+    assert all(cold.sample(x) == 0 for _ in range(100))
+    assert len({hot.sample(x) for _ in range(300)}) == 3
+
+
+def test_repetition_penalty_moves_away_from_seen_tokens():
+    s = Sampler(SamplingConfig(repeat_penalty=2.0))
+    assert s.sample(logits(3.0, 2.0, -1.0), history=[0]) == 1  # 3/2 < 2
+    p = s.penalize(logits(3.0, 2.0, -1.0), [0, 2])
+    assert p.tolist() == [1.5, 2.0, -2.0]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
+                                 dict(repeat_penalty=0), dict(top_k=-1)])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingConfig(**bad)
+
+
+class Letters:
+    """A stand-in tokenizer whose token i is the i-th character of a string."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def stream_decoder(self):
+        outer = self
+
+        class D:
+            def feed(self, i):
+                return outer.text[i]
+
+            def flush(self):
+                return ""
+
+        return D()
+
+
+def test_stream_holds_back_a_possible_stop_string():
+    text = "abc<END>xyz"
+    stream = TextStream(Letters(text), stop=["<END>"])
+    shown = [stream.feed(i) for i in range(len(text))]
+    assert "".join(shown) == "abc" and stream.stopped
+    assert "<" not in "".join(shown)
+
+
+def test_stream_releases_a_false_alarm():
+    text = "a<EN b"
+    stream = TextStream(Letters(text), stop=["<END>"])
+    shown = "".join(stream.feed(i) for i in range(len(text))) + stream.flush()
+    assert shown == text and not stream.stopped
+
+
+def test_generate_stops_on_stop_string_and_streams_the_same_text(tiny_model):
+    m = load_model(tiny_model)
+    tok = m.tokenizer()
+    rt = m.runtime(RuntimeOptions(n_threads=1, n_ctx=128, max_batch=16))
+    free = generate(rt, tok, tok.encode("hello"), GenerationConfig(max_tokens=40))
+    assert free.finish_reason == "length" and len(free.tokens) == 40
+    stop = free.text[10:13]
+    pieces: list[str] = []
+    cut = generate(rt, tok, tok.encode("hello"), GenerationConfig(max_tokens=40, stop=(stop,)),
+                   on_text=pieces.append)
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[:free.text.index(stop)]
+    assert "".join(pieces) == cut.text
