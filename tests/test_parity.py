@@ -43,7 +43,18 @@ def fixture():
                       arrays["generated_ids"][i].tolist(), slice(int(ro[i]), int(ro[i + 1])))
                for i, p in enumerate(meta["prompts"])]
     limit = int(os.environ.get("EDGE_SLM_PARITY_PROMPTS", len(prompts)))
+    if limit < len(prompts):
+        # Under emulation only a few prompts run: take those whose greedy
+        # continuations stay decisive longest, so the check has teeth.
+        prompts.sort(key=lambda p: -decisive_run(arrays, p))
     return prompts[:limit], arrays
+
+
+def decisive_run(arrays, p: Prompt) -> int:
+    """Generated tokens before llama.cpp's first near-tie."""
+    margins = arrays["margin"][p.rows][len(p.ids) - 1:][:len(p.generated)]
+    undecided = np.flatnonzero(margins < DECISIVE)
+    return int(undecided[0]) if len(undecided) else len(p.generated)
 
 
 @pytest.fixture(scope="module")
@@ -97,20 +108,25 @@ def test_teacher_forced_logits(model, fixture, backend, parity_report):
 def test_free_running_greedy(model, fixture, backend, parity_report):
     prompts, a = fixture
     if backend == "ref":
-        prompts = prompts[:1]
+        prompts = sorted(prompts, key=lambda p: -decisive_run(a, p))[:1]
     tok = model.tokenizer()
     rt = model.runtime(RuntimeOptions(n_threads=2, n_ctx=512, max_batch=64, backend=backend))
     matched = checked = 0
     for p in prompts:
         out = generate(rt, tok, p.ids, GenerationConfig(max_tokens=len(p.generated), ignore_eos=True))
         margins = a["margin"][p.rows][len(p.ids) - 1:]
-        # llama.cpp's own choice is only defined up to its first near-tie.
-        undecided = np.flatnonzero(margins < DECISIVE)
-        n = int(undecided[0]) if len(undecided) else len(p.generated)
-        assert out.tokens[:n] == p.generated[:n], (
-            f"{p.name}: first {n} greedy tokens differ: ours {out.tokens[:n]} llama.cpp {p.generated[:n]}")
+        # Ours may part from llama.cpp only where llama.cpp itself was
+        # undecided: at or after its first near-tie.
+        differ = [k for k, (x, y) in enumerate(zip(out.tokens, p.generated)) if x != y]
+        first_diff = differ[0] if differ else len(p.generated)
+        n = decisive_run(a, p)
+        assert first_diff >= n, (
+            f"{p.name}: greedy token {first_diff} differs (ours {out.tokens[first_diff]}, llama.cpp "
+            f"{p.generated[first_diff]}) where llama.cpp was decisive (margin "
+            f"{margins[first_diff]:.2f}) for its first {n} tokens")
         matched += sum(x == y for x, y in zip(out.tokens, p.generated))
-        checked += n
-    parity_report.append(f"greedy [{backend}] {len(prompts)} prompts: identical over {checked} decisive "
-                         f"tokens; {matched}/{sum(len(p.generated) for p in prompts)} of all 64-token "
-                         f"continuations equal")
+        checked += first_diff
+    parity_report.append(
+        f"greedy [{backend}] {len(prompts)} prompts: identical up to the first difference for "
+        f"{checked} tokens ({sum(decisive_run(a, p) for p in prompts)} required, up to llama.cpp's first "
+        f"near-tie); {matched}/{sum(len(p.generated) for p in prompts)} tokens equal overall")
