@@ -159,10 +159,7 @@ class Slot:
     started: float = 0.0
     first_token: float | None = None
     keep: int = 0
-
-    @property
-    def prefilling(self) -> bool:
-        return len(self.cache) < len(self.seq) - 1 or not self.answer and len(self.cache) < self.n_prompt
+    chunk: list[int] = field(default_factory=list)  # prompt tokens in this step's batch
 
     def release(self) -> None:
         self.req = None
@@ -374,17 +371,15 @@ class Engine:
                 if last:
                     owners.append(s)
             room -= len(chunk)
-            s._pending = chunk  # type: ignore[attr-defined]
+            s.chunk = chunk
 
         logits = self.runtime.forward(np.array(tokens, np.int32), np.array(pos, np.int32),
                                       np.array(slot_ids, np.int32), np.array(want, np.uint8))
         for s in decoding:
             s.cache.append(s.seq[-1])
         for s in active:
-            chunk = getattr(s, "_pending", None)
-            if chunk is not None:
-                s.cache.extend(chunk)
-                del s._pending
+            s.cache.extend(s.chunk)
+            s.chunk = []
         for row, s in zip(logits, owners):
             self._next_token(s, row)
 

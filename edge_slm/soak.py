@@ -146,7 +146,8 @@ def parse_slots(text: str) -> list[int]:
 @click.option("--requests", "n_requests", type=click.IntRange(1), default=2000, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True)
 @click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default="f16", show_default=True)
-@click.option("--max-tokens", type=click.IntRange(1), default=12, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True,
+              help="Answer length cap for normal and long requests.")
 @click.option("--clients", type=click.IntRange(1), default=None,
               help="Concurrent client threads (default: 2 per slot + 2).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
