@@ -26,6 +26,7 @@ from typing import Any
 
 import click
 
+from .chat import common_prefix
 from .bench_worker import OURS, PEER, RoundResult, Workload
 from .errors import EdgeSlmError
 from .paths import default_model_path
@@ -184,16 +185,6 @@ def summarize(rounds: list[RoundResult], cpu_s: list[float], bandwidth_gbs: floa
         greedy_ids=first.greedy_ids, info=first.info)
 
 
-def agreeing_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading greedy tokens two runs share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def machine_info() -> dict[str, Any]:
     cpu = ""
     try:
@@ -311,7 +302,7 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
                  for t in thread_counts for rt in runtimes]
     n_greedy = N_DECODE + 1
     agreement = {} if no_peer else {
-        t: [agreeing_prefix(a.greedy_ids, b.greedy_ids)
+        t: [common_prefix(a.greedy_ids, b.greedy_ids)
             for a, b in zip(rounds[(OURS, t)], rounds[(PEER, t)])] for t in thread_counts}
     # Whether our own greedy output is the same in every round and at every
     # thread count: a cheap check that threading does not change the result.

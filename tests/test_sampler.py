@@ -110,3 +110,11 @@ def test_generate_stops_on_stop_string_and_streams_the_same_text(tiny_model):
     assert cut.finish_reason == "stop"
     assert cut.text == free.text[:free.text.index(stop)]
     assert "".join(pieces) == cut.text
+
+
+def test_common_prefix():
+    from edge_slm.chat import common_prefix
+
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([], [1]) == 0
