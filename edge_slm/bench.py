@@ -26,8 +26,8 @@ from typing import Any
 
 import click
 
-from .chat import common_prefix
 from .bench_worker import OURS, PEER, RoundResult, Workload
+from .chat import common_prefix
 from .errors import EdgeSlmError
 from .paths import default_model_path
 
