@@ -30,6 +30,7 @@ class ChatSession:
         self.system = [{"role": "system", "content": system}] if system else []
         self.turns: list[dict[str, str]] = []
         self._cache: list[int] = []  # tokens whose keys and values the slot holds
+        self.shifted = 0  # cached tokens dropped by the last context shift
 
     def prompt_ids(self) -> list[int]:
         return self.tokenizer.encode(self.tokenizer.render_chat(self.system + self.turns))
@@ -38,9 +39,10 @@ class ChatSession:
         self.turns.append({"role": "user", "content": text})
         budget = self.runtime.opts.n_ctx - self.cfg.max_tokens
         ids = self.prompt_ids()
+        self.shifted = 0
         while len(ids) > budget and len(self.turns) > 1:
             del self.turns[:2]  # the oldest question and its answer
-            ids = self.prompt_ids()
+            ids = self._drop_from_cache(ids, self.prompt_ids())
         if len(ids) > budget:
             self.turns.pop()
             raise ContextOverflow(
@@ -51,3 +53,18 @@ class ChatSession:
         self._cache = (ids + result.tokens)[:result.n_cached]
         self.turns.append({"role": "assistant", "content": result.text})
         return result
+
+    def _drop_from_cache(self, before: list[int], after: list[int]) -> list[int]:
+        """The conversation lost its oldest exchange: `after` is `before` minus
+        one span. Where the cache holds that span and what follows, drop it
+        there and re-rotate the later keys rather than recompute them."""
+        keep = common_prefix(before, after)
+        span = len(before) - len(after)
+        cached = common_prefix(self._cache, before)
+        if span > 0 and before[:keep] + before[keep + span:] == after and cached > keep + span:
+            self.runtime.kv_shift(self.slot, keep, span, cached)
+            self._cache = after[:cached - span]
+            self.shifted += span
+        else:
+            self._cache = self._cache[:common_prefix(self._cache, after)]
+        return after

@@ -168,3 +168,25 @@ def test_status_reports_the_plan(tiny_model):
         assert s["slots"] == 3 and s["queue_depth"] == 0 and s["memory_plan"]["n_slots"] == 3
         e.submit("hi", max_tokens=4).result(timeout=10)
         assert e.status()["requests"].get(OK) == 1
+
+
+def test_chat_drops_old_turns_by_shifting_the_cache(tiny_model):
+    from edge_slm.chat import ChatSession
+
+    m = load_model(tiny_model)
+    rt = m.runtime(RuntimeOptions(n_threads=1, n_ctx=256, max_batch=16))
+    chat = ChatSession(rt, m.tokenizer(), GenerationConfig(max_tokens=12), system="be brief")
+    shifts = []
+    for i in range(8):
+        r = chat.ask(f"question number {i}")
+        assert r.tokens
+        shifts.append(chat.shifted)
+    # the context (256) holds a few exchanges: later questions drop old ones
+    # by shifting the cached keys, not by recomputing
+    assert any(s > 0 for s in shifts)
+    assert len(chat.turns) < 16 and chat.turns[-2]["content"].startswith("question number 7")
+    # what the slot caches is the start of the conversation as it now stands
+    from edge_slm.chat import common_prefix
+
+    ids = chat.prompt_ids()
+    assert common_prefix(chat._cache, ids) > 40
