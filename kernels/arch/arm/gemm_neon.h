@@ -15,26 +15,12 @@
 #define EDGE_KERNELS_ARM_GEMM_NEON_H
 
 #include "neon.h"
+#include "../gemm_tiling.h"
 
 #ifndef EK_NEON_DOTPROD
 #error "define EK_NEON_DOTPROD before including gemm_neon.h"
 #endif
 
-#define TILE_ROWS 4 /* weight rows per tile: one per vector lane */
-/* Weight rows are streamed from memory once per token: fetch the rows about
- * PREFETCH_BYTES ahead while this tile computes, so memory latency hides
- * behind the arithmetic (on x86 this took a decode matmul from ~9 to
- * ~35 GB/s; small ARM cores gain as much or more). */
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 8192
-#endif
-
-/* From a weight row to the one about PREFETCH_BYTES on, in whole tiles. */
-EK_INLINE size_t prefetch_ahead(size_t w_stride) {
-    size_t rows = (PREFETCH_BYTES / w_stride + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
-    return (rows ? rows : TILE_ROWS) * w_stride;
-}
-#define TILE_COLS 4 /* activation rows per tile */
 
 /* Sum of a block's 32 products in the four lanes of the result. The plain
  * version keeps two products per 16-bit lane, which holds for any int8
@@ -205,40 +191,6 @@ EK_INLINE void gemm_tile(const int wtype, const int RW, const int RX, int n, con
         gemm_tile_f(wtype, RW, RX, n, w, w_stride, x, x_stride, y, y_stride);
     else
         gemm_tile_q(wtype, RW, RX, n / EK_QK, w, w_stride, x, x_stride, y, y_stride);
-}
-
-/* RW weight rows against all nx activation rows. */
-EK_INLINE void gemm_rows(const int wtype, const int RW, int n, const char *w, size_t w_stride,
-                         const char *x, size_t x_stride, int nx, float *y, size_t y_stride) {
-    int j = 0;
-    for (; j + TILE_COLS <= nx; j += TILE_COLS)
-        gemm_tile(wtype, RW, TILE_COLS, n, w, w_stride, x + j * x_stride, x_stride,
-                  y + j * y_stride, y_stride);
-    const char *xt = x + j * x_stride;
-    float *yt = y + j * y_stride;
-    switch (nx - j) {
-    case 3: gemm_tile(wtype, RW, 3, n, w, w_stride, xt, x_stride, yt, y_stride); break;
-    case 2: gemm_tile(wtype, RW, 2, n, w, w_stride, xt, x_stride, yt, y_stride); break;
-    case 1: gemm_tile(wtype, RW, 1, n, w, w_stride, xt, x_stride, yt, y_stride); break;
-    default: break;
-    }
-}
-
-EK_INLINE void gemm_tiled(const int wtype, int n, const void *w, size_t w_stride, int nrows,
-                          const void *x, size_t x_stride, int nx, float *y, size_t y_stride) {
-    const char *wr = w;
-    int i = 0;
-    for (; i + TILE_ROWS <= nrows; i += TILE_ROWS)
-        gemm_rows(wtype, TILE_ROWS, n, wr + i * w_stride, w_stride, x, x_stride, nx, y + i,
-                  y_stride);
-    /* leftover rows fill some lanes of one more tile */
-    const char *wt = wr + i * w_stride;
-    switch (nrows - i) {
-    case 3: gemm_rows(wtype, 3, n, wt, w_stride, x, x_stride, nx, y + i, y_stride); break;
-    case 2: gemm_rows(wtype, 2, n, wt, w_stride, x, x_stride, nx, y + i, y_stride); break;
-    case 1: gemm_rows(wtype, 1, n, wt, w_stride, x, x_stride, nx, y + i, y_stride); break;
-    default: break;
-    }
 }
 
 #endif

@@ -16,26 +16,12 @@
 #include <string.h>
 
 #include "avx2.h"
+#include "../gemm_tiling.h"
 
 #ifndef EK_X86_VNNI
 #error "define EK_X86_VNNI before including gemm_avx2.h"
 #endif
 
-#define TILE_ROWS 4 /* weight rows per tile */
-/* Weight rows are streamed from memory once per token: fetch the rows
- * about PREFETCH_BYTES ahead while this tile computes, so DRAM latency
- * hides behind the arithmetic instead of stalling it. Measured here, this
- * takes a decode matmul from ~9 to ~35 GB/s. */
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 8192
-#endif
-
-/* From a weight row to the one about PREFETCH_BYTES on, in whole tiles. */
-EK_INLINE size_t prefetch_ahead(size_t w_stride) {
-    size_t rows = (PREFETCH_BYTES / w_stride + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
-    return (rows ? rows : TILE_ROWS) * w_stride;
-}
-#define TILE_COLS 4 /* activation rows per tile */
 
 /* Eight int32 sums, each over four adjacent products u[k] * s[k], plus c. */
 EK_INLINE __m256i dot_u8s8(__m256i c, __m256i u, __m256i s) {
@@ -294,39 +280,6 @@ EK_INLINE void gemm_tile(const int wtype, const int RW, const int RX, int n, con
         gemm_tile_q8(RW, RX, n / EK_QK, w, w_stride, x, x_stride, y, y_stride);
     else
         gemm_tile_q4(wtype, RW, RX, n / EK_QK, w, w_stride, x, x_stride, y, y_stride);
-}
-
-/* RW weight rows against all nx activation rows. */
-EK_INLINE void gemm_rows(const int wtype, const int RW, int n, const char *w, size_t w_stride,
-                         const char *x, size_t x_stride, int nx, float *y, size_t y_stride) {
-    int j = 0;
-    for (; j + TILE_COLS <= nx; j += TILE_COLS)
-        gemm_tile(wtype, RW, TILE_COLS, n, w, w_stride, x + j * x_stride, x_stride,
-                  y + j * y_stride, y_stride);
-    const char *xt = x + j * x_stride;
-    float *yt = y + j * y_stride;
-    switch (nx - j) {
-    case 3: gemm_tile(wtype, RW, 3, n, w, w_stride, xt, x_stride, yt, y_stride); break;
-    case 2: gemm_tile(wtype, RW, 2, n, w, w_stride, xt, x_stride, yt, y_stride); break;
-    case 1: gemm_tile(wtype, RW, 1, n, w, w_stride, xt, x_stride, yt, y_stride); break;
-    default: break;
-    }
-}
-
-EK_INLINE void gemm_tiled(const int wtype, int n, const void *w, size_t w_stride, int nrows,
-                          const void *x, size_t x_stride, int nx, float *y, size_t y_stride) {
-    const char *wr = w;
-    int i = 0;
-    for (; i + TILE_ROWS <= nrows; i += TILE_ROWS)
-        gemm_rows(wtype, TILE_ROWS, n, wr + i * w_stride, w_stride, x, x_stride, nx, y + i,
-                  y_stride);
-    const char *wt = wr + i * w_stride;
-    switch (nrows - i) {
-    case 3: gemm_rows(wtype, 3, n, wt, w_stride, x, x_stride, nx, y + i, y_stride); break;
-    case 2: gemm_rows(wtype, 2, n, wt, w_stride, x, x_stride, nx, y + i, y_stride); break;
-    case 1: gemm_rows(wtype, 1, n, wt, w_stride, x, x_stride, nx, y + i, y_stride); break;
-    default: break;
-    }
 }
 
 #endif
