@@ -93,22 +93,24 @@ def sampling_options(f):
     f = click.option("--top-k", type=click.IntRange(0), default=40, show_default=True)(f)
     f = click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95,
                      show_default=True)(f)
-    f = click.option("--repeat-penalty", type=click.FloatRange(0, min_open=True), default=1.0,
-                     show_default=True)(f)
+    f = click.option("--repeat-penalty", type=click.FloatRange(0, min_open=True), default=None,
+                     help="Discourage repeats (default 1.1 for ask and chat, 1.0 for complete).")(f)
     f = click.option("--seed", type=int, default=None, help="Seed for sampling.")(f)
     f = click.option("--stop", multiple=True, help="Stop string (repeatable).")(f)
     return f
 
 
 def generation_config(max_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop,
-                      default_temperature: float, ignore_eos: bool = False):
+                      default_temperature: float, ignore_eos: bool = False,
+                      default_repeat_penalty: float = 1.1):
     from .generate import GenerationConfig
     from .sampler import SamplingConfig
 
     t = default_temperature if temperature is None else temperature
     return GenerationConfig(max_tokens=max_tokens, stop=tuple(stop), ignore_eos=ignore_eos,
-                            sampling=SamplingConfig(temperature=t, top_k=top_k, top_p=top_p,
-                                                    repeat_penalty=repeat_penalty, seed=seed))
+                            sampling=SamplingConfig(
+                                temperature=t, top_k=top_k, top_p=top_p, seed=seed,
+                                repeat_penalty=repeat_penalty or default_repeat_penalty))
 
 
 def chat_prompt(loaded: Loaded, messages: list[dict[str, str]]) -> list[int]:
@@ -157,7 +159,8 @@ def complete(text, model_path, threads, n_ctx, kv_type, as_json, ignore_eos, **s
 
     loaded = load(model_path, threads, n_ctx, kv_type)
     ids = loaded.tokenizer.encode(text)
-    cfg = generation_config(**sampling, default_temperature=0.0, ignore_eos=ignore_eos)
+    cfg = generation_config(**sampling, default_temperature=0.0, ignore_eos=ignore_eos,
+                            default_repeat_penalty=1.0)
     result = generate(loaded.runtime, loaded.tokenizer, ids, cfg,
                       on_text=None if as_json else stream_out)
     if as_json:

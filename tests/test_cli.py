@@ -40,7 +40,8 @@ def test_ask_streams_the_answer_llama_cpp_gives(real_model):
     assert n >= 4, "the fixture should be decisive for a few tokens"
     question = meta["prompts"][i]["messages"][-1]["content"]
     expected = Tokenizer.from_gguf(GGUFFile(real_model)).decode(a["generated_ids"][i][:n].tolist())
-    proc = edge_slm("ask", question, "--max-tokens", "24", "--temperature", "0", "--threads", "2")
+    proc = edge_slm("ask", question, "--max-tokens", "24", "--temperature", "0", "--repeat-penalty",
+                    "1", "--threads", "2")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(expected), (proc.stdout, expected)
 
