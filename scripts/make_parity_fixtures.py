@@ -12,6 +12,9 @@ It writes, under tests/fixtures/:
                  subset of the vocabulary), and the tokens it chose
   parity.json    what was run: model digest, llama-cpp-python version,
                  threads, context, the prompts, the npz layout
+  parity_kv_q8_0.json  llama.cpp's greedy continuations of the same prompts
+                 with its KV cache in q8_0 (ids and top-2 margins), for our
+                 8-bit cache to be compared with
 
 The tests never import llama_cpp; they read these files."""
 
@@ -375,6 +378,25 @@ def summarize(arrays: dict[str, np.ndarray], meta: list[dict]) -> dict:
     return stats
 
 
+def kv_q8_0_traces(model: Path, prompts: list[Prompt], tokenize_llm) -> list[dict]:
+    """The same greedy runs with llama.cpp's K and V cache in q8_0 (it needs
+    flash attention for a quantized V cache)."""
+    import llama_cpp
+
+    q8 = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=N_THREADS, logits_all=True,
+                         verbose=False, seed=0, flash_attn=True,
+                         type_k=llama_cpp.GGML_TYPE_Q8_0, type_v=llama_cpp.GGML_TYPE_Q8_0)
+    out = []
+    for p in prompts:
+        ids = tokenize(tokenize_llm, p.text)
+        trace = greedy_trace(q8, ids)
+        rows = trace.logits[len(ids) - 1:len(ids) - 1 + N_STEPS]
+        top2 = np.sort(rows, axis=1)[:, -2:]
+        out.append({"name": p.name, "prompt_ids": ids, "generated": trace.generated,
+                    "margin": [round(float(x), 4) for x in top2[:, 1] - top2[:, 0]]})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=default_model_path())
@@ -407,6 +429,13 @@ def main() -> None:
                                           encoding="utf-8")
     size = (args.out / "parity.npz").stat().st_size
     print(f"parity.npz: {size / 1e6:.1f} MB")
+
+    kv_doc = {**common, "n_threads": N_THREADS, "n_ctx": N_CTX, "cache_type": "q8_0",
+              "flash_attn": True, "n_steps": N_STEPS,
+              "prompts": kv_q8_0_traces(args.model, prompts, llm)}
+    (args.out / "parity_kv_q8_0.json").write_text(json.dumps(kv_doc, indent=1) + "\n",
+                                                  encoding="utf-8")
+    print("parity_kv_q8_0.json written")
 
 
 if __name__ == "__main__":

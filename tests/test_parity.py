@@ -130,3 +130,28 @@ def test_free_running_greedy(model, fixture, backend, parity_report):
         f"greedy [{backend}] {len(prompts)} prompts: identical up to the first difference for "
         f"{checked} tokens ({sum(decisive_run(a, p) for p in prompts)} required, up to llama.cpp's first "
         f"near-tie); {matched}/{sum(len(p.generated) for p in prompts)} tokens equal overall")
+
+
+def test_q8_0_cache_against_llama_cpp_q8_0_cache(model, parity_report):
+    """With the 8-bit KV cache, our greedy continuations beside llama.cpp's
+    with its cache in q8_0: reported as agreement, and required to hold
+    wherever llama.cpp was decisive."""
+    doc = json.loads((FIXTURES / "parity_kv_q8_0.json").read_text())
+    prompts = doc["prompts"][:int(os.environ.get("EDGE_SLM_PARITY_PROMPTS", len(doc["prompts"])))]
+    tok = model.tokenizer()
+    rt = model.runtime(RuntimeOptions(n_threads=2, n_ctx=512, max_batch=64, kv_type="q8_0"))
+    equal = total = before_diff = 0
+    for p in prompts:
+        out = generate(rt, tok, p["prompt_ids"], GenerationConfig(max_tokens=len(p["generated"]),
+                                                                  ignore_eos=True))
+        differ = [k for k, (x, y) in enumerate(zip(out.tokens, p["generated"])) if x != y]
+        first_diff = differ[0] if differ else len(p["generated"])
+        undecided = [k for k, m in enumerate(p["margin"]) if m < DECISIVE]
+        n = undecided[0] if undecided else len(p["generated"])
+        assert first_diff >= n, f"{p['name']}: token {first_diff} differs where llama.cpp was decisive"
+        equal += sum(x == y for x, y in zip(out.tokens, p["generated"]))
+        total += len(p["generated"])
+        before_diff += first_diff
+    parity_report.append(
+        f"greedy, q8_0 KV on both sides, {len(prompts)} prompts: {100 * equal / total:.1f} % of tokens "
+        f"equal; identical for {before_diff} tokens up to the first difference")
