@@ -40,6 +40,17 @@ N_DECODE = 128
 # top-2 margin >= 1 for 11 tokens in tests/fixtures), so comparing the two
 # runtimes' greedy ids says something before the first near-tie.
 DECODE_TEXT = "Q: What is 17 + 25?\nA:"
+# Fed one token at a time, untimed, to compare the runtimes' top-1 choice at
+# every position (see bench_worker.top1_along).
+CHECK_TEXT = ("A centrifugal pump turns the rotation of a motor into the motion of a fluid. "
+              "Water enters at the eye of the impeller and the vanes throw it outward, which "
+              "raises its pressure. When a pump loses pressure, check the suction line for air "
+              "leaks first, then the impeller for wear.")
+# Top-1 margins below this are near-ties on which llama.cpp disagrees with
+# itself (NOTES.md), so only positions above it count as a real disagreement.
+CONFIDENT_MARGIN = 1.0
+# Rounds of one figure further apart than this (max / min) are flagged as noisy.
+NOISY_SPREAD = 1.5
 # Token ids for prompts are drawn from here (clipped to the vocabulary): ordinary
 # text tokens, clear of the special tokens at the start of the vocabulary.
 ID_RANGE = (100, 40000)
@@ -114,11 +125,12 @@ def make_workload(model_path: Path) -> tuple[Workload, str]:
     prefill = {n: ids(n) for n in PREFILL_LENGTHS}
     ttft = ids(TTFT_PROMPT)
     try:
-        decode_prompt, source = model.tokenizer().encode(DECODE_TEXT), f"text: {DECODE_TEXT!r}"
+        tok = model.tokenizer()
+        decode_prompt, check, source = tok.encode(DECODE_TEXT), tok.encode(CHECK_TEXT), "text"
     except ImportError:  # the tokenizer module is not there yet
-        decode_prompt, source = ids(16), "fixed ids"
+        decode_prompt, check, source = ids(16), ttft, "fixed ids"
     return Workload(prefill=prefill, ttft_prompt=ttft, decode_prompt=decode_prompt,
-                    n_decode=N_DECODE), source
+                    check_ids=check, n_decode=N_DECODE), source
 
 
 def measure_bandwidth(threads: list[int]) -> dict[int, float]:
@@ -127,11 +139,14 @@ def measure_bandwidth(threads: list[int]) -> dict[int, float]:
     return {t: float(_core.read_bandwidth(t, BANDWIDTH_BYTES, BANDWIDTH_REPS)) for t in threads}
 
 
-def run_child(runtime: str, model_path: Path, threads: int, ctx: int, workload: Path) -> tuple[RoundResult, float]:
+def run_child(runtime: str, model_path: Path, threads: int, ctx: int, workload: Path,
+              backend: str | None = None) -> tuple[RoundResult, float]:
     """One round in a fresh interpreter: its result and the CPU seconds it used."""
     cmd = [sys.executable, "-m", "edge_slm.bench_worker", "--runtime", runtime,
            "--model", str(model_path), "--threads", str(threads), "--ctx", str(ctx),
            "--workload", str(workload)]
+    if backend is not None and runtime == OURS:
+        cmd += ["--backend", backend]
     log.info("round: %s", " ".join(cmd[2:]))
     with tempfile.TemporaryFile() as err:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
@@ -188,6 +203,31 @@ def summarize(rounds: list[RoundResult], cpu_s: list[float], bandwidth_gbs: floa
         greedy_ids=first.greedy_ids, info=first.info)
 
 
+@dataclass
+class Agreement:
+    """How far our greedy choices match llama.cpp's at one thread count."""
+
+    greedy_prefix: list[int]  # leading greedy decode tokens in common, per round
+    greedy_tokens: int        # of this many
+    top1_agree: int           # positions of the fixed text where the top-1 ids match
+    positions: int
+    confident_agree: int      # the same, counting only positions where both margins >= CONFIDENT_MARGIN
+    confident_positions: int
+
+
+def compare(ours: list[RoundResult], peer: list[RoundResult]) -> Agreement:
+    a, b = ours[0], peer[0]  # the fixed-text check is deterministic per build
+    confident = [x == y for x, y, ma, mb in zip(a.check_top1, b.check_top1, a.check_margin,
+                                                b.check_margin)
+                 if min(ma, mb) >= CONFIDENT_MARGIN]
+    return Agreement(
+        greedy_prefix=[common_prefix(r.greedy_ids, q.greedy_ids) for r, q in zip(ours, peer)],
+        greedy_tokens=len(a.greedy_ids),
+        top1_agree=sum(x == y for x, y in zip(a.check_top1, b.check_top1)),
+        positions=len(a.check_top1), confident_agree=sum(confident),
+        confident_positions=len(confident))
+
+
 def machine_info() -> dict[str, Any]:
     cpu = ""
     try:
@@ -216,8 +256,12 @@ def _fmt(x: float) -> str:
     return f"{x:,.1f}" if x < 1000 else f"{x:,.0f}"
 
 
+def spread(values: list[float]) -> float:
+    return max(values) / min(values) if values and min(values) > 0 else 1.0
+
+
 def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
-                 agreement: dict[int, list[int]], n_greedy: int) -> str:
+                 agreement: dict[int, Agreement]) -> str:
     by = {(s.runtime, s.threads): s for s in summaries}
     runtimes = [r for r in (OURS, PEER) if any(s.runtime == r for s in summaries)]
     peer = PEER in runtimes
@@ -225,27 +269,43 @@ def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
     head = f"{'':28}" + "".join(f"{r:>12}" for r in runtimes)
     if peer:
         head += f"{'ours/peer':>12}  better"
-    # (label, getter, which way is better)
-    figures = [(f"prefill {n} tok, tok/s", lambda s, n=n: s.prefill_tps[str(n)], "higher")
+    # (label, median, raw samples, which way is better)
+    figures = [(f"prefill {n} tok, tok/s", lambda s, n=str(n): s.prefill_tps[n],
+                lambda s, n=str(n): s.samples.get("prefill_tps", {}).get(n, []), "higher")
                for n in PREFILL_LENGTHS]
-    figures += [(f"decode {N_DECODE} tok, tok/s", lambda s: s.decode_tps, "higher"),
-                (f"first token ({TTFT_PROMPT} tok), ms", lambda s: s.ttft_ms, "lower"),
-                ("peak RSS, MiB", lambda s: s.peak_rss_mb, "lower"),
-                ("decode bandwidth used, %", lambda s: 100 * s.decode_bw_fraction, "higher")]
+    figures += [
+        (f"decode {N_DECODE} tok, tok/s", lambda s: s.decode_tps,
+         lambda s: s.samples.get("decode_tps", []), "higher"),
+        (f"first token ({TTFT_PROMPT} tok), ms", lambda s: s.ttft_ms,
+         lambda s: s.samples.get("ttft_ms", []), "lower"),
+        ("peak RSS, MiB", lambda s: s.peak_rss_mb, lambda s: s.samples.get("peak_rss_mb", []), "lower"),
+        ("decode bandwidth used, %", lambda s: 100 * s.decode_bw_fraction,
+         lambda s: s.samples.get("decode_tps", []), "higher"),
+    ]
+    noisy = False
     for t in sorted({s.threads for s in summaries}):
         lines.append(f"threads {t}  (memory read bandwidth {bandwidth[t]:.1f} GB/s)")
         lines.append(head)
-        for label, get, better in figures:
-            vals = [get(by[(r, t)]) for r in runtimes]
-            row = f"  {label:26}" + "".join(f"{_fmt(v):>12}" for v in vals)
+        for label, get, raw, better in figures:
+            row = f"  {label:26}"
+            for r in runtimes:
+                mark = "*" if spread(raw(by[(r, t)])) > NOISY_SPREAD else " "
+                noisy |= mark == "*"
+                row += f"{_fmt(get(by[(r, t)])):>11}{mark}"
             if peer:
-                row += f"{vals[0] / vals[1]:>12.2f}  {better}"
+                row += f"{get(by[(OURS, t)]) / get(by[(PEER, t)]):>12.2f}  {better}"
             lines.append(row)
         if peer:
-            agree = agreement[t]
-            lines.append(f"  {'greedy tokens agreeing':26}{min(agree):>12}{'':>12}"
-                         f"{'':>12}  of {n_greedy} (fewest over rounds)")
+            a = agreement[t]
+            lines.append(f"  greedy decode: the first {min(a.greedy_prefix)} of {a.greedy_tokens} "
+                         f"tokens agree (fewest over rounds)")
+            lines.append(f"  top-1 along a fixed text: {a.top1_agree}/{a.positions} positions agree, "
+                         f"{a.confident_agree}/{a.confident_positions} where both margins "
+                         f">= {CONFIDENT_MARGIN:g}")
         lines.append("")
+    if noisy:
+        lines.append(f"* rounds differ by more than {NOISY_SPREAD:g}x: the machine was busy; "
+                     "see the raw samples")
     return "\n".join(lines).rstrip()
 
 
@@ -261,8 +321,11 @@ def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every figure and raw sample here.")
 @click.option("--no-peer", is_flag=True, help="Measure edge-slm only (no llama-cpp-python needed).")
+@click.option("--backend", default=None,
+              help="edge-slm kernel table, e.g. avx2 to match an AVX2 build of llama.cpp "
+                   "(default: the best for this CPU).")
 def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: int,
-          json_path: Path | None, no_peer: bool) -> None:
+          json_path: Path | None, no_peer: bool, backend: str | None) -> None:
     """Measure speed and memory against llama.cpp (llama-cpp-python) on the same model."""
     path = model_path or default_model_path()
     if model_path is None and not path.exists():
@@ -270,6 +333,12 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
     if not no_peer and importlib.util.find_spec("llama_cpp") is None:
         raise EdgeSlmError("llama-cpp-python is not installed; run `make bench` "
                            "(or pass --no-peer to measure edge-slm alone)")
+    if backend is not None:
+        from . import _core
+
+        if backend not in _core.backends():
+            raise EdgeSlmError(f"backend {backend!r} does not run on this CPU "
+                               f"(available: {', '.join(_core.backends())})")
     if reps < MIN_REPS:
         log.warning("%d rounds: medians of fewer than %d are noisy", reps, MIN_REPS)
     thread_counts = sorted(set(threads))
@@ -295,7 +364,7 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
             for t in thread_counts:
                 for rt in runtimes:
                     click.echo(f"round {rep + 1}/{reps}: {rt}, {t} thread{'s' * (t > 1)}", err=True)
-                    result, cpu_s = run_child(rt, path, t, n_ctx, wpath)
+                    result, cpu_s = run_child(rt, path, t, n_ctx, wpath, backend)
                     rounds.setdefault((rt, t), []).append(result)
                     cpu.setdefault((rt, t), []).append(cpu_s)
     elapsed = time.monotonic() - started
@@ -303,17 +372,17 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
 
     summaries = [summarize(rounds[(rt, t)], cpu[(rt, t)], bandwidth[t], bytes_per_token)
                  for t in thread_counts for rt in runtimes]
-    n_greedy = N_DECODE + 1
-    agreement = {} if no_peer else {
-        t: [common_prefix(a.greedy_ids, b.greedy_ids)
-            for a, b in zip(rounds[(OURS, t)], rounds[(PEER, t)])] for t in thread_counts}
+    agreement = {} if no_peer else {t: compare(rounds[(OURS, t)], rounds[(PEER, t)])
+                                    for t in thread_counts}
     # Whether our own greedy output is the same in every round and at every
     # thread count: a cheap check that threading does not change the result.
     ours_ids = {tuple(r.greedy_ids) for t in thread_counts for r in rounds[(OURS, t)]}
 
     click.echo(f"{path.name}: n_ctx {n_ctx}, median of {reps} round{'s' * (reps > 1)} "
                f"per figure, one fresh process each ({elapsed:.0f} s)")
-    click.echo(format_table(summaries, bandwidth, agreement, n_greedy))
+    kernels = {s.runtime: s.backend for s in summaries}
+    click.echo("kernels: " + "; ".join(f"{rt} {name}" for rt, name in kernels.items()))
+    click.echo(format_table(summaries, bandwidth, agreement))
     if len(ours_ids) > 1:
         click.echo(f"note: edge-slm's greedy tokens differ between rounds or thread counts "
                    f"({len(ours_ids)} distinct sequences)")
@@ -325,9 +394,11 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
             "bandwidth_gbs_by_threads": {str(t): bw for t, bw in bandwidth.items()},
             "runs": [{k: v for k, v in asdict(s).items() if k != "greedy_ids"} for s in summaries],
             "greedy_agreement": {
-                "tokens_compared": n_greedy,
-                "decode_prompt": decode_source,
-                "agreeing_prefix_by_threads": {str(t): a for t, a in agreement.items()},
+                "prompts": decode_source,
+                "decode_text": DECODE_TEXT if decode_source == "text" else None,
+                "check_text": CHECK_TEXT if decode_source == "text" else None,
+                "confident_margin": CONFIDENT_MARGIN,
+                "by_threads": {str(t): asdict(a) for t, a in agreement.items()},
                 "edge_slm_consistent": len(ours_ids) == 1,
                 "greedy_ids": {f"{s.runtime}/{s.threads}": s.greedy_ids for s in summaries},
             },
@@ -335,6 +406,7 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
                       "weight_bytes_per_token": bytes_per_token,
                       "weight_bytes_per_token_parts": byte_parts},
             "settings": {"n_ctx": n_ctx, "reps": reps, "threads": thread_counts,
+                         "backend_requested": backend,
                          "prefill_lengths": list(PREFILL_LENGTHS), "ttft_prompt": TTFT_PROMPT,
                          "n_decode": N_DECODE, "kv_type": "f16", "n_batch": 512,
                          "bandwidth_bytes": BANDWIDTH_BYTES, "bandwidth_reps": BANDWIDTH_REPS,

@@ -43,6 +43,7 @@ class Workload:
     prefill: dict[int, list[int]]  # prompt length -> ids
     ttft_prompt: list[int]         # prompt for time to first token
     decode_prompt: list[int]       # short prompt the greedy decode continues
+    check_ids: list[int] = field(default_factory=list)  # fed one at a time, untimed, to compare top-1
     n_decode: int = 128            # decode steps timed
 
     @classmethod
@@ -58,7 +59,7 @@ class Workload:
     def positions_needed(self) -> int:
         """The context the suite fills at most."""
         return max(max(self.prefill), len(self.ttft_prompt),
-                   len(self.decode_prompt) + self.n_decode)
+                   len(self.decode_prompt) + self.n_decode, len(self.check_ids))
 
 
 @dataclass
@@ -73,6 +74,8 @@ class RoundResult:
     decode_tps: float
     ttft_ms: float
     greedy_ids: list[int]      # first token after the prompt, then one per decode step
+    check_top1: list[int]      # argmax after each of Workload.check_ids
+    check_margin: list[float]  # top-1 minus top-2 logit there: small = a near-tie
     load_s: float              # model load and runtime set-up
     rss_baseline_mb: float     # after the imports, before the model is loaded
     peak_rss_mb: float         # VmHWM at the end of the round
@@ -94,7 +97,7 @@ class Runner(Protocol):
 
 
 class EdgeSlmRunner:
-    def __init__(self, model_path: Path, threads: int, ctx: int):
+    def __init__(self, model_path: Path, threads: int, ctx: int, backend: str | None = None):
         from . import __version__, _core
         from .model import RuntimeOptions, load_model
 
@@ -102,7 +105,7 @@ class EdgeSlmRunner:
         # One logits row: the suite only ever reads the last, and a larger
         # buffer would be memory llama.cpp (logits_all=False) does not spend.
         self.rt = model.runtime(RuntimeOptions(n_threads=threads, n_ctx=ctx, max_batch=N_BATCH,
-                                               kv_type="f16", max_logits=1))
+                                               kv_type="f16", max_logits=1, backend=backend))
         self.backend = self.rt.backend
         self.version = __version__
         # The extension's build time: the parent checks that every round ran
@@ -159,9 +162,11 @@ class LlamaCppRunner:
         return self._as_array(self.llm._ctx.get_logits(), shape=(self._n_vocab,))
 
 
-def make_runner(runtime: str, model_path: Path, threads: int, ctx: int) -> Runner:
+def make_runner(runtime: str, model_path: Path, threads: int, ctx: int,
+                backend: str | None = None) -> Runner:
+    """backend picks our kernel table (None: the best for this CPU); llama.cpp's is fixed at build."""
     if runtime == OURS:
-        return EdgeSlmRunner(model_path, threads, ctx)
+        return EdgeSlmRunner(model_path, threads, ctx, backend)
     if runtime == PEER:
         return LlamaCppRunner(model_path, threads, ctx)
     raise ValueError(f"runtime {runtime!r}: choose from {', '.join(RUNTIMES)}")
@@ -206,6 +211,26 @@ def run_suite(runner: Runner, w: Workload) -> tuple[dict[int, float], float, flo
     return prefill_tps, decode_tps, ttft_ms, greedy
 
 
+def top1_along(runner: Runner, ids: list[int]) -> tuple[list[int], list[float]]:
+    """Top-1 id and its margin over the runner-up after each token of a fixed
+    sequence, fed one at a time (the decode path).
+
+    Free-running greedy output stops being comparable at the first near-tie,
+    where the two runtimes may rightly pick different tokens; on a fixed
+    sequence every position can be compared, and the margins say which
+    disagreements are near-ties and which would be errors."""
+    import numpy as np
+
+    runner.reset()
+    top1, margin = [], []
+    for pos, tok in enumerate(ids):
+        logits = runner.prefill([tok], pos)
+        second, first = np.partition(logits, -2)[-2:]
+        top1.append(int(logits.argmax()))
+        margin.append(float(first - second))
+    return top1, margin
+
+
 def status_mb(key: str) -> float:
     """A memory figure of this process from /proc/self/status (kB there), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -214,16 +239,18 @@ def status_mb(key: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-def run_round(runtime: str, model_path: Path, threads: int, ctx: int, w: Workload) -> RoundResult:
+def run_round(runtime: str, model_path: Path, threads: int, ctx: int, w: Workload,
+              backend: str | None = None) -> RoundResult:
     if runtime == OURS:
         from . import model  # noqa: F401  (imported now so the baseline counts it)
     else:
         import llama_cpp  # noqa: F401
     baseline = status_mb("VmRSS")
     t0 = time.perf_counter()
-    runner = make_runner(runtime, model_path, threads, ctx)
+    runner = make_runner(runtime, model_path, threads, ctx, backend)
     load_s = time.perf_counter() - t0
     prefill_tps, decode_tps, ttft_ms, greedy = run_suite(runner, w)
+    top1, margin = top1_along(runner, w.check_ids)
     # The peak is read by this process rather than taken from the parent's
     # wait4() rusage: Linux carries the spawning process's own peak RSS into a
     # child's ru_maxrss across fork/vfork + exec, so that figure would include
@@ -231,7 +258,8 @@ def run_round(runtime: str, model_path: Path, threads: int, ctx: int, w: Workloa
     # VmHWM is the high-water mark of this process's address space since exec.
     return RoundResult(runtime=runtime, threads=threads, backend=runner.backend,
                        version=runner.version, prefill_tps=prefill_tps, decode_tps=decode_tps,
-                       ttft_ms=ttft_ms, greedy_ids=greedy, load_s=load_s,
+                       ttft_ms=ttft_ms, greedy_ids=greedy, check_top1=top1,
+                       check_margin=margin, load_s=load_s,
                        rss_baseline_mb=baseline, peak_rss_mb=status_mb("VmHWM"), info=runner.info)
 
 
@@ -242,11 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--ctx", type=int, required=True)
     p.add_argument("--workload", type=Path, required=True, help="JSON written by the parent")
+    p.add_argument("--backend", default=None, help="edge-slm kernel table (default: the best)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     w = Workload.from_json(a.workload.read_text())
-    result = run_round(a.runtime, a.model, a.threads, a.ctx, w)
+    result = run_round(a.runtime, a.model, a.threads, a.ctx, w, a.backend)
     # One line, last on stdout: the parent reads only that.
     sys.stdout.write(json.dumps(asdict(result)) + "\n")
     sys.stdout.flush()

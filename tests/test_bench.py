@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from tiny_models import TinySpec
 
 from edge_slm import bench as bench_mod
-from edge_slm.bench import RunSummary, format_table
-from edge_slm.bench_worker import OURS, PEER, Workload
+from edge_slm.bench import Agreement, RunSummary, compare, format_table
+from edge_slm.bench_worker import OURS, PEER, RoundResult, Workload
 from edge_slm.cli import main
 
 FIGURES = ("decode_tps", "ttft_ms", "peak_rss_mb", "decode_bw_fraction")
@@ -27,6 +27,7 @@ def test_bench_json_layout(long_model, tmp_path):
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(main, ["bench", "--model", str(long_model), "--no-peer", "--reps", "1",
                                     "--threads", "1", "--threads", "2", "--ctx", "1024",
+                                    "--backend", "ref",
                                     "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert "prefill 512 tok" in res.output
@@ -42,6 +43,7 @@ def test_bench_json_layout(long_model, tmp_path):
     assert doc["greedy_agreement"]["edge_slm_consistent"] is True
     assert len(doc["greedy_agreement"]["greedy_ids"][f"{OURS}/1"]) == 129
     assert doc["settings"]["n_ctx"] == 1024
+    assert {r["backend"] for r in doc["runs"]} == {"ref"}
 
 
 def test_bench_refuses_a_context_too_small(long_model):
@@ -58,24 +60,55 @@ def test_bench_without_the_peer_says_how_to_get_it(long_model, monkeypatch):
     assert len(res.output.strip().splitlines()) == 1
 
 
+def test_bench_rejects_an_unknown_backend(long_model):
+    res = CliRunner().invoke(main, ["bench", "--model", str(long_model), "--no-peer",
+                                    "--backend", "no-such-table"])
+    assert res.exit_code == 1
+    assert "no-such-table" in res.output and "available" in res.output
+
+
 def test_workload_round_trips():
-    w = Workload(prefill={16: [1, 2], 512: [3]}, ttft_prompt=[4], decode_prompt=[5, 6], n_decode=3)
+    w = Workload(prefill={16: [1, 2], 512: [3]}, ttft_prompt=[4], decode_prompt=[5, 6],
+                 check_ids=[7, 8], n_decode=3)
     assert Workload.from_json(w.to_json()) == w
     assert w.positions_needed == 512
 
 
-def summary(runtime: str, scale: float) -> RunSummary:
+def round_result(runtime: str, greedy: list[int], top1: list[int], margin: list[float]) -> RoundResult:
+    return RoundResult(runtime=runtime, threads=2, backend="x", version="0",
+                       prefill_tps={16: 1.0}, decode_tps=1.0, ttft_ms=1.0, greedy_ids=greedy,
+                       check_top1=top1, check_margin=margin, load_s=0.0, rss_baseline_mb=1.0,
+                       peak_rss_mb=1.0)
+
+
+def test_compare_discounts_near_ties():
+    ours = [round_result(OURS, [1, 2, 3], [5, 6, 7, 8], [3.0, 0.1, 2.0, 2.0])]
+    peer = [round_result(PEER, [1, 2, 4], [5, 9, 7, 0], [3.0, 0.2, 2.0, 2.0])]
+    a = compare(ours, peer)
+    assert a.greedy_prefix == [2] and a.greedy_tokens == 3
+    assert (a.top1_agree, a.positions) == (2, 4)
+    # position 1 is a near-tie and does not count; position 3 is a real disagreement
+    assert (a.confident_agree, a.confident_positions) == (2, 3)
+
+
+def summary(runtime: str, scale: float, decode_samples: list[float]) -> RunSummary:
     return RunSummary(runtime=runtime, threads=2,
                       prefill_tps={"16": 100 * scale, "128": 200 * scale, "512": 300 * scale},
                       decode_tps=50 * scale, ttft_ms=10 / scale, peak_rss_mb=100.0,
-                      decode_bw_fraction=0.2 * scale, backend="x", version="0", samples={},
-                      greedy_ids=[1, 2])
+                      decode_bw_fraction=0.2 * scale, backend="x", version="0",
+                      samples={"decode_tps": decode_samples}, greedy_ids=[1, 2])
 
 
 def test_table_shows_ratios_ours_over_peer():
-    table = format_table([summary(OURS, 2.0), summary(PEER, 1.0)], {2: 20.0}, {2: [7, 9]}, 129)
-    decode = next(line for line in table.splitlines() if line.strip().startswith("decode"))
+    agreement = Agreement(greedy_prefix=[7, 9], greedy_tokens=129, top1_agree=50, positions=60,
+                          confident_agree=40, confident_positions=41)
+    table = format_table([summary(OURS, 2.0, [100, 20]), summary(PEER, 1.0, [50, 51])],
+                         {2: 20.0}, {2: agreement}).splitlines()
+    decode = next(line for line in table if line.strip().startswith("decode 128"))
     assert decode.split()[-2:] == ["2.00", "higher"]
-    ttft = next(line for line in table.splitlines() if line.strip().startswith("first token"))
+    assert "100.0*" in decode and "50.0 " in decode  # ours' rounds were 5x apart: flagged
+    ttft = next(line for line in table if line.strip().startswith("first token"))
     assert ttft.split()[-2:] == ["0.50", "lower"]
-    assert "7" in next(line for line in table.splitlines() if "agreeing" in line)
+    assert "the first 7 of 129" in next(line for line in table if "greedy decode" in line)
+    assert "50/60" in next(line for line in table if "fixed text" in line)
+    assert table[-1].startswith("* rounds differ")
