@@ -34,6 +34,16 @@ static int cpu_has_avx_vnni(void) {
     return 0;
 #endif
 }
+
+static int cpu_has_avx512_vnni(void) {
+#if defined(__GNUC__) || defined(__clang__)
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
 #endif
 
 #if defined(__aarch64__)
@@ -58,7 +68,7 @@ static int cpu_has_i8mm(void) {
 const ek_kernels *const *ek_available(void) {
     /* Built once from read-only facts (the CPU), so concurrent first calls
      * write the same values. */
-    static const ek_kernels *list[5];
+    static const ek_kernels *list[6];
     int n = 0;
 #if defined(__aarch64__)
     if (cpu_has_i8mm()) list[n++] = &ek_kernels_neon_i8mm; /* also uses dotprod */
@@ -66,6 +76,7 @@ const ek_kernels *const *ek_available(void) {
     list[n++] = &ek_kernels_neon; /* NEON is part of armv8-a */
 #endif
 #if defined(__x86_64__) || defined(_M_X64)
+    if (cpu_has_avx512_vnni()) list[n++] = &ek_kernels_avx512_vnni;
     if (cpu_has_avx_vnni()) list[n++] = &ek_kernels_avx_vnni;
     if (cpu_has_avx2()) list[n++] = &ek_kernels_avx2;
 #endif

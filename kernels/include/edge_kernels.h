@@ -119,6 +119,7 @@ extern const ek_kernels ek_kernels_ref;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const ek_kernels ek_kernels_avx2;
 extern const ek_kernels ek_kernels_avx_vnni; /* AVX2 with AVX-VNNI dot products */
+extern const ek_kernels ek_kernels_avx512_vnni; /* AVX2 with AVX-512 VNNI gemms */
 #endif
 #if defined(__aarch64__)
 extern const ek_kernels ek_kernels_neon;

@@ -1,6 +1,6 @@
 /* AVX2 kernels shared between the files of this directory: the AVX-VNNI
- * table reuses every AVX2 kernel except the integer dot products. Included
- * only by files built with -mavx2 -mfma -mf16c. */
+ * and AVX-512 VNNI tables reuse every AVX2 kernel except the integer gemms.
+ * Included only by files built with (at least) -mavx2 -mfma -mf16c. */
 #ifndef EDGE_KERNELS_X86_AVX2_H
 #define EDGE_KERNELS_X86_AVX2_H
 
