@@ -195,6 +195,8 @@ class Engine:
         self._stopping = False
         self._stats = collections.Counter()
         self._busy_time = 0.0
+        self._decode_time = 0.0  # in steps that only decoded (no prompt chunk)
+        self._decode_tokens = 0
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="edge-slm-engine", daemon=True)
         self._thread.start()
@@ -253,6 +255,8 @@ class Engine:
                 "memory_plan": self.plan.as_dict(), "rss": current_rss(),
                 "tokens_generated": stats.get("tokens", 0),
                 "decode_tps": stats.get("tokens", 0) / elapsed,
+                # the forward passes that only decoded: the batched decode rate
+                "decode_step_tps": self._decode_tokens / (self._decode_time or 1e-9),
                 "requests": {k: v for k, v in stats.items() if k != "tokens"},
                 "backend": self.runtime.backend, "uptime_s": time.monotonic() - self._started}
 
@@ -373,8 +377,12 @@ class Engine:
             room -= len(chunk)
             s.chunk = chunk
 
+        t0 = time.monotonic()
         logits = self.runtime.forward(np.array(tokens, np.int32), np.array(pos, np.int32),
                                       np.array(slot_ids, np.int32), np.array(want, np.uint8))
+        if len(tokens) == len(decoding):
+            self._decode_time += time.monotonic() - t0
+            self._decode_tokens += len(tokens)
         for s in decoding:
             s.cache.append(s.seq[-1])
         for s in active:
