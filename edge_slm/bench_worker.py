@@ -232,11 +232,10 @@ def top1_along(runner: Runner, ids: list[int]) -> tuple[list[int], list[float]]:
 
 
 def status_mb(key: str) -> float:
-    """A memory figure of this process from /proc/self/status (kB there), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
+    """A memory figure of this process from /proc/self/status, in MiB."""
+    from .memory import MIB, status_bytes
+
+    return status_bytes(key) / MIB
 
 
 def run_round(runtime: str, model_path: Path, threads: int, ctx: int, w: Workload,

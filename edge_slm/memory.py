@@ -13,7 +13,6 @@ import ctypes
 import re
 from dataclasses import dataclass
 
-from . import _core
 from .errors import EdgeSlmError
 from .formats import KV_TYPES
 
@@ -60,7 +59,8 @@ def limit_malloc_arenas(n: int = 2) -> None:
         pass
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -70,12 +70,12 @@ def _status_bytes(field: str) -> int:
 
 def current_rss() -> int:
     """Resident bytes of this process now."""
-    return _status_bytes("VmRSS")
+    return status_bytes("VmRSS")
 
 
 def peak_rss() -> int:
     """High-water resident bytes of this process."""
-    return _status_bytes("VmHWM")
+    return status_bytes("VmHWM")
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,8 @@ class Fixed:
     max_batch: int       # tokens per forward call
 
     def plan(self, n_slots: int, n_ctx: int, kv_type: str) -> MemoryPlan:
+        from . import _core  # here, so reading RSS alone (bench children) loads no extension
+
         kv, state = _core.model_bytes(self.cfg.core(), n_slots=1, n_ctx=n_ctx,
                                       max_batch=self.max_batch, n_threads=self.n_threads,
                                       kv_type=int(KV_TYPES[kv_type]))

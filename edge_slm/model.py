@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _core
 from .errors import ModelError, UnsupportedModel
-from .formats import KV_TYPES, WEIGHT_TYPES, TensorType
+from .formats import KV_TYPES, WEIGHT_TYPES, TensorType, row_bytes
 from .memory import release_free_memory
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,6 @@ def check_tensors(path: Path, cfg: ModelConfig, tensors: dict[str, TensorView]) 
             raise ModelError(f"{path}: tensor {name} is missing")
         if (t.rows, t.cols) != shape:
             raise ModelError(f"{path}: tensor {name} is {t.rows}x{t.cols}, expected {shape[0]}x{shape[1]}")
-        from .formats import row_bytes
-
         if t.data.nbytes != t.rows * row_bytes(t.type, t.cols):
             raise ModelError(f"{path}: tensor {name} is truncated")
 

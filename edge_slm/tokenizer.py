@@ -363,12 +363,9 @@ class Tokenizer:
     def from_gguf(cls, src: Any) -> Tokenizer:
         """From an open edge_slm.model.GGUFFile, a gguf.GGUFReader, or a path to a GGUF file."""
         if isinstance(src, (str, os.PathLike)):
-            import gguf
+            from .model import GGUFFile  # here: model imports this module
 
-            try:
-                src = gguf.GGUFReader(src, "r")
-            except Exception as e:
-                raise ModelError(f"{src}: not a readable GGUF file ({e})") from None
+            src = GGUFFile(src)
         if hasattr(src, "fields"):  # gguf.GGUFReader
             return cls.from_metadata(_reader_metadata(src), str(getattr(src, "path", "model")))
         return cls.from_metadata({k: v for k, v in src.metadata.items() if k.startswith("tokenizer.")},

@@ -5,9 +5,9 @@
  * Barriers spin for a few microseconds, then sleep on a futex. On an idle
  * machine nobody sleeps and a barrier costs well under a microsecond; on a
  * board shared with other programs, a thread whose partner was descheduled
- * gives its core away instead of spinning through the partner's time slice
- * (measured here with another process on one of two cores: decode went from
- * ~60 to ~250 tokens/s). */
+ * gives its core away instead of spinning through the partner's time slice.
+ * That is kinder to the other programs but does not make us fast there: with
+ * a barrier after every op, each descheduling still stalls the whole pass. */
 #define _GNU_SOURCE
 #include <limits.h>
 #include <pthread.h>
