@@ -113,10 +113,6 @@ def generation_config(max_tokens, temperature, top_k, top_p, repeat_penalty, see
                                 repeat_penalty=repeat_penalty or default_repeat_penalty))
 
 
-def chat_prompt(loaded: Loaded, messages: list[dict[str, str]]) -> list[int]:
-    return loaded.tokenizer.encode(loaded.tokenizer.render_chat(messages))
-
-
 def stream_out(piece: str) -> None:
     sys.stdout.write(piece)
     sys.stdout.flush()
@@ -136,15 +132,22 @@ def pull() -> None:
 @sampling_options
 @click.option("--system", default=None, help="System prompt (default: the model's own).")
 def ask(question, model_path, threads, n_ctx, kv_type, system, **sampling) -> None:
-    """Answer QUESTION, streamed to stdout."""
-    from .generate import generate
+    """Answer QUESTION, streamed to stdout (through the engine, as every front end)."""
+    from .engine import OK, Engine, EngineConfig
 
-    loaded = load(model_path, threads, n_ctx, kv_type)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": question}]
     cfg = generation_config(**sampling, default_temperature=0.2)
-    generate(loaded.runtime, loaded.tokenizer, chat_prompt(loaded, messages), cfg, on_text=stream_out)
+    with Engine(EngineConfig(model=model_path, slots=1, ctx=n_ctx, threads=threads,
+                             kv_type=kv_type)) as engine:
+        req = engine.submit(messages=messages, max_tokens=cfg.max_tokens, sampling=cfg.sampling,
+                            stop=cfg.stop)
+        for piece in req.stream():
+            stream_out(piece)
+        result = req.result()
     stream_out("\n")
+    if result.status != OK:
+        raise EdgeSlmError(f"{result.status}: {result.error}")
 
 
 @main.command()

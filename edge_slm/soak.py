@@ -70,10 +70,14 @@ def _request_kind(i: int, rng: random.Random) -> str:
 def run_soak(model: Path | None, budget: int, slots: int, n_requests: int, threads: int,
              kv_type: str, max_tokens: int, clients: int) -> SoakRun:
     """One slot count, in this process."""
-    from .engine import BUSY, OK, Engine, EngineConfig
+    from .config import load_engine_config
+    from .engine import BUSY, OK, Engine
 
-    engine = Engine(EngineConfig(model=model, memory_budget=budget, slots=slots, threads=threads,
-                                 kv_type=kv_type, queue_size=2 * slots, timeout=300.0))
+    # The config file and environment apply, as for any engine; the soak's
+    # own options win.
+    engine = Engine(load_engine_config({"model": model, "memory_budget": budget, "slots": slots,
+                                        "threads": threads, "kv_type": kv_type,
+                                        "queue_size": 2 * slots, "timeout": 300.0}))
     n_ctx = engine.plan.n_ctx
     oversized = MANUAL * (4 * n_ctx // 80 + 1)
     rng_lock = threading.Lock()

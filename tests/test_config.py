@@ -1,0 +1,35 @@
+"""Engine settings from the config file, the environment and options."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_slm.config import load_engine_config
+from edge_slm.errors import EdgeSlmError
+from edge_slm.memory import MIB
+
+
+def test_file_then_environment_then_options(tmp_path, monkeypatch):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[engine]\nmemory_budget = "300M"\nslots = 3\nkv_type = "q8_0"\n')
+    monkeypatch.delenv("EDGE_SLM_MEMORY_BUDGET", raising=False)
+    assert load_engine_config(path=cfg).memory_budget == 300 * MIB
+    monkeypatch.setenv("EDGE_SLM_MEMORY_BUDGET", "256M")
+    monkeypatch.setenv("EDGE_SLM_SLOTS", "2")
+    c = load_engine_config(path=cfg)
+    assert (c.memory_budget, c.slots, c.kv_type) == (256 * MIB, 2, "q8_0")
+    c = load_engine_config({"slots": 1, "memory_budget": None}, path=cfg)
+    assert (c.memory_budget, c.slots) == (256 * MIB, 1)
+
+
+def test_bad_settings_are_one_line_errors(tmp_path, monkeypatch):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[engine]\nslotz = 3\n")
+    with pytest.raises(EdgeSlmError, match="unknown engine setting.*slotz"):
+        load_engine_config(path=cfg)
+    cfg.write_text("[engine\n")
+    with pytest.raises(EdgeSlmError, match=str(cfg)):
+        load_engine_config(path=cfg)
+    monkeypatch.setenv("EDGE_SLM_SLOTS", "many")
+    with pytest.raises(EdgeSlmError, match="slots"):
+        load_engine_config(path=tmp_path / "absent.toml")
