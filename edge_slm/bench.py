@@ -8,7 +8,6 @@ every figure reported is the median over rounds."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -30,6 +29,7 @@ from .bench_worker import OURS, PEER, RoundResult, Workload
 from .chat import common_prefix
 from .errors import EdgeSlmError
 from .paths import default_model_path
+from .pull import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -242,14 +242,6 @@ def machine_info() -> dict[str, Any]:
             "loadavg_start": list(os.getloadavg())}
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---- the table ----
 
 def _fmt(x: float) -> str:
@@ -402,7 +394,7 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
                 "edge_slm_consistent": len(ours_ids) == 1,
                 "greedy_ids": {f"{s.runtime}/{s.threads}": s.greedy_ids for s in summaries},
             },
-            "model": {"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size,
+            "model": {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size,
                       "weight_bytes_per_token": bytes_per_token,
                       "weight_bytes_per_token_parts": byte_parts},
             "settings": {"n_ctx": n_ctx, "reps": reps, "threads": thread_counts,

@@ -60,7 +60,7 @@ def is_verified(path: Path, sha256: str) -> bool:
             return True
     except (OSError, ValueError):
         pass  # no sidecar or an unreadable one: hash the file
-    if _sha256_file(path) != sha256:
+    if sha256_file(path) != sha256:
         return False
     _write_atomic(sidecar, json.dumps(stamp).encode())
     return True
@@ -130,7 +130,8 @@ def _stamp(path: Path, sha256: str) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The file's sha256, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):

@@ -21,7 +21,6 @@ The tests never import llama_cpp; they read these files."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import random
@@ -36,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from edge_slm.chat_template import render_chat  # noqa: E402
 from edge_slm.paths import default_model_path  # noqa: E402
+from edge_slm.pull import sha256_file  # noqa: E402
 
 log = logging.getLogger("make_parity_fixtures")
 
@@ -260,14 +260,6 @@ def parity_prompts(chat_template: str | None) -> list[Prompt]:
 
 # ---------------------------------------------------------------- llama.cpp runs
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def tokenize(llm, text: str, special: bool = True) -> list[int]:
     return [int(t) for t in llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)]
 
@@ -411,7 +403,7 @@ def main() -> None:
 
     llm = llama_cpp.Llama(str(args.model), n_ctx=N_CTX, n_threads=N_THREADS, logits_all=True,
                           verbose=False, seed=0)
-    common = {"model": args.model.name, "model_sha256": sha256_of(args.model),
+    common = {"model": args.model.name, "model_sha256": sha256_file(args.model),
               "llama_cpp_python": llama_cpp.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
 
