@@ -73,7 +73,7 @@ def test_sidecar_spares_rehash(tmp_path, monkeypatch):
     def no_hash(path):
         raise AssertionError("rehashed a file whose sidecar matches")
 
-    monkeypatch.setattr(pull, "_sha256_file", no_hash)
+    monkeypatch.setattr(pull, "sha256_file", no_hash)
     assert pull.is_verified(dest, DIGEST)
 
 
