@@ -26,7 +26,7 @@ from typing import Any
 import click
 
 from .bench_worker import OURS, PEER, RoundResult, Workload
-from .chat import common_prefix
+from .engine import common_prefix
 from .errors import EdgeSlmError
 from .paths import default_model_path
 from .pull import sha256_file

@@ -1,70 +1,59 @@
-"""A conversation held in one KV slot: each turn re-renders the chat
-template, reuses the cached tokens it shares with the last turn, and drops
-the oldest exchanges when the context would overflow."""
+"""A conversation through the engine: each turn submits the whole history,
+rendered with the chat template. The engine finds the earlier turns in a
+slot's KV cache and computes only what is new; when the history outgrows
+the context, the oldest exchanges after the kept start are dropped, and the
+engine re-rotates the cached keys that follow instead of recomputing them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from .engine import Engine, Result
 from .errors import ContextOverflow
-from .generate import Completion, GenerationConfig, generate
-from .model import Transformer
+from .sampler import SamplingConfig
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-class ChatSession:
-    def __init__(self, runtime: Transformer, tokenizer, cfg: GenerationConfig,
-                 system: str | None = None, slot: int = 0):
-        self.runtime = runtime
-        self.tokenizer = tokenizer
-        self.cfg = cfg
-        self.slot = slot
+class Conversation:
+    def __init__(self, engine: Engine, system: str | None = None, keep_turns: int = 0,
+                 max_tokens: int | None = None, sampling: SamplingConfig | None = None,
+                 stop: tuple[str, ...] = ()):
+        self.engine = engine
         self.system = [{"role": "system", "content": system}] if system else []
+        self.keep_turns = keep_turns  # opening exchanges never dropped
+        self.max_tokens = max_tokens or engine.cfg.max_tokens
+        self.sampling = sampling
+        self.stop = stop
         self.turns: list[dict[str, str]] = []
-        self._cache: list[int] = []  # tokens whose keys and values the slot holds
-        self.shifted = 0  # cached tokens dropped by the last context shift
+        self.dropped = 0  # exchanges dropped so far to fit the context
 
     def prompt_ids(self) -> list[int]:
-        return self.tokenizer.encode(self.tokenizer.render_chat(self.system + self.turns))
+        return self.engine.encode_chat(self.system + self.turns)
 
-    def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> Completion:
+    def ask(self, text: str, on_text: Callable[[str], None] | None = None,
+            timeout: float | None = None) -> Result:
+        """Ask and wait for the answer, streaming it to `on_text`. An answer
+        cut short (timeout, cancel) stays in the history as far as it got."""
         self.turns.append({"role": "user", "content": text})
-        budget = self.runtime.opts.n_ctx - self.cfg.max_tokens
+        limit = self.engine.prompt_limit(self.max_tokens)
         ids = self.prompt_ids()
-        self.shifted = 0
-        while len(ids) > budget and len(self.turns) > 1:
-            del self.turns[:2]  # the oldest question and its answer
-            ids = self._drop_from_cache(ids, self.prompt_ids())
-        if len(ids) > budget:
+        first = 2 * self.keep_turns
+        while len(ids) > limit and len(self.turns) > first + 1:
+            del self.turns[first:first + 2]  # the oldest droppable question and answer
+            self.dropped += 1
+            ids = self.prompt_ids()
+        if len(ids) > limit:
             self.turns.pop()
             raise ContextOverflow(
-                f"the question needs {len(ids)} tokens; with room for a {self.cfg.max_tokens}-token "
-                f"answer the context ({self.runtime.opts.n_ctx}) holds {max(budget, 0)}")
-        result = generate(self.runtime, self.tokenizer, ids, self.cfg, on_text=on_text,
-                          slot=self.slot, cached=common_prefix(self._cache, ids))
-        self._cache = (ids + result.tokens)[:result.n_cached]
-        self.turns.append({"role": "assistant", "content": result.text})
-        return result
-
-    def _drop_from_cache(self, before: list[int], after: list[int]) -> list[int]:
-        """The conversation lost its oldest exchange: `after` is `before` minus
-        one span. Where the cache holds that span and what follows, drop it
-        there and re-rotate the later keys rather than recompute them."""
-        keep = common_prefix(before, after)
-        span = len(before) - len(after)
-        cached = common_prefix(self._cache, before)
-        if span > 0 and before[:keep] + before[keep + span:] == after and cached > keep + span:
-            self.runtime.kv_shift(self.slot, keep, span, cached)
-            self._cache = after[:cached - span]
-            self.shifted += span
+                f"the conversation needs {len(ids)} tokens; with room for a {self.max_tokens}-token "
+                f"answer the context ({self.engine.plan.n_ctx}) holds {max(limit, 0)}")
+        req = self.engine.submit(prompt_ids=ids, max_tokens=self.max_tokens, sampling=self.sampling,
+                                 stop=self.stop, timeout=timeout)
+        for piece in req.stream():
+            if on_text:
+                on_text(piece)
+        result = req.result()
+        if result.tokens:
+            self.turns.append({"role": "assistant", "content": result.text})
         else:
-            self._cache = self._cache[:common_prefix(self._cache, after)]
-        return after
+            self.turns.pop()
+        return result

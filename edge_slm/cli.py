@@ -101,13 +101,12 @@ def sampling_options(f):
 
 
 def generation_config(max_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop,
-                      default_temperature: float, ignore_eos: bool = False,
-                      default_repeat_penalty: float = 1.1):
+                      default_temperature: float, default_repeat_penalty: float = 1.1):
     from .generate import GenerationConfig
     from .sampler import SamplingConfig
 
     t = default_temperature if temperature is None else temperature
-    return GenerationConfig(max_tokens=max_tokens, stop=tuple(stop), ignore_eos=ignore_eos,
+    return GenerationConfig(max_tokens=max_tokens, stop=tuple(stop),
                             sampling=SamplingConfig(
                                 temperature=t, top_k=top_k, top_p=top_p, seed=seed,
                                 repeat_penalty=repeat_penalty or default_repeat_penalty))
@@ -126,28 +125,38 @@ def pull() -> None:
     click.echo(str(pull_model()))
 
 
+def open_engine(model_path, threads, n_ctx, kv_type):
+    """One slot: the CLI asks one thing at a time, through the same engine as every front end."""
+    from .engine import Engine, EngineConfig
+
+    return Engine(EngineConfig(model=model_path, slots=1, ctx=n_ctx, threads=threads, kv_type=kv_type))
+
+
+def check_result(result) -> None:
+    from .engine import OK
+
+    if result.status != OK:
+        raise EdgeSlmError(f"{result.status}: {result.error}")
+
+
 @main.command()
 @click.argument("question")
 @runtime_options
 @sampling_options
 @click.option("--system", default=None, help="System prompt (default: the model's own).")
 def ask(question, model_path, threads, n_ctx, kv_type, system, **sampling) -> None:
-    """Answer QUESTION, streamed to stdout (through the engine, as every front end)."""
-    from .engine import OK, Engine, EngineConfig
-
+    """Answer QUESTION, streamed to stdout."""
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": question}]
     cfg = generation_config(**sampling, default_temperature=0.2)
-    with Engine(EngineConfig(model=model_path, slots=1, ctx=n_ctx, threads=threads,
-                             kv_type=kv_type)) as engine:
+    with open_engine(model_path, threads, n_ctx, kv_type) as engine:
         req = engine.submit(messages=messages, max_tokens=cfg.max_tokens, sampling=cfg.sampling,
                             stop=cfg.stop)
         for piece in req.stream():
             stream_out(piece)
         result = req.result()
     stream_out("\n")
-    if result.status != OK:
-        raise EdgeSlmError(f"{result.status}: {result.error}")
+    check_result(result)
 
 
 @main.command()
@@ -158,16 +167,17 @@ def ask(question, model_path, threads, n_ctx, kv_type, system, **sampling) -> No
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-generation tokens.")
 def complete(text, model_path, threads, n_ctx, kv_type, as_json, ignore_eos, **sampling) -> None:
     """Continue raw TEXT (no chat template; greedy unless --temperature)."""
-    from .generate import generate
-
-    loaded = load(model_path, threads, n_ctx, kv_type)
-    ids = loaded.tokenizer.encode(text)
-    cfg = generation_config(**sampling, default_temperature=0.0, ignore_eos=ignore_eos,
-                            default_repeat_penalty=1.0)
-    result = generate(loaded.runtime, loaded.tokenizer, ids, cfg,
-                      on_text=None if as_json else stream_out)
+    cfg = generation_config(**sampling, default_temperature=0.0, default_repeat_penalty=1.0)
+    with open_engine(model_path, threads, n_ctx, kv_type) as engine:
+        req = engine.submit(text, max_tokens=cfg.max_tokens, sampling=cfg.sampling, stop=cfg.stop,
+                            ignore_eos=ignore_eos)
+        for piece in req.stream():
+            if not as_json:
+                stream_out(piece)
+        result = req.result()
+    check_result(result)
     if as_json:
-        click.echo(json.dumps({"prompt_tokens": result.prompt_tokens, "tokens": result.tokens,
+        click.echo(json.dumps({"prompt_tokens": req.prompt, "tokens": result.tokens,
                                "text": result.text}, ensure_ascii=False))
     else:
         stream_out("\n")
@@ -271,23 +281,30 @@ def info(path, n_ctx, kv_type, threads, memory_budget, slots) -> None:
 @runtime_options
 @sampling_options
 @click.option("--system", default=None, help="System prompt (default: the model's own).")
-def chat(model_path, threads, n_ctx, kv_type, system, **sampling) -> None:
+@click.option("--keep-turns", type=click.IntRange(0), default=0, show_default=True,
+              help="Opening exchanges kept when the oldest make way for new ones.")
+def chat(model_path, threads, n_ctx, kv_type, system, keep_turns, **sampling) -> None:
     """Chat in the terminal; the oldest turns make way when the context fills."""
-    from .chat import ChatSession
+    from .chat import Conversation
 
-    loaded = load(model_path, threads, n_ctx, kv_type)
     cfg = generation_config(**sampling, default_temperature=0.2)
-    session = ChatSession(loaded.runtime, loaded.tokenizer, cfg, system=system)
-    click.echo("Type a question; an empty line or Ctrl-D ends the chat.")
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        session.ask(line, on_text=stream_out)
-        stream_out("\n")
+    with open_engine(model_path, threads, n_ctx, kv_type) as engine:
+        talk = Conversation(engine, system=system, keep_turns=keep_turns, max_tokens=cfg.max_tokens,
+                            sampling=cfg.sampling, stop=cfg.stop)
+        click.echo("Type a question; an empty line or Ctrl-D ends the chat.")
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                break
+            if not line:
+                break
+            try:
+                result = talk.ask(line, on_text=stream_out)
+                stream_out("\n")
+                check_result(result)
+            except EdgeSlmError as e:  # say so and keep the chat going
+                click.echo(f"edge-slm: {e}", err=True)
 
 
 from .soak import soak  # noqa: E402

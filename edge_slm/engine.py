@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import common_prefix
 from .errors import EdgeSlmError
 from .generate import TextStream
 from .memory import Fixed, MemoryPlan, current_rss, limit_malloc_arenas, plan_memory
@@ -77,6 +76,7 @@ class Result:
     finish_reason: str | None = None  # "stop" or "length" when status is OK
     error: str | None = None          # one line, for anything but OK
     retry_after: float | None = None  # seconds, with BUSY
+    cached_tokens: int = 0            # prompt tokens found in the slot's cache, not recomputed
     queued_s: float = 0.0
     ttft_s: float | None = None       # submit to first token
     total_s: float = 0.0
@@ -84,17 +84,33 @@ class Result:
 
 _DONE = object()
 
+# Re-rotating cached keys past a dropped span pays when at least this many
+# tokens are saved from recomputation.
+MIN_SHIFT_REUSE = 16
+MAX_GAP_CANDIDATES = 256  # bounds the search in a cache of repeated tokens
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
 
 class Request:
     """A submitted question. Stream its text, wait for its result, or cancel it."""
 
     def __init__(self, rid: str, prompt: list[int], max_tokens: int, sampling: SamplingConfig,
-                 stop: tuple[str, ...], timeout: float, on_text: Callable[[str], None] | None):
+                 stop: tuple[str, ...], ignore_eos: bool, timeout: float,
+                 on_text: Callable[[str], None] | None):
         self.id = rid
-        self.prompt = prompt
+        self.prompt = prompt  # token ids, after any truncation
         self.max_tokens = max_tokens
         self.sampling = sampling
         self.stop = stop
+        self.ignore_eos = ignore_eos
         self.created = time.monotonic()
         self.deadline = self.created + timeout
         self.on_text = on_text
@@ -159,6 +175,8 @@ class Slot:
     started: float = 0.0
     first_token: float | None = None
     keep: int = 0
+    reused: int = 0             # prompt tokens the cache already held at admission
+    last_used: float = 0.0      # when its last request ended
     chunk: list[int] = field(default_factory=list)  # prompt tokens in this step's batch
 
     def release(self) -> None:
@@ -204,24 +222,29 @@ class Engine:
     # ---- the API ----
 
     def submit(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
-               max_tokens: int | None = None, sampling: SamplingConfig | None = None,
-               stop: tuple[str, ...] = (), timeout: float | None = None,
+               prompt_ids: list[int] | None = None, max_tokens: int | None = None,
+               sampling: SamplingConfig | None = None, stop: tuple[str, ...] = (),
+               ignore_eos: bool = False, timeout: float | None = None,
                on_text: Callable[[str], None] | None = None, request_id: str | None = None) -> Request:
-        """Queue a question: raw `prompt` text, or chat `messages` rendered with
-        the model's template. Never blocks: a full queue gives a BUSY result."""
-        if (prompt is None) == (messages is None):
-            raise ValueError("give exactly one of prompt and messages")
-        text = self.tokenizer.render_chat(messages) if messages is not None else prompt
-        ids = self.tokenizer.encode(text)
+        """Queue a question: raw `prompt` text, chat `messages` rendered with
+        the model's template, or token ids. Never blocks: a full queue gives
+        a BUSY result. `on_text` runs on the engine thread; keep it short."""
+        if sum(x is not None for x in (prompt, messages, prompt_ids)) != 1:
+            raise ValueError("give exactly one of prompt, messages and prompt_ids")
+        if prompt_ids is not None:
+            ids = self.check_ids(prompt_ids)
+        else:
+            ids = self.encode_chat(messages) if messages is not None else self.tokenizer.encode(prompt)
         req = Request(request_id or f"r{next(self._ids)}", ids, max_tokens or self.cfg.max_tokens,
-                      sampling or SamplingConfig(), tuple(stop),
+                      sampling or SamplingConfig(), tuple(stop), ignore_eos,
                       self.cfg.timeout if timeout is None else timeout, on_text)
         limit = self.prompt_limit(req.max_tokens)
         if len(ids) > limit:
             if self.cfg.overflow == "refuse" or limit <= self.cfg.keep_tokens:
                 self._count(TOO_LONG)
                 req._finish(Result(TOO_LONG, prompt_tokens=len(ids), error=(
-                    f"prompt is {len(ids)} tokens; at most {limit} fit with room for the answer")))
+                    f"prompt is {len(ids)} tokens; the context holds {self.plan.n_ctx}, "
+                    f"{limit} with room for the answer")))
                 return req
             keep = self.cfg.keep_tokens
             req.prompt = ids[:keep] + ids[len(ids) - (limit - keep):]
@@ -237,6 +260,19 @@ class Engine:
             self._queue.append(req)
             self._cond.notify()
         return req
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenizer.encode(self.tokenizer.render_chat(messages))
+
+    def check_ids(self, ids: list[int]) -> list[int]:
+        vocab = self.model.config.vocab
+        ids = [int(i) for i in ids]
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise EdgeSlmError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        if not ids:
+            raise EdgeSlmError("the prompt has no tokens")
+        return ids
 
     def prompt_limit(self, max_tokens: int) -> int:
         """Longest prompt accepted: the context minus room for the answer
@@ -254,10 +290,11 @@ class Engine:
                 "queue_size": self.cfg.queue_size, "n_ctx": self.plan.n_ctx,
                 "memory_plan": self.plan.as_dict(), "rss": current_rss(),
                 "tokens_generated": stats.get("tokens", 0),
+                "prompt_tokens_reused": stats.get("reused", 0),
                 "decode_tps": stats.get("tokens", 0) / elapsed,
                 # the forward passes that only decoded: the batched decode rate
                 "decode_step_tps": self._decode_tokens / (self._decode_time or 1e-9),
-                "requests": {k: v for k, v in stats.items() if k != "tokens"},
+                "requests": {k: v for k, v in stats.items() if k not in ("tokens", "reused")},
                 "backend": self.runtime.backend, "uptime_s": time.monotonic() - self._started}
 
     def close(self, timeout: float = 10.0) -> None:
@@ -322,9 +359,17 @@ class Engine:
                 req._finish(Result(status, prompt_tokens=len(req.prompt), queued_s=now - req.created,
                                    error="cancelled while queued" if req.cancelled else "timed out in queue"))
                 continue
-            slot = max(free, key=lambda s: common_prefix(s.cache, req.prompt))
-            shared = min(common_prefix(slot.cache, req.prompt), len(req.prompt) - 1)
-            slot.cache = slot.cache[:shared]
+            # Longest shared prefix first; among equals, the slot with the least
+            # cached work to lose (so one-off questions pass through one slot
+            # and a conversation's history survives them), then the idlest.
+            def value(s: Slot) -> tuple[int, int, float]:
+                shared = common_prefix(s.cache, req.prompt)
+                return shared, shared - len(s.cache), -s.last_used
+
+            slot = max(free, key=value)
+            self._reuse_cache(slot, req.prompt)
+            slot.reused = len(slot.cache)
+            self._stats["reused"] += slot.reused
             slot.req = req
             slot.seq = list(req.prompt)
             slot.n_prompt = len(req.prompt)
@@ -334,6 +379,31 @@ class Engine:
             slot.started = now
             slot.first_token = None
             slot.keep = min(self.cfg.keep_tokens, len(req.prompt))
+
+    def _reuse_cache(self, slot: Slot, prompt: list[int]) -> None:
+        """Keep what the slot's cache shares with the prompt. Past the common
+        prefix, a conversation that dropped its oldest exchange continues the
+        cache after a gap: drop the gap and re-rotate the later keys to their
+        new positions instead of recomputing them."""
+        cache = slot.cache
+        limit = len(prompt) - 1  # the last prompt token is run to get logits
+        keep = min(common_prefix(cache, prompt), limit)
+        best_gap, best_n = 0, 0
+        if keep < limit and len(cache) > keep + 1:
+            after = np.asarray(cache[keep + 1:], np.int64)
+            want = np.asarray(prompt[keep:limit], np.int64)
+            for j in np.flatnonzero(after == want[0])[:MAX_GAP_CANDIDATES]:
+                n = min(len(after) - j, len(want))
+                differ = np.flatnonzero(after[j:j + n] != want[:n])
+                n = int(differ[0]) if len(differ) else n
+                if n > best_n:
+                    best_gap, best_n = int(j) + 1, n
+        if best_n >= MIN_SHIFT_REUSE:
+            self.runtime.kv_shift(slot.index, keep, best_gap, keep + best_gap + best_n)
+            slot.cache = prompt[:keep + best_n]
+            log.debug("slot %d: reused %d cached tokens after dropping %d", slot.index, best_n, best_gap)
+        else:
+            slot.cache = cache[:keep]
 
     def _step(self) -> None:
         # Expire and cancel first, so a freed slot costs no more compute.
@@ -396,7 +466,7 @@ class Engine:
         tok = s.sampler.sample(logits, s.seq)
         if s.first_token is None:
             s.first_token = time.monotonic()
-        if self.tokenizer.is_eog(tok):
+        if self.tokenizer.is_eog(tok) and not req.ignore_eos:
             self._end(s, self._partial(s, OK, None, finish="stop"))
             return
         s.answer.append(tok)
@@ -425,6 +495,7 @@ class Engine:
             s.req._emit(tail)
         return Result(status, text=s.text.text if s.text else "", tokens=list(s.answer),
                       prompt_tokens=s.n_prompt, finish_reason=finish, error=error,
+                      cached_tokens=s.reused,
                       queued_s=s.started - s.req.created,
                       ttft_s=(s.first_token - s.req.created) if s.first_token else None)
 
@@ -432,6 +503,7 @@ class Engine:
         self._count(result.status)
         req = s.req
         s.release()
+        s.last_used = time.monotonic()
         req._finish(result)
 
 

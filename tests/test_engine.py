@@ -10,6 +10,7 @@ import pytest
 from tiny_models import TinySpec
 
 from edge_slm.engine import BUSY, CANCELLED, OK, TIMEOUT, TOO_LONG, Engine, EngineConfig
+from edge_slm.errors import EdgeSlmError
 from edge_slm.generate import GenerationConfig, generate
 from edge_slm.memory import MIB, BudgetError, Fixed, parse_size, plan_memory
 from edge_slm.model import RuntimeOptions, load_model
@@ -170,23 +171,57 @@ def test_status_reports_the_plan(tiny_model):
         assert e.status()["requests"].get(OK) == 1
 
 
-def test_chat_drops_old_turns_by_shifting_the_cache(tiny_model):
-    from edge_slm.chat import ChatSession
+def test_conversation_drops_old_turns_by_shifting_the_cache(tiny_model):
+    from edge_slm.chat import Conversation
 
+    with engine(tiny_model, slots=1, ctx=256, min_ctx=64) as e:
+        talk = Conversation(e, system="be brief", max_tokens=12)
+        results = [talk.ask(f"question number {i}") for i in range(8)]
+        assert all(r.status == OK and r.tokens for r in results)
+        # the context (256) holds a few exchanges: later questions drop old
+        # ones, and the engine re-rotates the cached turns that follow the
+        # dropped ones rather than recomputing them
+        assert talk.dropped > 0
+        assert talk.turns[-2]["content"] == "question number 7"
+        after_drop = [r for r in results[1:] if r.cached_tokens > 0]
+        assert all(r.cached_tokens > 40 for r in after_drop) and len(after_drop) == 7
+        # each turn's prompt fits the context with room for the answer
+        assert all(r.prompt_tokens <= e.prompt_limit(12) for r in results)
+
+
+def test_conversation_keeps_its_opening_turns(tiny_model):
+    from edge_slm.chat import Conversation
+
+    with engine(tiny_model, slots=1, ctx=256, min_ctx=64) as e:
+        talk = Conversation(e, keep_turns=1, max_tokens=12)
+        for i in range(8):
+            assert talk.ask(f"question number {i}").status == OK
+        assert talk.dropped > 0 and talk.turns[0]["content"] == "question number 0"
+
+
+def test_a_conversation_keeps_its_slot_while_others_come_and_go(tiny_model):
+    """Free slots are reused least recently used first, so one asker's cached
+    history survives a stream of unrelated one-off questions."""
+    from edge_slm.chat import Conversation
+
+    with engine(tiny_model, slots=2) as e:
+        talk = Conversation(e, max_tokens=8)
+        first = talk.ask("first question")
+        for p in PROMPTS:
+            e.submit(p, max_tokens=4).result(timeout=30)
+        r = talk.ask("second question")
+        # at least the first turn's prompt (the answer may re-tokenize differently)
+        assert r.cached_tokens >= first.prompt_tokens
+
+
+def test_prompt_ids_and_ignore_eos(tiny_model):
     m = load_model(tiny_model)
+    tok = m.tokenizer()
     rt = m.runtime(RuntimeOptions(n_threads=1, n_ctx=256, max_batch=16))
-    chat = ChatSession(rt, m.tokenizer(), GenerationConfig(max_tokens=12), system="be brief")
-    shifts = []
-    for i in range(8):
-        r = chat.ask(f"question number {i}")
-        assert r.tokens
-        shifts.append(chat.shifted)
-    # the context (256) holds a few exchanges: later questions drop old ones
-    # by shifting the cached keys, not by recomputing
-    assert any(s > 0 for s in shifts)
-    assert len(chat.turns) < 16 and chat.turns[-2]["content"].startswith("question number 7")
-    # what the slot caches is the start of the conversation as it now stands
-    from edge_slm.chat import common_prefix
-
-    ids = chat.prompt_ids()
-    assert common_prefix(chat._cache, ids) > 40
+    ids = tok.encode("hello there")
+    alone = generate(rt, tok, ids, GenerationConfig(max_tokens=40, ignore_eos=True)).tokens
+    with engine(tiny_model) as e:
+        r = e.submit(prompt_ids=ids, max_tokens=40, ignore_eos=True).result(timeout=30)
+        assert r.status == OK and r.tokens == alone and r.finish_reason == "length"
+        with pytest.raises(EdgeSlmError, match="outside the vocabulary"):
+            e.submit(prompt_ids=[1, 10**6])

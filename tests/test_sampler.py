@@ -113,7 +113,7 @@ def test_generate_stops_on_stop_string_and_streams_the_same_text(tiny_model):
 
 
 def test_common_prefix():
-    from edge_slm.chat import common_prefix
+    from edge_slm.engine import common_prefix
 
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([1, 2], [1, 2, 3]) == 2
