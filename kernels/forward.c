@@ -1,8 +1,9 @@
 /*
  * The Llama forward pass over a batch of tokens, run by every pool thread
- * at once with a barrier between ops. Each thread takes its share of every
- * op (rows of a matmul, tokens of a norm, heads of attention), so the pass
- * reads top to bottom like the single-threaded maths.
+ * at once. Each op (rows of a matmul, tokens of a norm, heads of attention)
+ * is cut into pieces that the threads claim, and no thread starts an op
+ * before the last one is finished, so the pass reads top to bottom like the
+ * single-threaded maths.
  */
 #include <math.h>
 #include <stdio.h>
@@ -234,12 +235,26 @@ typedef struct {
 } fwd_job;
 
 /* What the shared xq buffer holds, tracked per thread: every thread runs
- * the same control flow, so the copies agree without being shared. */
+ * the same sequence of ops, so the copies agree without being shared. */
 typedef struct {
     const float *src;
     int act_type;
 } act_tag;
 
+/* One thread's view of the pass. */
+typedef struct {
+    const fwd_job *j;
+    ek_model *m;
+    ek_cursor cur;
+    int ith, nth;
+    act_tag tag;
+} worker;
+
+/* Enough chunks per op that a descheduled thread's share is taken up by the
+ * others, few enough that claiming stays cheap beside the work. */
+#define CHUNKS_PER_THREAD 2
+
+/* Splits n items, in multiples of align, into nth near-equal ranges. */
 static void share(int n, int ith, int nth, int align, int *lo, int *hi) {
     int units = (n + align - 1) / align;
     int per = units / nth, extra = units % nth;
@@ -249,34 +264,70 @@ static void share(int n, int ith, int nth, int align, int *lo, int *hi) {
     *hi = b * align < n ? b * align : n;
 }
 
-/* y[t, :] = W x[t, :] for t < n; each thread computes a band of rows. The
- * activations are quantized once per input (shared by Q, K and V, or gate
- * and up), with a barrier so every thread sees all of them. */
-static void matmul(const fwd_job *j, act_tag *tag, const ek_tensor *W, const float *x, int n,
-                   float *y, int ith, int nth) {
-    ek_model *m = j->m;
-    const ek_type_ops *ops = &m->k->types[W->type];
+/* Claims the next piece [lo, hi) of an op over n items (cut at multiples of
+ * align). Returns 0 when the op has no piece left, after waiting until every
+ * piece is finished, so the next op may read what this one wrote. */
+static int next_piece(worker *w, int n, int align, int *lo, int *hi) {
+    int units = (n + align - 1) / align;
+    int chunks = w->nth == 1 ? 1 : w->nth * CHUNKS_PER_THREAD;
+    if (chunks > units) chunks = units;
+    int i = ek_claim(&w->cur, chunks);
+    if (i < 0) {
+        ek_op_wait(&w->cur, chunks);
+        return 0;
+    }
+    share(n, i, chunks, align, lo, hi);
+    return 1;
+}
+
+/* A weight matrix and where its product goes. */
+typedef struct {
+    const ek_tensor *W;
+    float *y; /* [n, W->rows] */
+} proj;
+
+#define ROW_BAND 16 /* rows of a matmul claimed together: whole 4x4 tiles */
+
+/* y = W x[t] for every token t and every projection of a group sharing the
+ * input x (Q, K and V; gate and up). The activations are quantized once;
+ * then bands of rows across all the group's matrices are claimed as one op. */
+static void matmuls(worker *w, const float *x, int n, const proj *p, int np) {
+    ek_model *m = w->m;
+    int act_type = m->k->types[p[0].W->type].act_type, cols = p[0].W->cols;
+    for (int i = 1; i < np; i++) {
+        if (m->k->types[p[i].W->type].act_type != act_type) {
+            for (int k = 0; k < np; k++) matmuls(w, x, n, &p[k], 1);
+            return;
+        }
+    }
     const void *xa = x;
-    size_t x_stride = (size_t)W->cols * sizeof(float);
-    if (ops->act_type != EK_TYPE_F32) {
-        x_stride = ek_row_bytes(ops->act_type, W->cols);
-        if (tag->src != x || tag->act_type != ops->act_type) {
-            int lo, hi;
-            share(n, ith, nth, 1, &lo, &hi);
-            for (int t = lo; t < hi; t++)
-                ops->quantize(x + (size_t)t * W->cols, (char *)m->xq + t * x_stride, W->cols);
-            ek_pool_barrier(m->pool);
-            tag->src = x;
-            tag->act_type = ops->act_type;
+    size_t x_stride = (size_t)cols * sizeof(float);
+    int lo, hi;
+    if (act_type != EK_TYPE_F32) {
+        x_stride = ek_row_bytes(act_type, cols);
+        if (w->tag.src != x || w->tag.act_type != act_type) {
+            ek_quantize_fn quantize = m->k->types[p[0].W->type].quantize;
+            while (next_piece(w, n, 1, &lo, &hi))
+                for (int t = lo; t < hi; t++)
+                    quantize(x + (size_t)t * cols, (char *)m->xq + t * x_stride, cols);
+            w->tag = (act_tag){x, act_type};
         }
         xa = m->xq;
     }
-    size_t w_stride = ek_row_bytes(W->type, W->cols);
-    int lo, hi;
-    share(W->rows, ith, nth, 16, &lo, &hi);
-    if (hi > lo)
-        ops->gemm(W->cols, (const char *)W->data + lo * w_stride, w_stride, hi - lo, xa, x_stride, n,
-                  y + lo, (size_t)W->rows);
+    int bands = 0;
+    for (int i = 0; i < np; i++) bands += (p[i].W->rows + ROW_BAND - 1) / ROW_BAND;
+    while (next_piece(w, bands, 1, &lo, &hi)) {
+        for (int i = 0, first = 0; i < np; first += (p[i].W->rows + ROW_BAND - 1) / ROW_BAND, i++) {
+            const ek_tensor *W = p[i].W;
+            int r0 = (lo > first ? lo - first : 0) * ROW_BAND;
+            int r1 = (hi - first) * ROW_BAND;
+            if (r1 > W->rows) r1 = W->rows;
+            if (r1 <= r0) continue;
+            size_t w_stride = ek_row_bytes(W->type, W->cols);
+            m->k->types[W->type].gemm(W->cols, (const char *)W->data + r0 * w_stride, w_stride,
+                                      r1 - r0, xa, x_stride, n, p[i].y + r0, (size_t)W->rows);
+        }
+    }
 }
 
 static uint8_t *kv_at(const ek_model *m, uint8_t *base, int layer, int slot, int pos) {
@@ -285,132 +336,122 @@ static uint8_t *kv_at(const ek_model *m, uint8_t *base, int layer, int slot, int
 }
 
 /* xb = rmsnorm(x) * w for every token; the activations in xq go stale. */
-static void norm_tokens(const fwd_job *j, act_tag *tag, const ek_tensor *w, int ith, int nth) {
-    ek_model *m = j->m;
+static void norm_tokens(worker *w, const ek_tensor *norm) {
+    ek_model *m = w->m;
     int dim = m->cfg.dim, lo, hi;
-    share(j->n, ith, nth, 1, &lo, &hi);
-    for (int t = lo; t < hi; t++)
-        m->k->rmsnorm(m->xb + (size_t)t * dim, m->x + (size_t)t * dim, w->data, dim, m->cfg.norm_eps);
-    ek_pool_barrier(m->pool);
-    tag->src = NULL;
+    while (next_piece(w, w->j->n, 1, &lo, &hi))
+        for (int t = lo; t < hi; t++)
+            m->k->rmsnorm(m->xb + (size_t)t * dim, m->x + (size_t)t * dim, norm->data, dim,
+                          m->cfg.norm_eps);
+    w->tag.src = NULL;
 }
 
-/* x += xo, the residual connection, once every thread has finished xo. */
-static void residual_add(const fwd_job *j, int ith, int nth) {
-    ek_model *m = j->m;
+/* x += xo, the residual connection. */
+static void residual_add(worker *w) {
+    ek_model *m = w->m;
     int lo, hi;
-    ek_pool_barrier(m->pool);
-    share(j->n * m->cfg.dim, ith, nth, 16, &lo, &hi);
-    m->k->add(m->x + lo, m->xo + lo, hi - lo);
-    ek_pool_barrier(m->pool);
+    while (next_piece(w, w->j->n * m->cfg.dim, 16, &lo, &hi)) m->k->add(m->x + lo, m->xo + lo, hi - lo);
 }
 
-static void attention_block(const fwd_job *j, act_tag *tag, int l, int ith, int nth) {
-    ek_model *m = j->m;
+static void attention_block(worker *w, int l) {
+    const fwd_job *j = w->j;
+    ek_model *m = w->m;
     const ek_kernels *k = m->k;
     const ek_config *c = &m->cfg;
     const ek_layer *L = &m->layers[l];
     int n = j->n, hd = c->head_dim, lo, hi;
 
-    norm_tokens(j, tag, &L->attn_norm, ith, nth);
-    matmul(j, tag, &L->wq, m->xb, n, m->q, ith, nth);
-    matmul(j, tag, &L->wk, m->xb, n, m->kb, ith, nth);
-    matmul(j, tag, &L->wv, m->xb, n, m->vb, ith, nth);
-    ek_pool_barrier(m->pool);
+    norm_tokens(w, &L->attn_norm);
+    matmuls(w, m->xb, n, (proj[]){{&L->wq, m->q}, {&L->wk, m->kb}, {&L->wv, m->vb}}, 3);
 
     /* Rotate this batch's queries and keys, then file keys and values in the
      * cache: attention below reads every position, this batch's included. */
-    share(n, ith, nth, 1, &lo, &hi);
-    for (int t = lo; t < hi; t++) {
-        const float *cs = m->cs + (size_t)t * hd;
-        float *kt = m->kb + (size_t)t * m->kv_dim, *vt = m->vb + (size_t)t * m->kv_dim;
-        k->rope(m->q + (size_t)t * m->q_dim, c->n_head, hd, cs);
-        k->rope(kt, c->n_kv_head, hd, cs);
-        uint8_t *kd = kv_at(m, m->kv_k, l, j->slot[t], j->pos[t]);
-        uint8_t *vd = kv_at(m, m->kv_v, l, j->slot[t], j->pos[t]);
-        for (int h = 0; h < c->n_kv_head; h++) {
-            k->kv_store(kd + h * m->kv_head_bytes, kt + h * hd, hd, m->p.kv_type);
-            k->kv_store(vd + h * m->kv_head_bytes, vt + h * hd, hd, m->p.kv_type);
+    while (next_piece(w, n, 1, &lo, &hi)) {
+        for (int t = lo; t < hi; t++) {
+            const float *cs = m->cs + (size_t)t * hd;
+            float *kt = m->kb + (size_t)t * m->kv_dim, *vt = m->vb + (size_t)t * m->kv_dim;
+            k->rope(m->q + (size_t)t * m->q_dim, c->n_head, hd, cs);
+            k->rope(kt, c->n_kv_head, hd, cs);
+            uint8_t *kd = kv_at(m, m->kv_k, l, j->slot[t], j->pos[t]);
+            uint8_t *vd = kv_at(m, m->kv_v, l, j->slot[t], j->pos[t]);
+            for (int h = 0; h < c->n_kv_head; h++) {
+                k->kv_store(kd + h * m->kv_head_bytes, kt + h * hd, hd, m->p.kv_type);
+                k->kv_store(vd + h * m->kv_head_bytes, vt + h * hd, hd, m->p.kv_type);
+            }
         }
     }
-    ek_pool_barrier(m->pool);
 
-    int group = c->n_head / c->n_kv_head, plo, phi;
+    int group = c->n_head / c->n_kv_head;
     float scale = 1.0f / sqrtf((float)hd);
-    float *scores = m->scores + (size_t)ith * m->p.n_ctx;
-    share(n * c->n_head, ith, nth, 1, &plo, &phi);
-    for (int i = plo; i < phi; i++) {
-        int t = i / c->n_head, h = i % c->n_head, kvh = h / group;
-        size_t off = kvh * m->kv_head_bytes;
-        k->attention(m->xb + (size_t)t * m->q_dim + h * hd, m->q + (size_t)t * m->q_dim + h * hd,
-                     kv_at(m, m->kv_k, l, j->slot[t], 0) + off,
-                     kv_at(m, m->kv_v, l, j->slot[t], 0) + off, m->kv_pos_bytes, m->p.kv_type,
-                     j->pos[t] + 1, hd, scale, scores);
+    float *scores = m->scores + (size_t)w->ith * m->p.n_ctx;
+    while (next_piece(w, n * c->n_head, 1, &lo, &hi)) {
+        for (int i = lo; i < hi; i++) {
+            int t = i / c->n_head, h = i % c->n_head, kvh = h / group;
+            size_t off = kvh * m->kv_head_bytes;
+            k->attention(m->xb + (size_t)t * m->q_dim + h * hd, m->q + (size_t)t * m->q_dim + h * hd,
+                         kv_at(m, m->kv_k, l, j->slot[t], 0) + off,
+                         kv_at(m, m->kv_v, l, j->slot[t], 0) + off, m->kv_pos_bytes, m->p.kv_type,
+                         j->pos[t] + 1, hd, scale, scores);
+        }
     }
-    ek_pool_barrier(m->pool);
-    tag->src = NULL;
-    matmul(j, tag, &L->wo, m->xb, n, m->xo, ith, nth);
-    residual_add(j, ith, nth);
+    w->tag.src = NULL;
+    matmuls(w, m->xb, n, &(proj){&L->wo, m->xo}, 1);
+    residual_add(w);
 }
 
-static void ffn_block(const fwd_job *j, act_tag *tag, int l, int ith, int nth) {
-    ek_model *m = j->m;
-    const ek_kernels *k = m->k;
-    const ek_config *c = &m->cfg;
+static void ffn_block(worker *w, int l) {
+    ek_model *m = w->m;
     const ek_layer *L = &m->layers[l];
-    int n = j->n, lo, hi;
+    int n = w->j->n, lo, hi;
 
-    norm_tokens(j, tag, &L->ffn_norm, ith, nth);
-    matmul(j, tag, &L->w_gate, m->xb, n, m->hb, ith, nth);
-    matmul(j, tag, &L->w_up, m->xb, n, m->hb2, ith, nth);
-    ek_pool_barrier(m->pool);
-    share(n * c->hidden_dim, ith, nth, 16, &lo, &hi);
-    k->silu_mul(m->hb + lo, m->hb + lo, m->hb2 + lo, hi - lo);
-    ek_pool_barrier(m->pool);
-    tag->src = NULL;
-    matmul(j, tag, &L->w_down, m->hb, n, m->xo, ith, nth);
-    residual_add(j, ith, nth);
+    norm_tokens(w, &L->ffn_norm);
+    matmuls(w, m->xb, n, (proj[]){{&L->w_gate, m->hb}, {&L->w_up, m->hb2}}, 2);
+    while (next_piece(w, n * m->cfg.hidden_dim, 16, &lo, &hi))
+        m->k->silu_mul(m->hb + lo, m->hb + lo, m->hb2 + lo, hi - lo);
+    w->tag.src = NULL;
+    matmuls(w, m->hb, n, &(proj){&L->w_down, m->xo}, 1);
+    residual_add(w);
 }
 
 static void forward_worker(void *ctx, int ith, int nth) {
     const fwd_job *j = ctx;
     ek_model *m = j->m;
     const ek_config *c = &m->cfg;
+    worker w = {j, m, ek_cursor_start(m->pool), ith, nth, {NULL, -1}};
     const ek_type_ops *embd = &m->k->types[m->w.tok_embd.type];
     size_t embd_row = ek_row_bytes(m->w.tok_embd.type, c->dim);
-    act_tag tag = {NULL, -1};
     int lo, hi;
 
-    share(j->n, ith, nth, 1, &lo, &hi);
-    for (int t = lo; t < hi; t++) {
-        embd->dequantize((const char *)m->w.tok_embd.data + j->tokens[t] * embd_row,
-                         m->x + (size_t)t * c->dim, c->dim);
-        float *cs = m->cs + (size_t)t * c->head_dim;
-        for (int i = 0; i < c->head_dim / 2; i++) {
-            double theta = j->pos[t] * m->inv_freq[i];
-            cs[2 * i] = (float)cos(theta);
-            cs[2 * i + 1] = (float)sin(theta);
+    while (next_piece(&w, j->n, 1, &lo, &hi)) {
+        for (int t = lo; t < hi; t++) {
+            embd->dequantize((const char *)m->w.tok_embd.data + j->tokens[t] * embd_row,
+                             m->x + (size_t)t * c->dim, c->dim);
+            float *cs = m->cs + (size_t)t * c->head_dim;
+            for (int i = 0; i < c->head_dim / 2; i++) {
+                double theta = j->pos[t] * m->inv_freq[i];
+                cs[2 * i] = (float)cos(theta);
+                cs[2 * i + 1] = (float)sin(theta);
+            }
         }
     }
-    ek_pool_barrier(m->pool);
 
     for (int l = 0; l < c->n_layer; l++) {
-        attention_block(j, &tag, l, ith, nth);
-        ffn_block(j, &tag, l, ith, nth);
+        attention_block(&w, l);
+        ffn_block(&w, l);
     }
 
     /* Final norm only for the rows that want logits, packed to the front of
      * xb so the vocabulary matmul (the biggest of all) runs only for them. */
-    if (ith == 0) {
+    while (next_piece(&w, j->n, 1, &lo, &hi)) {
         int o = 0;
-        for (int t = 0; t < j->n; t++)
+        for (int t = 0; t < lo; t++) o += j->want[t] != 0;
+        for (int t = lo; t < hi; t++)
             if (j->want[t])
                 m->k->rmsnorm(m->xb + (size_t)o++ * c->dim, m->x + (size_t)t * c->dim,
                               m->w.out_norm.data, c->dim, c->norm_eps);
     }
-    ek_pool_barrier(m->pool);
-    tag.src = NULL;
-    if (j->n_out) matmul(j, &tag, &m->w.output, m->xb, j->n_out, j->logits, ith, nth);
+    w.tag.src = NULL;
+    if (j->n_out) matmuls(&w, m->xb, j->n_out, &(proj){&m->w.output, j->logits}, 1);
 }
 
 int ek_forward(ek_model *m, int n, const int32_t *tokens, const int32_t *pos, const int32_t *slot,

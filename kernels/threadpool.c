@@ -2,12 +2,11 @@
  * next one usually comes within microseconds) and then sleep on a condition
  * variable, so an idle runtime costs no CPU.
  *
- * Barriers spin for a few microseconds, then sleep on a futex. On an idle
- * machine nobody sleeps and a barrier costs well under a microsecond; on a
- * board shared with other programs, a thread whose partner was descheduled
- * gives its core away instead of spinning through the partner's time slice.
- * That is kinder to the other programs but does not make us fast there: with
- * a barrier after every op, each descheduling still stalls the whole pass. */
+ * Waits inside a run (for an op's last chunk, for the workers at the end)
+ * spin for a few microseconds, then sleep on a futex. On an idle machine
+ * nobody sleeps; on a board shared with other programs, a thread waiting
+ * for a descheduled partner's chunk gives its core away, and the partner
+ * is soon moved onto it. */
 #define _GNU_SOURCE
 #include <limits.h>
 #include <pthread.h>
@@ -23,7 +22,7 @@
 #include "edge_threadpool.h"
 
 #define SPINS_BEFORE_SLEEP 20000
-#define BARRIER_SPINS 4000
+#define WAIT_SPINS 4000
 
 struct ek_pool {
     int n_threads;
@@ -33,15 +32,15 @@ struct ek_pool {
     pthread_mutex_t lock; /* guards sleeping workers */
     pthread_cond_t wake;
     atomic_int generation; /* bumped to start a run */
-    atomic_int running;    /* workers still inside the current run */
+    atomic_int finished;   /* workers done with the current run */
     atomic_int stop;
 
     ek_pool_fn fn;
     void *ctx;
 
-    atomic_int barrier_count;
-    atomic_int barrier_phase;   /* bumped when the last thread arrives */
-    atomic_int barrier_sleepers; /* threads asleep on barrier_phase */
+    atomic_int next_chunk;  /* chunks claimed so far in this run, over all ops */
+    atomic_int done_chunks; /* chunks finished so far in this run */
+    atomic_int sleepers;    /* threads asleep on finished or done_chunks */
 };
 
 typedef struct {
@@ -57,42 +56,68 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static void phase_wait(atomic_int *phase, int seen) {
+static void futex_wait(atomic_int *word, int seen) {
 #if defined(__linux__)
-    syscall(SYS_futex, (int *)phase, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+    syscall(SYS_futex, (int *)word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
 #else
-    (void)phase, (void)seen;
+    (void)word, (void)seen;
     sched_yield();
 #endif
 }
 
-static void phase_wake_all(atomic_int *phase) {
+static void futex_wake_all(atomic_int *word) {
 #if defined(__linux__)
-    syscall(SYS_futex, (int *)phase, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    syscall(SYS_futex, (int *)word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 #else
-    (void)phase;
+    (void)word;
 #endif
 }
 
-void ek_pool_barrier(ek_pool *pool) {
-    if (pool->n_threads == 1) return;
-    int phase = atomic_load(&pool->barrier_phase);
-    if (atomic_fetch_add(&pool->barrier_count, 1) == pool->n_threads - 1) {
-        atomic_store(&pool->barrier_count, 0);
-        atomic_fetch_add(&pool->barrier_phase, 1);
-        if (atomic_load(&pool->barrier_sleepers) > 0) phase_wake_all(&pool->barrier_phase);
-        return;
-    }
-    for (int spins = 0; spins < BARRIER_SPINS; spins++) {
-        if (atomic_load_explicit(&pool->barrier_phase, memory_order_acquire) != phase) return;
+/* Adds to a counter that other threads may be waiting on. */
+static void count_up(ek_pool *pool, atomic_int *counter, int n) {
+    atomic_fetch_add(counter, n);
+    if (atomic_load(&pool->sleepers) > 0) futex_wake_all(counter);
+}
+
+/* Returns once *counter >= target. A sleeper is counted before its last
+ * look at the counter, so the thread that moves the counter either sees it
+ * and wakes it, or moved it first and the futex returns at once. */
+static void wait_for(ek_pool *pool, atomic_int *counter, int target) {
+    for (int spins = 0; spins < WAIT_SPINS; spins++) {
+        if (atomic_load_explicit(counter, memory_order_acquire) >= target) return;
         cpu_relax();
     }
-    /* Counted as a sleeper before the last check, so the last arrival either
-     * sees us and wakes us, or has already moved the phase and the futex
-     * returns at once. */
-    atomic_fetch_add(&pool->barrier_sleepers, 1);
-    while (atomic_load(&pool->barrier_phase) == phase) phase_wait(&pool->barrier_phase, phase);
-    atomic_fetch_sub(&pool->barrier_sleepers, 1);
+    atomic_fetch_add(&pool->sleepers, 1);
+    for (int seen; (seen = atomic_load(counter)) < target;) futex_wait(counter, seen);
+    atomic_fetch_sub(&pool->sleepers, 1);
+}
+
+ek_cursor ek_cursor_start(ek_pool *pool) { return (ek_cursor){pool, 0, 0}; }
+
+int ek_claim(ek_cursor *c, int n_chunks) {
+    ek_pool *pool = c->pool;
+    /* Every earlier op is done, so all its chunks were claimed: the counter
+     * stands inside this op or past it. */
+    int end = c->base + n_chunks;
+    int next = atomic_load_explicit(&pool->next_chunk, memory_order_acquire);
+    while (next < end) {
+        if (atomic_compare_exchange_weak(&pool->next_chunk, &next, next + 1)) {
+            c->claimed++;
+            return next - c->base;
+        }
+    }
+    /* Nothing left to claim, so everything this thread claimed is finished:
+     * one report per op rather than one per chunk. */
+    if (c->claimed) {
+        count_up(pool, &pool->done_chunks, c->claimed);
+        c->claimed = 0;
+    }
+    return -1;
+}
+
+void ek_op_wait(ek_cursor *c, int n_chunks) {
+    c->base += n_chunks;
+    wait_for(c->pool, &c->pool->done_chunks, c->base);
 }
 
 static void *worker_main(void *p) {
@@ -117,7 +142,7 @@ static void *worker_main(void *p) {
         if (atomic_load(&pool->stop)) return NULL;
         seen = atomic_load(&pool->generation);
         pool->fn(pool->ctx, ith, pool->n_threads);
-        atomic_fetch_sub_explicit(&pool->running, 1, memory_order_acq_rel);
+        count_up(pool, &pool->finished, 1);
     }
 }
 
@@ -167,19 +192,15 @@ void ek_pool_run(ek_pool *pool, ek_pool_fn fn, void *ctx) {
     pthread_mutex_lock(&pool->run_lock);
     pool->fn = fn;
     pool->ctx = ctx;
-    atomic_store(&pool->running, pool->n_threads - 1);
+    atomic_store(&pool->finished, 0);
+    atomic_store(&pool->next_chunk, 0);
+    atomic_store(&pool->done_chunks, 0);
     pthread_mutex_lock(&pool->lock);
     atomic_fetch_add_explicit(&pool->generation, 1, memory_order_release);
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->lock);
 
     fn(ctx, 0, pool->n_threads);
-
-    for (int spins = 0; atomic_load_explicit(&pool->running, memory_order_acquire) > 0; spins++) {
-        if (spins < 1000)
-            cpu_relax();
-        else
-            sched_yield();
-    }
+    wait_for(pool, &pool->finished, pool->n_threads - 1);
     pthread_mutex_unlock(&pool->run_lock);
 }
