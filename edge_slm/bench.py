@@ -8,6 +8,7 @@ every figure reported is the median over rounds."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,6 +303,18 @@ def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
     return "\n".join(lines).rstrip()
 
 
+@contextlib.contextmanager
+def spinners(n: int) -> Iterator[None]:
+    """n processes that spin on a CPU each until the block ends."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 @click.command()
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="GGUF file (default: the pulled SmolLM2-135M).")
@@ -316,8 +330,11 @@ def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
 @click.option("--backend", default=None,
               help="edge-slm kernel table, e.g. avx2 to match an AVX2 build of llama.cpp "
                    "(default: the best for this CPU).")
+@click.option("--busy-cores", type=click.IntRange(0), default=0, show_default=True,
+              help="Keep this many other processes spinning throughout, as other programs "
+                   "on a shared board would.")
 def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: int,
-          json_path: Path | None, no_peer: bool, backend: str | None) -> None:
+          json_path: Path | None, no_peer: bool, backend: str | None, busy_cores: int) -> None:
     """Measure speed and memory against llama.cpp (llama-cpp-python) on the same model."""
     path = model_path or default_model_path()
     if model_path is None and not path.exists():
@@ -341,7 +358,7 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
         raise EdgeSlmError(f"--ctx {n_ctx} is too small: the suite needs {workload.positions_needed} positions")
     bytes_per_token, byte_parts = weight_bytes_per_token(path)
     machine = machine_info()
-    if machine["loadavg_start"][0] > 0.5:
+    if machine["loadavg_start"][0] > 0.5 and not busy_cores:
         log.warning("load average %.1f: other work on this machine will skew the figures",
                     machine["loadavg_start"][0])
     bandwidth = measure_bandwidth(thread_counts)
@@ -349,7 +366,7 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
     rounds: dict[tuple[str, int], list[RoundResult]] = {}
     cpu: dict[tuple[str, int], list[float]] = {}
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="edge-slm-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edge-slm-bench-") as tmp, spinners(busy_cores):
         wpath = Path(tmp) / "workload.json"
         wpath.write_text(workload.to_json())
         for rep in range(reps):
@@ -371,7 +388,8 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
     ours_ids = {tuple(r.greedy_ids) for t in thread_counts for r in rounds[(OURS, t)]}
 
     click.echo(f"{path.name}: n_ctx {n_ctx}, median of {reps} round{'s' * (reps > 1)} "
-               f"per figure, one fresh process each ({elapsed:.0f} s)")
+               f"per figure, one fresh process each ({elapsed:.0f} s)"
+               + (f"; {busy_cores} other process{'es' * (busy_cores > 1)} spinning" if busy_cores else ""))
     kernels = {s.runtime: s.backend for s in summaries}
     click.echo("kernels: " + "; ".join(f"{rt} {name}" for rt, name in kernels.items()))
     click.echo(format_table(summaries, bandwidth, agreement))
@@ -398,7 +416,7 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
                       "weight_bytes_per_token": bytes_per_token,
                       "weight_bytes_per_token_parts": byte_parts},
             "settings": {"n_ctx": n_ctx, "reps": reps, "threads": thread_counts,
-                         "backend_requested": backend,
+                         "backend_requested": backend, "busy_cores": busy_cores,
                          "prefill_lengths": list(PREFILL_LENGTHS), "ttft_prompt": TTFT_PROMPT,
                          "n_decode": N_DECODE, "kv_type": "f16", "n_batch": 512,
                          "bandwidth_bytes": BANDWIDTH_BYTES, "bandwidth_reps": BANDWIDTH_REPS,

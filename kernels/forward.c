@@ -5,6 +5,7 @@
  * before the last one is finished, so the pass reads top to bottom like the
  * single-threaded maths.
  */
+#include <assert.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -295,6 +296,7 @@ static void matmuls(worker *w, const float *x, int n, const proj *p, int np) {
     ek_model *m = w->m;
     int act_type = m->k->types[p[0].W->type].act_type, cols = p[0].W->cols;
     for (int i = 1; i < np; i++) {
+        assert(p[i].W->cols == cols);
         if (m->k->types[p[i].W->type].act_type != act_type) {
             for (int k = 0; k < np; k++) matmuls(w, x, n, &p[k], 1);
             return;
@@ -452,6 +454,7 @@ static void forward_worker(void *ctx, int ith, int nth) {
     }
     w.tag.src = NULL;
     if (j->n_out) matmuls(&w, m->xb, j->n_out, &(proj){&m->w.output, j->logits}, 1);
+    assert(w.cur.claimed == 0); /* a claimed chunk never reported hangs the next run */
 }
 
 int ek_forward(ek_model *m, int n, const int32_t *tokens, const int32_t *pos, const int32_t *slot,
@@ -463,6 +466,9 @@ int ek_forward(ek_model *m, int n, const int32_t *tokens, const int32_t *pos, co
         if (pos[t] < 0 || pos[t] >= m->p.n_ctx || slot[t] < 0 || slot[t] >= m->p.n_slots)
             return EK_ERANGE;
         n_out += want[t] != 0;
+        /* two tokens filing K and V in one cache cell would race */
+        for (int u = 0; u < t; u++)
+            if (pos[u] == pos[t] && slot[u] == slot[t]) return EK_EINVAL;
     }
     fwd_job job = {m, n, tokens, pos, slot, want, logits, n_out};
     ek_pool_run(m->pool, forward_worker, &job);

@@ -8,11 +8,13 @@
  * for a descheduled partner's chunk gives its core away, and the partner
  * is soon moved onto it. */
 #define _GNU_SOURCE
+#include <assert.h>
 #include <limits.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <string.h>
 #if defined(__linux__)
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -38,9 +40,11 @@ struct ek_pool {
     ek_pool_fn fn;
     void *ctx;
 
-    atomic_int next_chunk;  /* chunks claimed so far in this run, over all ops */
-    atomic_int done_chunks; /* chunks finished so far in this run */
-    atomic_int sleepers;    /* threads asleep on finished or done_chunks */
+    /* Apart on their own cache lines: claimers hammer the first while
+     * waiters poll the second. */
+    _Alignas(64) atomic_int next_chunk; /* chunks claimed so far in this run, over all ops */
+    _Alignas(64) atomic_int done_chunks; /* chunks finished so far in this run */
+    atomic_int sleepers;                 /* threads asleep on finished or done_chunks */
 };
 
 typedef struct {
@@ -100,6 +104,7 @@ int ek_claim(ek_cursor *c, int n_chunks) {
      * stands inside this op or past it. */
     int end = c->base + n_chunks;
     int next = atomic_load_explicit(&pool->next_chunk, memory_order_acquire);
+    assert(next >= c->base);
     while (next < end) {
         if (atomic_compare_exchange_weak(&pool->next_chunk, &next, next + 1)) {
             c->claimed++;
@@ -148,8 +153,11 @@ static void *worker_main(void *p) {
 
 ek_pool *ek_pool_create(int n_threads) {
     if (n_threads < 1) n_threads = 1;
-    ek_pool *pool = calloc(1, sizeof *pool);
+    /* aligned, so the counters' cache lines are their own */
+    size_t size = (sizeof(ek_pool) + 63) / 64 * 64;
+    ek_pool *pool = aligned_alloc(64, size);
     if (!pool) return NULL;
+    memset(pool, 0, size);
     pool->n_threads = n_threads;
     pthread_mutex_init(&pool->run_lock, NULL);
     pthread_mutex_init(&pool->lock, NULL);

@@ -125,3 +125,17 @@ def test_forward_rejects_out_of_range(tiny_model):
         rt.forward(np.array([100000]), np.array([0]), np.array([0]), one)
     with pytest.raises(ValueError):
         rt.forward(np.arange(33), np.arange(33), np.zeros(33), np.ones(33, np.uint8))
+    with pytest.raises(ValueError):  # two tokens for one cache cell
+        rt.forward(np.array([1, 2]), np.array([3, 3]), np.array([0, 0]), np.ones(2, np.uint8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thread_count_does_not_change_a_bit(tiny_model, backend):
+    """Threads claim pieces of every op in whatever order they run; each
+    piece is computed the same way whoever takes it, so the logits must be
+    identical at any thread count (a piece skipped or done twice would not be)."""
+    ids = list(np.random.default_rng(5).integers(0, 259, size=40))
+    runs = [runtime(tiny_model, backend, n_threads=t, max_batch=16).prefill(ids, all_logits=True)
+            for t in (1, 2, 3, 5)]
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r, runs[0])
