@@ -125,6 +125,9 @@ def test_forward_rejects_out_of_range(tiny_model):
         rt.forward(np.array([100000]), np.array([0]), np.array([0]), one)
     with pytest.raises(ValueError):
         rt.forward(np.arange(33), np.arange(33), np.zeros(33), np.ones(33, np.uint8))
+    with pytest.raises(TypeError, match="int32"):  # the binding checks element types
+        rt._model.forward(np.array([1], np.int64), np.array([0], np.int32), np.array([0], np.int32),
+                          one, np.empty((1, rt._logits.shape[1]), np.float32))
     with pytest.raises(ValueError):  # two tokens for one cache cell
         rt.forward(np.array([1, 2]), np.array([3, 3]), np.array([0, 0]), np.ones(2, np.uint8))
 

@@ -586,6 +586,22 @@ def test_bad_arguments_raise_value_error(backend, name):
         call(backend)
 
 
+# Typed arguments must have the element type the kernel reads.
+WRONG_TYPES = {
+    "matmul float64 x": lambda b: _core.matmul(b, 2, 2, 64, _W, _F.astype(np.float64), _out(2)),
+    "rmsnorm int32 weights": lambda b: _core.rmsnorm(b, _F, _F.astype(np.int32), 1e-5, _out(64)),
+    "rope float16 cs": lambda b: _core.rope(b, _out(64), 2, 32, np.zeros(32, np.float16)),
+    "softmax bytes": lambda b: _core.softmax(b, bytearray(256)),
+    "silu_mul strided": lambda b: _core.silu_mul(b, _out(128)[::2], _F, _out(64)),
+}
+
+
+@pytest.mark.parametrize("name", WRONG_TYPES)
+def test_wrong_element_type_raises(backend, name):
+    with pytest.raises((TypeError, BufferError, ValueError), match="float32|contiguous"):
+        WRONG_TYPES[name](backend)
+
+
 @pytest.mark.parametrize("name", BACKEND_CALLS)
 def test_unknown_backend_raises_value_error(backend, name):
     BACKEND_CALLS[name](backend)  # the call is otherwise valid

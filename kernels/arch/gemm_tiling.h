@@ -17,6 +17,14 @@
  * matmul from ~9 to ~35 GB/s. */
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 8192
+/* A kernel-table entry: the whole gemm for one weight type. Each SIMD file
+ * names its entries, e.g. EK_GEMM_ENTRY(gemm_q4_1_q8_1_neon, EK_TYPE_Q4_1). */
+#define EK_GEMM_ENTRY(name, wtype)                                                          \
+    void name(int n, const void *w, size_t w_stride, int nrows, const void *x,              \
+              size_t x_stride, int nx, float *y, size_t y_stride) {                         \
+        gemm_tiled(wtype, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);             \
+    }
+
 #endif
 
 /* From a weight row to the one about PREFETCH_BYTES on, in whole tiles. */
@@ -63,5 +71,13 @@ EK_INLINE void gemm_tiled(const int wtype, int n, const void *w, size_t w_stride
     default: break;
     }
 }
+
+/* A kernel-table entry: the whole gemm for one weight type. Each SIMD file
+ * names its entries, e.g. EK_GEMM_ENTRY(gemm_q4_1_q8_1_neon, EK_TYPE_Q4_1). */
+#define EK_GEMM_ENTRY(name, wtype)                                                          \
+    void name(int n, const void *w, size_t w_stride, int nrows, const void *x,              \
+              size_t x_stride, int nx, float *y, size_t y_stride) {                         \
+        gemm_tiled(wtype, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);             \
+    }
 
 #endif

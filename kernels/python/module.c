@@ -1,8 +1,10 @@
 /*
  * edge_slm._core: the only file that includes Python.h.
  *
- * Arguments arrive as buffers (y* to read, w* to write); their sizes are
- * checked here, once, so the kernels can trust them. The GIL is released
+ * Arguments arrive as buffers: raw bytes (quantized blocks) through y* and
+ * w*, typed arrays (float32, int32, uint8) through converters that also
+ * check the element type. Sizes are checked here, once, so the kernels can
+ * trust them. The GIL is released
  * around every kernel call. Kernel status codes become Python exceptions.
  */
 #define PY_SSIZE_T_CLEAN
@@ -22,6 +24,33 @@ static const ek_kernels *kernels_named(const char *name) {
     if (!k) PyErr_Format(PyExc_ValueError, "kernel backend '%s' is unknown or unsupported here", name);
     return k;
 }
+
+/* "O&" converters: a C-contiguous buffer of the element type the kernel
+ * reads, or a TypeError naming the one it got. Called again with NULL to
+ * release the buffer when a later argument fails to parse. */
+static int typed_buffer(PyObject *obj, Py_buffer *b, int writable, const char *codes,
+                        Py_ssize_t itemsize, const char *type_name) {
+    if (!obj) {
+        PyBuffer_Release(b);
+        return 1;
+    }
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, b, flags) < 0) return 0;
+    const char *f = b->format ? b->format : "B";
+    if (*f == '@' || *f == '=' || *f == '<') f++; /* native order: the targets are little-endian */
+    if (b->itemsize != itemsize || !f[0] || f[1] || !strchr(codes, f[0])) {
+        PyErr_Format(PyExc_TypeError, "expected a contiguous %s array, got format '%s'", type_name,
+                     b->format ? b->format : "B");
+        PyBuffer_Release(b);
+        return 0;
+    }
+    return Py_CLEANUP_SUPPORTED;
+}
+
+static int f32_in(PyObject *o, void *b) { return typed_buffer(o, b, 0, "f", 4, "float32"); }
+static int f32_out(PyObject *o, void *b) { return typed_buffer(o, b, 1, "f", 4, "writable float32"); }
+static int i32_in(PyObject *o, void *b) { return typed_buffer(o, b, 0, "il", 4, "int32"); }
+static int u8_in(PyObject *o, void *b) { return typed_buffer(o, b, 0, "B", 1, "uint8"); }
 
 static int need_bytes(const char *what, const Py_buffer *b, size_t n) {
     if ((size_t)b->len != n) {
@@ -50,6 +79,19 @@ static const ek_type_ops *type_ops(const ek_kernels *k, int type) {
         return NULL;
     }
     return &k->types[type];
+}
+
+/* The model's hyperparameters from a dict with exactly these keys. */
+static int parse_config(PyObject *config, ek_config *c) {
+    static char *names[] = {"n_layer", "dim", "hidden_dim", "n_head", "n_kv_head", "head_dim",
+                            "vocab", "norm_eps", "rope_base", NULL};
+    *c = (ek_config){0};
+    PyObject *empty = PyTuple_New(0);
+    int ok = empty && PyArg_ParseTupleAndKeywords(empty, config, "$iiiiiiiff", names, &c->n_layer,
+                                                  &c->dim, &c->hidden_dim, &c->n_head, &c->n_kv_head,
+                                                  &c->head_dim, &c->vocab, &c->norm_eps, &c->rope_base);
+    Py_XDECREF(empty);
+    return ok ? 0 : -1;
 }
 
 static PyObject *status_error(int rc, const char *what) {
@@ -111,7 +153,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     const char *backend;
     int type;
     Py_buffer x, y;
-    if (!PyArg_ParseTuple(args, "ziy*w*", &backend, &type, &x, &y)) return NULL;
+    if (!PyArg_ParseTuple(args, "ziO&w*", &backend, &type, f32_in, &x, &y)) return NULL;
     PyObject *ret = NULL;
     const ek_kernels *k = kernels_named(backend);
     int n = (int)(x.len / sizeof(float));
@@ -137,7 +179,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     const char *backend;
     int type;
     Py_buffer x, y;
-    if (!PyArg_ParseTuple(args, "ziy*w*", &backend, &type, &x, &y)) return NULL;
+    if (!PyArg_ParseTuple(args, "ziy*O&", &backend, &type, &x, f32_out, &y)) return NULL;
     PyObject *ret = NULL;
     const ek_kernels *k = kernels_named(backend);
     int n = (int)(y.len / sizeof(float));
@@ -159,7 +201,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     const char *backend;
     int type, rows, cols, nx;
     Py_buffer w, x, y;
-    if (!PyArg_ParseTuple(args, "ziiiy*y*w*", &backend, &type, &rows, &cols, &w, &x, &y)) return NULL;
+    if (!PyArg_ParseTuple(args, "ziiiy*O&O&", &backend, &type, &rows, &cols, &w, f32_in, &x, f32_out, &y)) return NULL;
     PyObject *ret = NULL;
     void *xq = NULL;
     const ek_kernels *k = kernels_named(backend);
@@ -200,7 +242,7 @@ static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
     const char *backend;
     float eps;
     Py_buffer x, w, out;
-    if (!PyArg_ParseTuple(args, "zy*y*fw*", &backend, &x, &w, &eps, &out)) return NULL;
+    if (!PyArg_ParseTuple(args, "zO&O&fO&", &backend, f32_in, &x, f32_in, &w, &eps, f32_out, &out)) return NULL;
     PyObject *ret = NULL;
     const ek_kernels *k = kernels_named(backend);
     int n = (int)(x.len / sizeof(float));
@@ -219,7 +261,7 @@ static PyObject *py_rope(PyObject *self, PyObject *args) {
     const char *backend;
     int n_heads, head_dim;
     Py_buffer x, cs;
-    if (!PyArg_ParseTuple(args, "zw*iiy*", &backend, &x, &n_heads, &head_dim, &cs)) return NULL;
+    if (!PyArg_ParseTuple(args, "zO&iiO&", &backend, f32_out, &x, &n_heads, &head_dim, f32_in, &cs)) return NULL;
     PyObject *ret = NULL;
     const ek_kernels *k = kernels_named(backend);
     if (!k) goto done;
@@ -242,7 +284,7 @@ static PyObject *py_silu_mul(PyObject *self, PyObject *args) {
     (void)self;
     const char *backend;
     Py_buffer gate, up, out;
-    if (!PyArg_ParseTuple(args, "zy*y*w*", &backend, &gate, &up, &out)) return NULL;
+    if (!PyArg_ParseTuple(args, "zO&O&O&", &backend, f32_in, &gate, f32_in, &up, f32_out, &out)) return NULL;
     PyObject *ret = NULL;
     const ek_kernels *k = kernels_named(backend);
     if (!k || need_bytes("up", &up, gate.len) || need_bytes("out", &out, gate.len)) goto done;
@@ -259,7 +301,7 @@ static PyObject *py_softmax(PyObject *self, PyObject *args) {
     (void)self;
     const char *backend;
     Py_buffer x;
-    if (!PyArg_ParseTuple(args, "zw*", &backend, &x)) return NULL;
+    if (!PyArg_ParseTuple(args, "zO&", &backend, f32_out, &x)) return NULL;
     PyObject *ret = NULL;
     const ek_kernels *k = kernels_named(backend);
     if (!k) goto done;
@@ -282,8 +324,8 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     int kv_type, n_pos, head_dim;
     float scale;
     Py_buffer q, kc, vc, out;
-    if (!PyArg_ParseTuple(args, "zy*y*y*iiifw*", &backend, &q, &kc, &vc, &kv_type, &n_pos, &head_dim,
-                          &scale, &out))
+    if (!PyArg_ParseTuple(args, "zO&y*y*iiifO&", &backend, f32_in, &q, &kc, &vc, &kv_type, &n_pos,
+                          &head_dim, &scale, f32_out, &out))
         return NULL;
     PyObject *ret = NULL;
     float *scores = NULL;
@@ -323,7 +365,7 @@ static PyObject *py_kv_store(PyObject *self, PyObject *args) {
     const char *backend;
     int kv_type;
     Py_buffer src, dst;
-    if (!PyArg_ParseTuple(args, "ziy*w*", &backend, &kv_type, &src, &dst)) return NULL;
+    if (!PyArg_ParseTuple(args, "ziO&w*", &backend, &kv_type, f32_in, &src, &dst)) return NULL;
     PyObject *ret = NULL;
     const ek_kernels *k = kernels_named(backend);
     int n = (int)(src.len / sizeof(float));
@@ -399,14 +441,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     if (!(p.kernels = kernels_named(backend))) return -1;
 
     ek_config c;
-    PyObject *empty = PyTuple_New(0);
-    static char *cfg_names[] = {"n_layer", "dim", "hidden_dim", "n_head", "n_kv_head", "head_dim",
-                                "vocab", "norm_eps", "rope_base", NULL};
-    int ok = empty && PyArg_ParseTupleAndKeywords(empty, config, "$iiiiiiiff", cfg_names, &c.n_layer,
-                                                  &c.dim, &c.hidden_dim, &c.n_head, &c.n_kv_head,
-                                                  &c.head_dim, &c.vocab, &c.norm_eps, &c.rope_base);
-    Py_XDECREF(empty);
-    if (!ok) return -1;
+    if (parse_config(config, &c)) return -1;
     if (c.n_layer < 1 || c.n_layer > 1024) {
         PyErr_Format(PyExc_ValueError, "unreasonable layer count %d", c.n_layer);
         return -1;
@@ -478,7 +513,8 @@ static int model_ready(ModelObject *self) {
 static PyObject *Model_forward(ModelObject *self, PyObject *args) {
     Py_buffer tok, pos, slot, want, logits;
     if (!model_ready(self)) return NULL;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*w*", &tok, &pos, &slot, &want, &logits)) return NULL;
+    if (!PyArg_ParseTuple(args, "O&O&O&O&O&", i32_in, &tok, i32_in, &pos, i32_in, &slot, u8_in,
+                          &want, f32_out, &logits)) return NULL;
     PyObject *ret = NULL;
     Py_ssize_t n = tok.len / (Py_ssize_t)sizeof(int32_t);
     if (n < 1 || n > self->params.max_batch) {
@@ -585,15 +621,8 @@ static PyObject *py_model_bytes(PyObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O!iiiii", names, &PyDict_Type, &config, &n_slots,
                                      &n_ctx, &max_batch, &n_threads, &kv_type))
         return NULL;
-    ek_config c = {0};
-    PyObject *empty = PyTuple_New(0);
-    static char *cfg_names[] = {"n_layer", "dim", "hidden_dim", "n_head", "n_kv_head", "head_dim",
-                                "vocab", "norm_eps", "rope_base", NULL};
-    int ok = empty && PyArg_ParseTupleAndKeywords(empty, config, "$iiiiiiiff", cfg_names, &c.n_layer,
-                                                  &c.dim, &c.hidden_dim, &c.n_head, &c.n_kv_head,
-                                                  &c.head_dim, &c.vocab, &c.norm_eps, &c.rope_base);
-    Py_XDECREF(empty);
-    if (!ok) return NULL;
+    ek_config c;
+    if (parse_config(config, &c)) return NULL;
     if (kv_type != EK_TYPE_F16 && kv_type != EK_TYPE_Q8_0) {
         PyErr_SetString(PyExc_ValueError, "the cache holds F16 or Q8_0");
         return NULL;

@@ -115,27 +115,8 @@ void dequantize_row_f16_avx2(const void *vx, float *y, int n) {
 
 /* ---- gemm entries ---- */
 
-void gemm_q4_0_q8_0_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
-                         size_t x_stride, int nx, float *y, size_t y_stride) {
-    gemm_tiled(EK_TYPE_Q4_0, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);
-}
-
-void gemm_q4_1_q8_1_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
-                         size_t x_stride, int nx, float *y, size_t y_stride) {
-    gemm_tiled(EK_TYPE_Q4_1, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);
-}
-
-void gemm_q8_0_q8_0_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
-                         size_t x_stride, int nx, float *y, size_t y_stride) {
-    gemm_tiled(EK_TYPE_Q8_0, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);
-}
-
-void gemm_f16_f32_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
-                       size_t x_stride, int nx, float *y, size_t y_stride) {
-    gemm_tiled(EK_TYPE_F16, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);
-}
-
-void gemm_f32_f32_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
-                       size_t x_stride, int nx, float *y, size_t y_stride) {
-    gemm_tiled(EK_TYPE_F32, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);
-}
+EK_GEMM_ENTRY(gemm_q4_0_q8_0_avx2, EK_TYPE_Q4_0)
+EK_GEMM_ENTRY(gemm_q4_1_q8_1_avx2, EK_TYPE_Q4_1)
+EK_GEMM_ENTRY(gemm_q8_0_q8_0_avx2, EK_TYPE_Q8_0)
+EK_GEMM_ENTRY(gemm_f16_f32_avx2, EK_TYPE_F16)
+EK_GEMM_ENTRY(gemm_f32_f32_avx2, EK_TYPE_F32)

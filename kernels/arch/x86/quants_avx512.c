@@ -145,23 +145,9 @@ EK_INLINE void gemm_tile(const int wtype, const int RW, const int RX, int n, con
     gemm_tile_q(wtype, RW, RX, n / EK_QK, w, w_stride, x, x_stride, y, y_stride);
 }
 
-static void gemm_q4_0_q8_0_avx512_vnni(int n, const void *w, size_t w_stride, int nrows,
-                                       const void *x, size_t x_stride, int nx, float *y,
-                                       size_t y_stride) {
-    gemm_tiled(EK_TYPE_Q4_0, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);
-}
-
-static void gemm_q4_1_q8_1_avx512_vnni(int n, const void *w, size_t w_stride, int nrows,
-                                       const void *x, size_t x_stride, int nx, float *y,
-                                       size_t y_stride) {
-    gemm_tiled(EK_TYPE_Q4_1, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);
-}
-
-static void gemm_q8_0_q8_0_avx512_vnni(int n, const void *w, size_t w_stride, int nrows,
-                                       const void *x, size_t x_stride, int nx, float *y,
-                                       size_t y_stride) {
-    gemm_tiled(EK_TYPE_Q8_0, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);
-}
+static EK_GEMM_ENTRY(gemm_q4_0_q8_0_avx512_vnni, EK_TYPE_Q4_0)
+static EK_GEMM_ENTRY(gemm_q4_1_q8_1_avx512_vnni, EK_TYPE_Q4_1)
+static EK_GEMM_ENTRY(gemm_q8_0_q8_0_avx512_vnni, EK_TYPE_Q8_0)
 
 const ek_kernels ek_kernels_avx512_vnni = {
     .name = "avx512_vnni",
