@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from collections import Counter
@@ -126,10 +127,12 @@ def pull() -> None:
 
 
 def open_engine(model_path, threads, n_ctx, kv_type):
-    """One slot: the CLI asks one thing at a time, through the same engine as every front end."""
+    """One slot: the CLI asks one thing at a time, through the same engine as every front end.
+    No deadline: the person at the terminal can stop it with Ctrl-C."""
     from .engine import Engine, EngineConfig
 
-    return Engine(EngineConfig(model=model_path, slots=1, ctx=n_ctx, threads=threads, kv_type=kv_type))
+    return Engine(EngineConfig(model=model_path, slots=1, ctx=n_ctx, threads=threads, kv_type=kv_type,
+                               timeout=math.inf))
 
 
 def check_result(result) -> None:
