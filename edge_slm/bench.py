@@ -304,11 +304,11 @@ def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
 
 
 @contextlib.contextmanager
-def spinners(n: int) -> Iterator[None]:
+def spinners(n: int) -> Iterator[list[subprocess.Popen]]:
     """n processes that spin on a CPU each until the block ends."""
     procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
     try:
-        yield
+        yield procs
     finally:
         for p in procs:
             p.kill()

@@ -42,7 +42,7 @@ def test_bench_json_layout(long_model, tmp_path):
         assert len(run["samples"]["decode_tps"]) == 1
     assert doc["greedy_agreement"]["edge_slm_consistent"] is True
     assert len(doc["greedy_agreement"]["greedy_ids"][f"{OURS}/1"]) == 129
-    assert doc["settings"]["n_ctx"] == 1024
+    assert doc["settings"]["n_ctx"] == 1024 and doc["settings"]["busy_cores"] == 0
     assert {r["backend"] for r in doc["runs"]} == {"ref"}
 
 
@@ -65,6 +65,21 @@ def test_bench_rejects_an_unknown_backend(long_model):
                                     "--backend", "no-such-table"])
     assert res.exit_code == 1
     assert "no-such-table" in res.output and "available" in res.output
+
+
+def test_spinners_burn_cpu_until_the_block_ends():
+    import resource
+    import time
+
+    from edge_slm.bench import spinners
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+    with spinners(2) as procs:
+        time.sleep(0.5)
+        assert [p.poll() for p in procs] == [None, None]
+    assert all(p.returncode is not None for p in procs)
+    # they were spinning, not sleeping: the reaped children used CPU time
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - before > 0.3
 
 
 def test_workload_round_trips():
