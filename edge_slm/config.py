@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
+import sys
 from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6's Ubuntu 22.04)
+    import tomli as tomllib
 
 from .engine import EngineConfig
 from .errors import EdgeSlmError
