@@ -16,10 +16,10 @@ EDGE_SLM := $(VENV)/bin/edge-slm
 STAMPS := build/stamps
 ARCH := $(shell uname -m)
 
+# mosquitto and chromium join when the MQTT bridge and the kiosk (and their
+# tests) exist; nothing uses them yet.
 APT_PACKAGES := build-essential python3-dev python3-venv \
-	mosquitto mosquitto-clients \
-	gcc-aarch64-linux-gnu qemu-user-static \
-	chromium
+	gcc-aarch64-linux-gnu qemu-user-static
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 # Everything the extension is built from (the C tests have their own Makefile).
