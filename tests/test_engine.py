@@ -225,3 +225,27 @@ def test_prompt_ids_and_ignore_eos(tiny_model):
         assert r.status == OK and r.tokens == alone and r.finish_reason == "length"
         with pytest.raises(EdgeSlmError, match="outside the vocabulary"):
             e.submit(prompt_ids=[1, 10**6])
+
+
+def test_real_model_conversation_reuses_its_cache_across_dropped_turns(real_model):
+    """With the real tokenizer an answer re-encoded from its text need not
+    give back the generated ids; the reuse must still find the turns that
+    follow a dropped exchange, and the model must keep answering."""
+    from edge_slm.chat import Conversation
+    from edge_slm.sampler import SamplingConfig
+
+    with Engine(EngineConfig(model=real_model, slots=1, ctx=192, min_ctx=64, threads=2)) as e:
+        talk = Conversation(e, system="Answer in one sentence.", max_tokens=24,
+                            sampling=SamplingConfig(temperature=0.0))
+        results = [talk.ask(q) for q in (
+            "What does a pressure relief valve do?", "Why would a pump cavitate?",
+            "What is a bearing?", "How do I bleed air from a hydraulic line?",
+            "What does a check valve prevent?", "Why does a motor overheat?")]
+        assert all(r.status == OK and r.tokens for r in results)
+        assert talk.dropped > 0
+        # every later turn, those after a dropped exchange included, finds
+        # most of its prompt in the cache; the common prefix alone (the
+        # system prompt) would be a small part of it
+        assert all(r.cached_tokens > r.prompt_tokens // 2 for r in results[1:]), \
+            [(r.prompt_tokens, r.cached_tokens) for r in results]
+        assert e.status()["prompt_tokens_reused"] == sum(r.cached_tokens for r in results)
