@@ -8,16 +8,12 @@ import math
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from .errors import EdgeSlmError
-from .paths import default_model_path
-
-log = logging.getLogger("edge_slm")
-
+from .paths import model_or_default
 
 def default_threads() -> int:
     try:
@@ -61,30 +57,6 @@ def runtime_options(f):
     f = click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default="f16",
                      show_default=True, help="KV cache element type.")(f)
     return model_option(f)
-
-
-@dataclass
-class Loaded:
-    model: object
-    runtime: object
-    tokenizer: object
-
-
-def load(model_path: Path | None, threads: int, n_ctx: int | None, kv_type: str = "f16",
-         max_batch: int = 64) -> Loaded:
-    from .model import RuntimeOptions, load_model
-
-    path = model_path or default_model_path()
-    if model_path is None and not path.exists():
-        raise EdgeSlmError(f"no model at {path}; run `edge-slm pull` or pass --model")
-    model = load_model(path)
-    tokenizer = model.tokenizer()
-    n_ctx = n_ctx or min(2048, model.config.context_length)
-    runtime = model.runtime(RuntimeOptions(n_threads=threads, n_ctx=n_ctx, max_batch=max_batch,
-                                           kv_type=kv_type))
-    log.info("loaded %s: %d layers, backend %s, %d threads", path.name, model.config.n_layer,
-             runtime.backend, threads)
-    return Loaded(model, runtime, tokenizer)
 
 
 def sampling_options(f):
@@ -195,7 +167,7 @@ def tokenize(text, model_path, as_json) -> None:
     from .model import GGUFFile
     from .tokenizer import Tokenizer
 
-    tok = Tokenizer.from_gguf(GGUFFile(model_path or default_model_path()))
+    tok = Tokenizer.from_gguf(GGUFFile(model_or_default(model_path)))
     ids = tok.encode(text)
     click.echo(json.dumps(ids) if as_json else " ".join(map(str, ids)))
 
@@ -219,16 +191,15 @@ def logits(ids, out, model_path, threads, n_ctx, kv_type) -> None:
     """Write the logits at every position of an id sequence."""
     import numpy as np
 
-    from .generate import check_fits
+    from .generate import check_ids
+    from .model import RuntimeOptions, load_model
 
-    seq = parse_ids(ids)
-    loaded = load(model_path, threads, max(n_ctx or 0, len(seq) + 1), kv_type)
-    vocab = loaded.model.config.vocab
-    bad = [i for i in seq if not 0 <= i < vocab]
-    if bad:
-        raise EdgeSlmError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-    check_fits(len(seq), loaded.runtime.opts.n_ctx)
-    np.save(out, loaded.runtime.prefill(seq, all_logits=True))
+    model = load_model(model_or_default(model_path))
+    vocab = model.config.vocab
+    seq = check_ids(parse_ids(ids), vocab)
+    runtime = model.runtime(RuntimeOptions(n_threads=threads, n_ctx=max(n_ctx or 0, len(seq) + 1),
+                                           kv_type=kv_type))
+    np.save(out, runtime.prefill(seq, all_logits=True))
     click.echo(f"{out}: {len(seq)} x {vocab} float32")
 
 
@@ -250,7 +221,7 @@ def info(path, n_ctx, kv_type, threads, memory_budget, slots) -> None:
     from .tokenizer import Tokenizer
 
     interpreter = current_rss()
-    f = GGUFFile(path or default_model_path())
+    f = GGUFFile(model_or_default(path))
     cfg = read_config(f)
     tensors = f.tensors()
     check_tensors(f.path, cfg, tensors)

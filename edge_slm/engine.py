@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgeSlmError
-from .generate import TextStream
+from .generate import TextStream, check_ids
 from .memory import Fixed, MemoryPlan, current_rss, limit_malloc_arenas, plan_memory
 from .model import RuntimeOptions, load_model
-from .paths import default_model_path
+from .paths import model_or_default
 from .sampler import Sampler, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -192,10 +192,7 @@ class Engine:
         self.cfg = cfg
         limit_malloc_arenas()
         interpreter = current_rss()
-        path = cfg.model or default_model_path()
-        if cfg.model is None and not path.exists():
-            raise EdgeSlmError(f"no model at {path}; run `edge-slm pull` or pass --model")
-        self.model = load_model(path)
+        self.model = load_model(model_or_default(cfg.model))
         self.tokenizer = self.model.tokenizer()
         # Metadata and vocabulary: all that loading holds besides the weights,
         # whose mapped pages are not touched until the first token.
@@ -232,7 +229,7 @@ class Engine:
         if sum(x is not None for x in (prompt, messages, prompt_ids)) != 1:
             raise ValueError("give exactly one of prompt, messages and prompt_ids")
         if prompt_ids is not None:
-            ids = self.check_ids(prompt_ids)
+            ids = check_ids(prompt_ids, self.model.config.vocab)
         else:
             ids = self.encode_chat(messages) if messages is not None else self.tokenizer.encode(prompt)
         req = Request(request_id or f"r{next(self._ids)}", ids, max_tokens or self.cfg.max_tokens,
@@ -263,16 +260,6 @@ class Engine:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self.tokenizer.encode(self.tokenizer.render_chat(messages))
-
-    def check_ids(self, ids: list[int]) -> list[int]:
-        vocab = self.model.config.vocab
-        ids = [int(i) for i in ids]
-        bad = next((i for i in ids if not 0 <= i < vocab), None)
-        if bad is not None:
-            raise EdgeSlmError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
-        if not ids:
-            raise EdgeSlmError("the prompt has no tokens")
-        return ids
 
     def prompt_limit(self, max_tokens: int) -> int:
         """Longest prompt accepted: the context minus room for the answer
@@ -362,12 +349,10 @@ class Engine:
             # Longest shared prefix first; among equals, the slot with the least
             # cached work to lose (so one-off questions pass through one slot
             # and a conversation's history survives them), then the idlest.
-            def value(s: Slot) -> tuple[int, int, float]:
-                shared = common_prefix(s.cache, req.prompt)
-                return shared, shared - len(s.cache), -s.last_used
-
-            slot = max(free, key=value)
-            self._reuse_cache(slot, req.prompt)
+            shared = {s.index: common_prefix(s.cache, req.prompt) for s in free}
+            slot = max(free, key=lambda s: (shared[s.index], shared[s.index] - len(s.cache),
+                                            -s.last_used))
+            self._reuse_cache(slot, req.prompt, shared[slot.index])
             slot.reused = len(slot.cache)
             self._stats["reused"] += slot.reused
             slot.req = req
@@ -380,14 +365,14 @@ class Engine:
             slot.first_token = None
             slot.keep = min(self.cfg.keep_tokens, len(req.prompt))
 
-    def _reuse_cache(self, slot: Slot, prompt: list[int]) -> None:
+    def _reuse_cache(self, slot: Slot, prompt: list[int], shared: int) -> None:
         """Keep what the slot's cache shares with the prompt. Past the common
         prefix, a conversation that dropped its oldest exchange continues the
         cache after a gap: drop the gap and re-rotate the later keys to their
         new positions instead of recomputing them."""
         cache = slot.cache
         limit = len(prompt) - 1  # the last prompt token is run to get logits
-        keep = min(common_prefix(cache, prompt), limit)
+        keep = min(shared, limit)
         best_gap, best_n = 0, 0
         if keep < limit and len(cache) > keep + 1:
             after = np.asarray(cache[keep + 1:], np.int64)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .errors import ContextOverflow
+from .errors import ContextOverflow, EdgeSlmError
 from .model import Transformer
 from .sampler import Sampler, SamplingConfig
 
@@ -61,6 +61,17 @@ class TextStream:
         self._pending = self._pending[len(piece):] if not self.stopped else ""
         self.text += piece
         return piece
+
+
+def check_ids(ids: Sequence[int], vocab: int) -> list[int]:
+    """Token ids given by a caller, as ints, each inside the vocabulary."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise EdgeSlmError("no token ids given")
+    bad = next((i for i in ids if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise EdgeSlmError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+    return ids
 
 
 def check_fits(n_prompt: int, n_ctx: int) -> None:

