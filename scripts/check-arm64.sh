@@ -199,7 +199,9 @@ in_root "
     uname -m; python3 --version; gcc --version | head -n 1
     if [ \"\$(cat $VENV/.pyproject.sha256 2>/dev/null)\" != $want ]; then
         rm -rf $VENV
-        python3 -m venv --system-site-packages $VENV
+        # the system's python by its path: bash has hashed python3 as the
+        # venv's, which is gone now
+        /usr/bin/python3 -m venv --system-site-packages $VENV
     fi
     # A local directory is always rebuilt from scratch (isolated build, new
     # build directory), so this compiles exactly the copied sources.
