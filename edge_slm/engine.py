@@ -278,9 +278,11 @@ class Engine:
                 "memory_plan": self.plan.as_dict(), "rss": current_rss(),
                 "tokens_generated": stats.get("tokens", 0),
                 "prompt_tokens_reused": stats.get("reused", 0),
-                "decode_tps": stats.get("tokens", 0) / elapsed,
-                # the forward passes that only decoded: the batched decode rate
-                "decode_step_tps": self._decode_tokens / (self._decode_time or 1e-9),
+                # all told: prompts, refusals and idle gaps between requests included
+                "tokens_per_s": stats.get("tokens", 0) / elapsed,
+                # the steps that only decoded (one token per busy slot, sampling included):
+                # the batched decode rate
+                "decode_tps": self._decode_tokens / (self._decode_time or 1e-9),
                 "requests": {k: v for k, v in stats.items() if k not in ("tokens", "reused")},
                 "backend": self.runtime.backend, "uptime_s": time.monotonic() - self._started}
 
@@ -405,6 +407,7 @@ class Engine:
             if len(s.cache) == self.plan.n_ctx:
                 self._shift(s)
 
+        t0 = time.monotonic()
         tokens, pos, slot_ids, want, owners = [], [], [], [], []
         room = self.cfg.max_batch
         decoding = [s for s in active if len(s.cache) == len(s.seq) - 1 and s.answer]
@@ -432,12 +435,8 @@ class Engine:
             room -= len(chunk)
             s.chunk = chunk
 
-        t0 = time.monotonic()
         logits = self.runtime.forward(np.array(tokens, np.int32), np.array(pos, np.int32),
                                       np.array(slot_ids, np.int32), np.array(want, np.uint8))
-        if len(tokens) == len(decoding):
-            self._decode_time += time.monotonic() - t0
-            self._decode_tokens += len(tokens)
         for s in decoding:
             s.cache.append(s.seq[-1])
         for s in active:
@@ -445,6 +444,9 @@ class Engine:
             s.chunk = []
         for row, s in zip(logits, owners):
             self._next_token(s, row)
+        if len(tokens) == len(decoding):
+            self._decode_time += time.monotonic() - t0
+            self._decode_tokens += len(tokens)
 
     def _next_token(self, s: Slot, logits: np.ndarray) -> None:
         req = s.req

@@ -52,8 +52,8 @@ class SoakRun:
     peak_rss_mb: float
     rss_start_mb: float
     rss_end_mb: float
-    decode_tps: float          # tokens generated / wall time, prompts and all
-    decode_step_tps: float     # tokens / time in the forward passes that only decoded
+    decode_tps: float          # aggregate decode rate: tokens / time in the steps that only decoded
+    tokens_per_s: float        # tokens generated / wall time, prompts, refusals and all
     requests_per_s: float
     p50_ms: float
     p95_ms: float
@@ -128,7 +128,7 @@ def run_soak(model: Path | None, budget: int, slots: int, n_requests: int, threa
     return SoakRun(
         slots=len(engine.slots), requests=n_requests, peak_rss_mb=peak / MIB,
         rss_start_mb=rss_marks.get("start", 0) / MIB, rss_end_mb=current_rss() / MIB,
-        decode_tps=status["tokens_generated"] / elapsed, decode_step_tps=status["decode_step_tps"],
+        decode_tps=status["decode_tps"], tokens_per_s=status["tokens_generated"] / elapsed,
         requests_per_s=n_requests / elapsed,
         p50_ms=statistics.median(latencies) if latencies else 0.0,
         p95_ms=latencies[int(0.95 * (len(latencies) - 1))] if latencies else 0.0,
@@ -186,12 +186,12 @@ def soak(model_path, memory_budget, slots_text, n_requests, threads, kv_type, ma
         run = json.loads(proc.stdout.strip().splitlines()[-1])
         runs.append(run)
         click.echo(f"{run['slots']:>5} {run['requests']:>8} {run['n_ctx']:>5} {run['peak_rss_mb']:>8.1f} "
-                   f"{run['rss_start_mb']:>8.1f} {run['rss_end_mb']:>7.1f} {run['decode_tps']:>7.1f} "
-                   f"{run['decode_step_tps']:>7.1f} "
+                   f"{run['rss_start_mb']:>8.1f} {run['rss_end_mb']:>7.1f} {run['tokens_per_s']:>7.1f} "
+                   f"{run['decode_tps']:>7.1f} "
                    f"{run['requests_per_s']:>6.2f} {run['p50_ms']:>7.0f} {run['p95_ms']:>7.0f}  "
                    f"{'ok' if run['within_budget'] else 'EXCEEDED'}")
     if len(runs) > 1:
-        for key, label in (("decode_tps", "tokens/s, all told"), ("decode_step_tps", "batched decode")):
+        for key, label in (("tokens_per_s", "tokens/s, all told"), ("decode_tps", "batched decode")):
             base = runs[0][key] or 1e-9
             click.echo(f"{label} vs {runs[0]['slots']} slot(s): " + ", ".join(
                 f"{r['slots']} slots {r[key] / base:.2f}x" for r in runs))
