@@ -161,8 +161,11 @@ def complete(text, model_path, threads, n_ctx, kv_type, as_json, ignore_eos, **s
 @main.command()
 @click.argument("text")
 @model_option
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="Taken like every model command's, so scripts can pass it to all; "
+                   "tokenizing one text runs on one thread.")
 @click.option("--json", "as_json", is_flag=True, help="Print the ids as a JSON list.")
-def tokenize(text, model_path, as_json) -> None:
+def tokenize(text, model_path, threads, as_json) -> None:
     """Print the token ids of TEXT (BOS only if the model asks for it)."""
     from .model import GGUFFile
     from .tokenizer import Tokenizer

@@ -111,3 +111,16 @@ def test_chat_keeps_history(real_model):
     # the first answer does not use the name; the second can only know it
     # from the history
     assert len(answers) == 3 and "Ada" not in answers[0] and "Ada" in answers[1]
+
+
+@pytest.mark.parametrize("command", ["ask", "complete", "chat", "tokenize", "logits", "bench",
+                                     "soak"])
+def test_every_model_command_takes_model_and_threads(command):
+    """Operators script the same flags across commands."""
+    from click.testing import CliRunner
+
+    from edge_slm.cli import main
+
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0
+    assert "--model" in result.output and "--threads" in result.output

@@ -17,20 +17,22 @@
  * matmul from ~9 to ~35 GB/s. */
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 8192
-/* A kernel-table entry: the whole gemm for one weight type. Each SIMD file
- * names its entries, e.g. EK_GEMM_ENTRY(gemm_q4_1_q8_1_neon, EK_TYPE_Q4_1). */
-#define EK_GEMM_ENTRY(name, wtype)                                                          \
-    void name(int n, const void *w, size_t w_stride, int nrows, const void *x,              \
-              size_t x_stride, int nx, float *y, size_t y_stride) {                         \
-        gemm_tiled(wtype, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);             \
-    }
-
 #endif
 
 /* From a weight row to the one about PREFETCH_BYTES on, in whole tiles. */
 EK_INLINE size_t prefetch_ahead(size_t w_stride) {
     size_t rows = (PREFETCH_BYTES / w_stride + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
     return (rows ? rows : TILE_ROWS) * w_stride;
+}
+
+/* The float gemm's scalar tail: elements k..n-1 of one f32 or f16 weight row
+ * against one activation row, added to sum in order. */
+EK_INLINE float add_tail_f(float sum, const int wtype, const char *row, const float *x, int k,
+                           int n) {
+    for (int t = k; t < n; t++)
+        sum += (wtype == EK_TYPE_F16 ? f16_to_f32(((const ek_f16 *)row)[t])
+                                     : ((const float *)row)[t]) * x[t];
+    return sum;
 }
 
 /* RW weight rows by RX activation rows; defined by the including header. */

@@ -145,10 +145,6 @@ EK_INLINE float32x4_t load_w4(const int wtype, const char *row, int k) {
     return vld1q_f32((const float *)row + k);
 }
 
-EK_INLINE float load_w1(const int wtype, const char *row, int k) {
-    if (wtype == EK_TYPE_F16) return f16_to_f32(((const ek_f16 *)row)[k]);
-    return ((const float *)row)[k];
-}
 
 EK_INLINE void gemm_tile_f(const int wtype, const int RW, const int RX, int n,
                            const char *w, size_t w_stride, const char *x, size_t x_stride,
@@ -177,9 +173,8 @@ EK_INLINE void gemm_tile_f(const int wtype, const int RW, const int RX, int n,
         const float *xr = (const float *)(x + j * x_stride);
 #pragma GCC unroll 4
         for (int i = 0; i < RW; i++) {
-            float sum = vaddvq_f32(acc[i][j]);
-            for (int t = k; t < n; t++) sum += load_w1(wtype, w + i * w_stride, t) * xr[t];
-            y[j * y_stride + i] = sum;
+            y[j * y_stride + i] =
+                add_tail_f(vaddvq_f32(acc[i][j]), wtype, w + i * w_stride, xr, k, n);
         }
     }
 }

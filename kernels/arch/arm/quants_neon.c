@@ -30,23 +30,8 @@ EK_INLINE float quantize_block(const float *x, int8_t *qs, int *sum) {
     return d;
 }
 
-void quantize_row_q8_0_neon(const float *x, void *vy, int n) {
-    block_q8_0 *y = vy;
-    for (int b = 0; b < n / EK_QK; b++) {
-        int sum;
-        y[b].d = f32_to_f16(quantize_block(x + b * EK_QK, y[b].qs, &sum));
-    }
-}
-
-void quantize_row_q8_1_neon(const float *x, void *vy, int n) {
-    block_q8_1 *y = vy;
-    for (int b = 0; b < n / EK_QK; b++) {
-        int sum;
-        const float d = quantize_block(x + b * EK_QK, y[b].qs, &sum);
-        y[b].d = d;
-        y[b].s = d * (float)sum;
-    }
-}
+#include "../row_quantizers.h"
+EK_ROW_QUANTIZERS(neon)
 
 /* ---- dequantizers ----
  * Same operations as the reference (a multiply, then an add for q4_1; no

@@ -58,6 +58,10 @@ void kv_store_avx2(void *dst, const float *src, int n, int kv_type);
     .softmax = softmax_avx2, .add = add_avx2, .attention = attention_avx2,                 \
     .kv_store = kv_store_avx2
 
+/* The same names as on ARM, so the code both share reads alike. */
+EK_INLINE float f16_to_f32(ek_f16 h) { return _cvtsh_ss(h); }
+EK_INLINE ek_f16 f32_to_f16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+
 EK_INLINE float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -137,7 +137,7 @@ EK_INLINE void gemm_tile_q4(const int wtype, const int RW, const int RX, int nb,
             } else {
                 const block_q8_0 *blk = (const block_q8_0 *)col + b;
                 xs = blk->qs;
-                dx = _mm256_set1_ps(_cvtsh_ss(blk->d));
+                dx = _mm256_set1_ps(f16_to_f32(blk->d));
             }
             const __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xs));
             const __m256i xhi =
@@ -190,7 +190,7 @@ EK_INLINE void gemm_tile_q8(const int RW, const int RX, int nb, const char *w, s
             const block_q8_0 *blk = (const block_q8_0 *)(w + i * w_stride) + b;
             _mm_prefetch((const char *)blk + ahead, _MM_HINT_T0);
             wq[i] = _mm256_loadu_si256((const __m256i *)blk->qs);
-            wd[i] = _mm256_set1_ps(_cvtsh_ss(blk->d));
+            wd[i] = _mm256_set1_ps(f16_to_f32(blk->d));
 #if EK_X86_VNNI
             wprep[i] = _mm256_sub_epi32(zero, sum4_times(-128, zero, wq[i]));
 #else
@@ -201,7 +201,7 @@ EK_INLINE void gemm_tile_q8(const int RW, const int RX, int nb, const char *w, s
         for (int j = 0; j < RX; j++) {
             const block_q8_0 *blk = (const block_q8_0 *)(x + j * x_stride) + b;
             const __m256i xq = _mm256_loadu_si256((const __m256i *)blk->qs);
-            const __m256 dx = _mm256_set1_ps(_cvtsh_ss(blk->d));
+            const __m256 dx = _mm256_set1_ps(f16_to_f32(blk->d));
 #if EK_X86_VNNI
             const __m256i xu = _mm256_xor_si256(xq, _mm256_set1_epi8(-128));
 #endif
@@ -232,10 +232,6 @@ EK_INLINE __m256 load_w8(const int wtype, const char *row, int k) {
     return _mm256_loadu_ps((const float *)row + k);
 }
 
-EK_INLINE float load_w1(const int wtype, const char *row, int k) {
-    if (wtype == EK_TYPE_F16) return _cvtsh_ss(((const ek_f16 *)row)[k]);
-    return ((const float *)row)[k];
-}
 
 EK_INLINE void gemm_tile_f(const int wtype, const int RW, const int RX, int n,
                            const char *w, size_t w_stride, const char *x, size_t x_stride,
@@ -264,9 +260,8 @@ EK_INLINE void gemm_tile_f(const int wtype, const int RW, const int RX, int n,
         const float *xr = (const float *)(x + j * x_stride);
 #pragma GCC unroll 4
         for (int i = 0; i < RW; i++) {
-            float sum = hsum_ps(acc[i][j]);
-            for (int t = k; t < n; t++) sum += load_w1(wtype, w + i * w_stride, t) * xr[t];
-            y[j * y_stride + i] = sum;
+            y[j * y_stride + i] =
+                add_tail_f(hsum_ps(acc[i][j]), wtype, w + i * w_stride, xr, k, n);
         }
     }
 }

@@ -140,7 +140,7 @@ EK_INLINE __m256 kv_load8(const void *row, int i, const int kv_type) {
 /* The scale of the block holding element i (1 for F16). */
 EK_INLINE __m256 kv_scale(const void *row, int i, const int kv_type) {
     if (kv_type == EK_TYPE_F16) return _mm256_set1_ps(1.0f);
-    return _mm256_set1_ps(_cvtsh_ss(((const block_q8_0 *)row)[i / EK_QK].d));
+    return _mm256_set1_ps(f16_to_f32(((const block_q8_0 *)row)[i / EK_QK].d));
 }
 
 /* Q8_0 rows have head_dim a multiple of 32; the narrower steps and the
@@ -158,7 +158,7 @@ EK_INLINE float dot_q_kv(const float *q, const void *row, const int kv_type, int
     for (; i + 8 <= head_dim; i += 8)
         acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kv_load8(row, i, kv_type), acc[0]);
     float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-    for (; i < head_dim; i++) s += q[i] * _cvtsh_ss(((const ek_f16 *)row)[i]);
+    for (; i < head_dim; i++) s += q[i] * f16_to_f32(((const ek_f16 *)row)[i]);
     return s;
 }
 
@@ -202,7 +202,7 @@ EK_INLINE void attend(float *out, const float *q, const char *k, const char *v, 
     for (; i < head_dim; i++) {
         float a = 0.0f;
         for (int t = 0; t < n_pos; t++)
-            a += scores[t] * _cvtsh_ss(((const ek_f16 *)(v + t * stride))[i]);
+            a += scores[t] * f16_to_f32(((const ek_f16 *)(v + t * stride))[i]);
         out[i] = a;
     }
 }
@@ -226,7 +226,7 @@ void kv_store_avx2(void *dst, const float *src, int n, int kv_type) {
     for (; i + 8 <= n; i += 8)
         _mm_storeu_si128((__m128i *)(d + i),
                          _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-    for (; i < n; i++) d[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+    for (; i < n; i++) d[i] = f32_to_f16(src[i]);
 }
 
 const ek_kernels ek_kernels_avx2 = {

@@ -47,24 +47,8 @@ EK_INLINE float quantize_block(const float *x, int8_t *qs, int *sum) {
     return d;
 }
 
-void quantize_row_q8_0_avx2(const float *x, void *vy, int n) {
-    block_q8_0 *y = vy;
-    for (int b = 0; b < n / EK_QK; b++) {
-        int sum;
-        const float d = quantize_block(x + b * EK_QK, y[b].qs, &sum);
-        y[b].d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
-    }
-}
-
-void quantize_row_q8_1_avx2(const float *x, void *vy, int n) {
-    block_q8_1 *y = vy;
-    for (int b = 0; b < n / EK_QK; b++) {
-        int sum;
-        const float d = quantize_block(x + b * EK_QK, y[b].qs, &sum);
-        y[b].d = d;
-        y[b].s = d * (float)sum;
-    }
-}
+#include "../row_quantizers.h"
+EK_ROW_QUANTIZERS(avx2)
 
 /* ---- dequantizers ----
  * Same operations as the reference (a multiply, then an add for q4_1; no
@@ -86,7 +70,7 @@ void dequantize_row_q4_0_avx2(const void *vx, float *y, int n) {
     const block_q4_0 *x = vx;
     for (int b = 0; b < n / EK_QK; b++) {
         const __m256i q = _mm256_sub_epi8(unpack_nibbles(x[b].qs), _mm256_set1_epi8(8));
-        store_scaled_i8(y + b * EK_QK, q, _mm256_set1_ps(_cvtsh_ss(x[b].d)), _mm256_setzero_ps(),
+        store_scaled_i8(y + b * EK_QK, q, _mm256_set1_ps(f16_to_f32(x[b].d)), _mm256_setzero_ps(),
                         0);
     }
 }
@@ -94,15 +78,15 @@ void dequantize_row_q4_0_avx2(const void *vx, float *y, int n) {
 void dequantize_row_q4_1_avx2(const void *vx, float *y, int n) {
     const block_q4_1 *x = vx;
     for (int b = 0; b < n / EK_QK; b++)
-        store_scaled_i8(y + b * EK_QK, unpack_nibbles(x[b].qs), _mm256_set1_ps(_cvtsh_ss(x[b].d)),
-                        _mm256_set1_ps(_cvtsh_ss(x[b].m)), 1);
+        store_scaled_i8(y + b * EK_QK, unpack_nibbles(x[b].qs), _mm256_set1_ps(f16_to_f32(x[b].d)),
+                        _mm256_set1_ps(f16_to_f32(x[b].m)), 1);
 }
 
 void dequantize_row_q8_0_avx2(const void *vx, float *y, int n) {
     const block_q8_0 *x = vx;
     for (int b = 0; b < n / EK_QK; b++)
         store_scaled_i8(y + b * EK_QK, _mm256_loadu_si256((const __m256i *)x[b].qs),
-                        _mm256_set1_ps(_cvtsh_ss(x[b].d)), _mm256_setzero_ps(), 0);
+                        _mm256_set1_ps(f16_to_f32(x[b].d)), _mm256_setzero_ps(), 0);
 }
 
 void dequantize_row_f16_avx2(const void *vx, float *y, int n) {
@@ -110,7 +94,7 @@ void dequantize_row_f16_avx2(const void *vx, float *y, int n) {
     int i = 0;
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
-    for (; i < n; i++) y[i] = _cvtsh_ss(x[i]);
+    for (; i < n; i++) y[i] = f16_to_f32(x[i]);
 }
 
 /* ---- gemm entries ---- */

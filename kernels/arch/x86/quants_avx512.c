@@ -100,7 +100,7 @@ EK_INLINE void gemm_tile_q(const int wtype, const int RW, const int RX, int nb, 
             } else {
                 const block_q8_0 *blk = (const block_q8_0 *)col + b;
                 xs = blk->qs;
-                dx = _mm512_set1_ps(_cvtsh_ss(blk->d));
+                dx = _mm512_set1_ps(f16_to_f32(blk->d));
             }
             const __m512i xlo = broadcast_lanes(xs), xhi = broadcast_lanes(xs + 16);
             __m512i sum;
