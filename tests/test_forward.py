@@ -146,9 +146,9 @@ def test_thread_count_does_not_change_a_bit(tiny_model, backend):
 
 def test_oversubscribed_pool_loses_no_work(tiny_model):
     """Six threads on a smaller machine are descheduled all the time: workers
-    join runs late, mid-op, or not at all, and the next run starts while one
-    is still on its way in. One run per token, hundreds of runs; every logit
-    must still equal the single-thread pass."""
+    reach an op after others took its chunks, or a run after every op is
+    done. One run per token, hundreds of runs; every logit must still equal
+    the single-thread pass."""
     ids = list(np.random.default_rng(9).integers(0, 259, size=120))
     one = runtime(tiny_model, None, n_threads=1, max_batch=1).prefill(ids, all_logits=True)
     crowded = runtime(tiny_model, None, n_threads=6, max_batch=1)
