@@ -30,7 +30,7 @@ import click
 from .bench_worker import OURS, PEER, RoundResult, Workload
 from .engine import common_prefix
 from .errors import EdgeSlmError
-from .paths import model_or_default
+from .paths import check_writable, model_or_default
 from .pull import sha256_file
 
 log = logging.getLogger(__name__)
@@ -337,6 +337,7 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
           json_path: Path | None, no_peer: bool, backend: str | None, busy_cores: int) -> None:
     """Measure speed and memory against llama.cpp (llama-cpp-python) on the same model."""
     path = model_or_default(model_path)
+    check_writable(json_path)
     if not no_peer and importlib.util.find_spec("llama_cpp") is None:
         raise EdgeSlmError("llama-cpp-python is not installed; run `make bench` "
                            "(or pass --no-peer to measure edge-slm alone)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .engine import Engine, Result
-from .errors import ContextOverflow
+from .errors import ContextOverflow, EdgeSlmError
 from .sampler import SamplingConfig
 
 
@@ -29,11 +29,9 @@ class Conversation:
     def prompt_ids(self) -> list[int]:
         return self.engine.encode_chat(self.system + self.turns)
 
-    def ask(self, text: str, on_text: Callable[[str], None] | None = None,
-            timeout: float | None = None) -> Result:
-        """Ask and wait for the answer, streaming it to `on_text`. An answer
-        cut short (timeout, cancel) stays in the history as far as it got."""
-        self.turns.append({"role": "user", "content": text})
+    def _fitting_prompt(self) -> list[int]:
+        """The whole history as ids, the oldest droppable exchanges dropped
+        until it leaves room for the answer."""
         limit = self.engine.prompt_limit(self.max_tokens)
         ids = self.prompt_ids()
         first = 2 * self.keep_turns
@@ -42,10 +40,21 @@ class Conversation:
             self.dropped += 1
             ids = self.prompt_ids()
         if len(ids) > limit:
-            self.turns.pop()
             raise ContextOverflow(
                 f"the conversation needs {len(ids)} tokens; with room for a {self.max_tokens}-token "
                 f"answer the context ({self.engine.plan.n_ctx}) holds {max(limit, 0)}")
+        return ids
+
+    def ask(self, text: str, on_text: Callable[[str], None] | None = None,
+            timeout: float | None = None) -> Result:
+        """Ask and wait for the answer, streaming it to `on_text`. An answer
+        cut short (timeout, cancel) stays in the history as far as it got."""
+        self.turns.append({"role": "user", "content": text})
+        try:
+            ids = self._fitting_prompt()
+        except EdgeSlmError:  # a question that cannot be asked leaves no trace
+            self.turns.pop()
+            raise
         req = self.engine.submit(prompt_ids=ids, max_tokens=self.max_tokens, sampling=self.sampling,
                                  stop=self.stop, timeout=timeout)
         for piece in req.stream():

@@ -5,25 +5,36 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 import click
 
-from .errors import EdgeSlmError
+from .errors import ContextOverflow, EdgeSlmError
 from .paths import model_or_default
 
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
 class Group(click.Group):
-    """Turns our own exceptions into one line on stderr and exit code 1."""
+    """Turns our own exceptions into one line on stderr and exit code 1, and a
+    bad option or argument into one line and exit code 2 (click's default is
+    the usage block as well)."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "edge-slm"
+            click.echo(f"{where}: {e.format_message()} (see {where} --help)", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"edge-slm: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("", err=True)
+            sys.exit(1)
+        sys.exit(code or 0)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -50,13 +61,22 @@ def model_option(f):
 
 
 def runtime_options(f):
-    f = click.option("--threads", type=click.IntRange(1, 256), default=default_threads,
-                     show_default="all CPUs", help="Threads for the forward pass.")(f)
+    f = click.option("--threads", type=click.IntRange(1, 256), default=None,
+                     help="Threads for the forward pass (default: the configured number, "
+                          "else all CPUs).")(f)
     f = click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=None,
                      help="Context length in tokens (default: 2048 or the model's, if shorter).")(f)
-    f = click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default="f16",
-                     show_default=True, help="KV cache element type.")(f)
+    f = click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default=None,
+                     help="KV cache element type (default: the configured one, else f16).")(f)
     return model_option(f)
+
+
+def engine_options(f):
+    """The runtime options, and the one setting that bounds the process."""
+    f = click.option("--memory-budget", default=None,
+                     help="Ceiling for the whole process, e.g. 256M (default: the configured "
+                          "one, else none); the context is sized to fit.")(f)
+    return runtime_options(f)
 
 
 def sampling_options(f):
@@ -98,13 +118,16 @@ def pull() -> None:
     click.echo(str(pull_model()))
 
 
-def open_engine(model_path, threads, n_ctx, kv_type):
-    """One slot: the CLI asks one thing at a time, through the same engine as every front end.
-    No deadline: the person at the terminal can stop it with Ctrl-C."""
-    from .engine import Engine, EngineConfig
+def open_engine(model_path, threads, n_ctx, kv_type, memory_budget):
+    """One slot: the CLI asks one thing at a time, through the same engine as every front end,
+    with the same settings file and environment. No deadline: the person at the terminal can
+    stop it with Ctrl-C."""
+    from .config import load_engine_config
+    from .engine import Engine
 
-    return Engine(EngineConfig(model=model_path, slots=1, ctx=n_ctx, threads=threads, kv_type=kv_type,
-                               timeout=math.inf))
+    return Engine(load_engine_config({
+        "model": model_path, "threads": threads, "ctx": n_ctx, "kv_type": kv_type,
+        "memory_budget": memory_budget, "slots": 1, "timeout": math.inf}))
 
 
 def check_result(result) -> None:
@@ -116,34 +139,38 @@ def check_result(result) -> None:
 
 @main.command()
 @click.argument("question")
-@runtime_options
+@engine_options
 @sampling_options
 @click.option("--system", default=None, help="System prompt (default: the model's own).")
-def ask(question, model_path, threads, n_ctx, kv_type, system, **sampling) -> None:
+def ask(question, model_path, threads, n_ctx, kv_type, memory_budget, system, **sampling) -> None:
     """Answer QUESTION, streamed to stdout."""
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": question}]
     cfg = generation_config(**sampling, default_temperature=0.2)
-    with open_engine(model_path, threads, n_ctx, kv_type) as engine:
+    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget) as engine:
         req = engine.submit(messages=messages, max_tokens=cfg.max_tokens, sampling=cfg.sampling,
                             stop=cfg.stop)
+        streamed = False
         for piece in req.stream():
             stream_out(piece)
+            streamed = True
         result = req.result()
-    stream_out("\n")
+    if streamed:
+        stream_out("\n")
     check_result(result)
 
 
 @main.command()
 @click.argument("text")
-@runtime_options
+@engine_options
 @sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print ids and text as JSON.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-generation tokens.")
-def complete(text, model_path, threads, n_ctx, kv_type, as_json, ignore_eos, **sampling) -> None:
+def complete(text, model_path, threads, n_ctx, kv_type, memory_budget, as_json, ignore_eos,
+             **sampling) -> None:
     """Continue raw TEXT (no chat template; greedy unless --temperature)."""
     cfg = generation_config(**sampling, default_temperature=0.0, default_repeat_penalty=1.0)
-    with open_engine(model_path, threads, n_ctx, kv_type) as engine:
+    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget) as engine:
         req = engine.submit(text, max_tokens=cfg.max_tokens, sampling=cfg.sampling, stop=cfg.stop,
                             ignore_eos=ignore_eos)
         for piece in req.stream():
@@ -194,32 +221,51 @@ def logits(ids, out, model_path, threads, n_ctx, kv_type) -> None:
     """Write the logits at every position of an id sequence."""
     import numpy as np
 
+    from .engine import available_cpus
     from .generate import check_ids
     from .model import RuntimeOptions, load_model
 
     model = load_model(model_or_default(model_path))
     vocab = model.config.vocab
     seq = check_ids(parse_ids(ids), vocab)
-    runtime = model.runtime(RuntimeOptions(n_threads=threads, n_ctx=max(n_ctx or 0, len(seq) + 1),
-                                           kv_type=kv_type))
-    np.save(out, runtime.prefill(seq, all_logits=True))
+    limit = n_ctx or model.config.context_length
+    if len(seq) > limit:
+        raise ContextOverflow(f"{len(seq)} ids exceed the context of {limit} tokens"
+                              + ("" if n_ctx else f" that {model.path.name} was trained for"))
+    runtime = model.runtime(RuntimeOptions(n_threads=threads or available_cpus(), n_ctx=len(seq),
+                                           kv_type=kv_type or "f16"))
+    # Written beside the target and renamed, so a failed run leaves any old file whole.
+    part = out.with_name(out.name + ".part")
+    try:
+        with part.open("wb") as fh:
+            np.save(fh, runtime.prefill(seq, all_logits=True))
+        part.replace(out)
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        raise EdgeSlmError(f"{out}: cannot write ({e.strerror})") from None
     click.echo(f"{out}: {len(seq)} x {vocab} float32")
 
 
 @main.command()
 @click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@model_option
 @click.option("--ctx", "n_ctx", type=click.IntRange(1), default=None,
-              help="Context to size memory for (default: the model's).")
+              help="Context to size memory for (default: 2048 or the model's, if shorter).")
 @click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default=None,
               help="KV cache element type (default f16).")
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--memory-budget", default=None, envvar="EDGE_SLM_MEMORY_BUDGET",
               help="Plan slots and context within this many bytes, e.g. 256M.")
 @click.option("--slots", type=click.IntRange(1), default=None, help="Slots wanted (with a budget).")
-def info(path, n_ctx, kv_type, threads, memory_budget, slots) -> None:
-    """Describe a GGUF model and the memory it needs (and the plan within a budget)."""
+def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots) -> None:
+    """Describe a GGUF model and the memory it needs (and the plan within a budget).
+
+    The model is PATH or --model (default: the pulled one); it is read, not loaded."""
+    if path and model_path and path != model_path:
+        raise click.UsageError("give the model as PATH or --model, not both")
+    path = path or model_path
     from .config import load_engine_config
-    from .memory import MIB, Fixed, current_rss, plan_memory
+    from .memory import MIB, Fixed, current_rss, default_ctx, plan_memory
     from .model import GGUFFile, check_tensors, read_config
     from .tokenizer import Tokenizer
 
@@ -235,6 +281,9 @@ def info(path, n_ctx, kv_type, threads, memory_budget, slots) -> None:
     fixed = Fixed(cfg, ecfg.memory_budget or 0, f.path.stat().st_size, interpreter, tokenizer,
                   ecfg.threads, ecfg.max_batch)
     types = Counter(t.type.name for t in tensors.values())
+    type_bytes = Counter()
+    for t in tensors.values():
+        type_bytes[t.type.name] += t.nbytes
     lines = [
         f"file          {f.path} ({f.path.stat().st_size / MIB:.1f} MiB)",
         f"architecture  {f.get('general.architecture')} ({f.get('general.name', '?')})",
@@ -242,30 +291,32 @@ def info(path, n_ctx, kv_type, threads, memory_budget, slots) -> None:
         f"heads         {cfg.n_head} query / {cfg.n_kv_head} KV, head size {cfg.head_dim}",
         f"vocabulary    {cfg.vocab} ({f.get('tokenizer.ggml.model', '?')})",
         f"context       {cfg.context_length} trained; RoPE base {cfg.rope_base:g}",
-        f"tensors       {len(tensors)}: " + ", ".join(f"{n} x {t}" for t, n in types.most_common()),
+        f"tensors       {len(tensors)}: " + ", ".join(
+            f"{n} x {t} ({type_bytes[t] / MIB:.1f} MiB)" for t, n in types.most_common()),
     ]
     if ecfg.memory_budget:
         plan = plan_memory(fixed, kv_type=ecfg.kv_type, slots=ecfg.slots, ctx=ecfg.ctx,
                            min_ctx=min(ecfg.min_ctx, cfg.context_length))
         lines.append(f"plan          {plan.summary()}")
     else:
-        plan = fixed.plan(1, min(ecfg.ctx or cfg.context_length, cfg.context_length), ecfg.kv_type)
+        plan = fixed.plan(1, default_ctx(cfg.context_length, ecfg.ctx), ecfg.kv_type)
         lines.append(f"memory for one slot at context {plan.n_ctx}:")
     click.echo("\n".join(lines) + "\n" + plan.describe())
 
 
 @main.command()
-@runtime_options
+@engine_options
 @sampling_options
 @click.option("--system", default=None, help="System prompt (default: the model's own).")
 @click.option("--keep-turns", type=click.IntRange(0), default=0, show_default=True,
               help="Opening exchanges kept when the oldest make way for new ones.")
-def chat(model_path, threads, n_ctx, kv_type, system, keep_turns, **sampling) -> None:
+def chat(model_path, threads, n_ctx, kv_type, memory_budget, system, keep_turns,
+         **sampling) -> None:
     """Chat in the terminal; the oldest turns make way when the context fills."""
     from .chat import Conversation
 
     cfg = generation_config(**sampling, default_temperature=0.2)
-    with open_engine(model_path, threads, n_ctx, kv_type) as engine:
+    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget) as engine:
         talk = Conversation(engine, system=system, keep_turns=keep_turns, max_tokens=cfg.max_tokens,
                             sampling=cfg.sampling, stop=cfg.stop)
         click.echo("Type a question; an empty line or Ctrl-D ends the chat.")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -29,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgeSlmError
+from .errors import BadText, EdgeSlmError
 from .generate import TextStream, check_ids
-from .memory import Fixed, MemoryPlan, current_rss, limit_malloc_arenas, plan_memory
+from .memory import Fixed, MemoryPlan, current_rss, default_ctx, limit_malloc_arenas, plan_memory
 from .model import RuntimeOptions, load_model
 from .paths import model_or_default
 from .sampler import Sampler, SamplingConfig
@@ -42,6 +43,14 @@ log = logging.getLogger(__name__)
 OK, BUSY, TOO_LONG, TIMEOUT, CANCELLED, ERROR = "ok", "busy", "too_long", "timeout", "cancelled", "error"
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (a container or taskset may allow fewer than exist)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: Path | None = None        # GGUF file; None = the pulled default
@@ -50,7 +59,7 @@ class EngineConfig:
     ctx: int | None = None           # tokens per slot; None = the most the budget allows
     min_ctx: int = 512               # below this a slot is not useful: refuse to start
     kv_type: str = "f16"             # "f16", or "q8_0" to halve the cache
-    threads: int = 2
+    threads: int = field(default_factory=available_cpus)
     max_batch: int = 64              # tokens per forward pass (decode tokens + a prompt chunk)
     prefill_chunk: int = 32          # prompt tokens per step while others decode
     queue_size: int = 16             # waiting requests beyond the slots; more are refused (busy)
@@ -228,13 +237,21 @@ class Engine:
         a BUSY result. `on_text` runs on the engine thread; keep it short."""
         if sum(x is not None for x in (prompt, messages, prompt_ids)) != 1:
             raise ValueError("give exactly one of prompt, messages and prompt_ids")
+        bad_text = None
         if prompt_ids is not None:
             ids = check_ids(prompt_ids, self.model.config.vocab)
         else:
-            ids = self.encode_chat(messages) if messages is not None else self.tokenizer.encode(prompt)
+            try:
+                ids = self.encode_chat(messages) if messages is not None else self.tokenizer.encode(prompt)
+            except BadText as e:
+                ids, bad_text = [], str(e)
         req = Request(request_id or f"r{next(self._ids)}", ids, max_tokens or self.cfg.max_tokens,
                       sampling or SamplingConfig(), tuple(stop), ignore_eos,
                       self.cfg.timeout if timeout is None else timeout, on_text)
+        if not ids:  # nothing to continue from
+            self._count(ERROR)
+            req._finish(Result(ERROR, error=bad_text or "the prompt is empty"))
+            return req
         limit = self.prompt_limit(req.max_tokens)
         if len(ids) > limit:
             if self.cfg.overflow == "refuse" or limit <= self.cfg.keep_tokens:
@@ -498,5 +515,5 @@ def make_plan(cfg: EngineConfig, model, interpreter: int, tokenizer: int) -> Mem
     fixed = Fixed(model.config, cfg.memory_budget or 0, model.path.stat().st_size, interpreter,
                   tokenizer, cfg.threads, cfg.max_batch)
     if cfg.memory_budget is None:
-        return fixed.plan(cfg.slots, min(cfg.ctx or 2048, model.config.context_length), cfg.kv_type)
+        return fixed.plan(cfg.slots, default_ctx(model.config.context_length, cfg.ctx), cfg.kv_type)
     return plan_memory(fixed, kv_type=cfg.kv_type, slots=cfg.slots, ctx=cfg.ctx, min_ctx=cfg.min_ctx)

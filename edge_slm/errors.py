@@ -16,6 +16,10 @@ class UnsupportedModel(ModelError):
     """A well-formed model file using an architecture, type or vocabulary we do not run."""
 
 
+class BadText(EdgeSlmError):
+    """Text that cannot be tokenized (not valid UTF-8)."""
+
+
 class ContextOverflow(EdgeSlmError):
     """A prompt that does not fit in the context window."""
 

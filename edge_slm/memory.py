@@ -110,12 +110,22 @@ class MemoryPlan:
         rows = [("interpreter", self.interpreter), ("metadata and tokenizer", self.tokenizer),
                 ("weights (mapped)", self.weights), ("run state", self.run_state),
                 (f"KV cache {self.n_slots} x {self.n_ctx} ({self.kv_type})", self.kv_cache),
-                ("headroom", self.headroom), ("total", self.total), ("budget", self.budget)]
+                ("headroom", self.headroom), ("total", self.total)]
+        if self.budget:
+            rows.append(("budget", self.budget))
         return "\n".join(f"  {name:<34} {n / MIB:8.1f} MiB" for name, n in rows)
 
     def summary(self) -> str:
         return (f"{self.n_slots} slot(s) x {self.n_ctx} tokens ({self.kv_type} KV), "
                 f"{self.total / MIB:.0f} of {self.budget / MIB:.0f} MiB")
+
+
+DEFAULT_CTX = 2048  # positions per slot unless asked otherwise: room for a manual passage
+
+
+def default_ctx(trained: int, asked: int | None = None) -> int:
+    """The context a slot gets: as asked, else DEFAULT_CTX, never past what the model was trained for."""
+    return min(asked or DEFAULT_CTX, trained)
 
 
 @dataclass(frozen=True)
@@ -148,7 +158,7 @@ def plan_memory(fixed: Fixed, *, kv_type: str = "f16", slots: int | None = None,
     fewer slots; if one slot at min_ctx does not fit, refuse, saying what it
     would need."""
     want_slots = slots or 4
-    want_ctx = min(ctx or 2048, fixed.cfg.context_length)
+    want_ctx = default_ctx(fixed.cfg.context_length, ctx)
     min_ctx = min(min_ctx, want_ctx)
     contexts = [want_ctx] + [c for c in range(want_ctx - want_ctx % CTX_STEP, min_ctx - 1, -CTX_STEP)
                              if min_ctx <= c < want_ctx]

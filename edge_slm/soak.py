@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from .memory import MIB, current_rss, parse_size, peak_rss
+from .paths import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def soak(model_path, memory_budget, slots_text, n_requests, threads, kv_type, ma
     """Many concurrent requests under a memory budget; peak RSS, growth, throughput."""
     budget = parse_size(memory_budget)
     slot_counts = parse_slots(slots_text)
+    check_writable(json_path)
     if child:  # one slot count, in a fresh process so its peak RSS is its own
         run = run_soak(model_path, budget, slot_counts[0], n_requests, threads, kv_type, max_tokens,
                        clients or 2 * slot_counts[0] + 2)

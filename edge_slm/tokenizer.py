@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from gguf import Keys, TokenType
 
 from .chat_template import render_chat
-from .errors import ModelError, UnsupportedModel
+from .errors import BadText, ModelError, UnsupportedModel
 
 K = Keys.Tokenizer
 
@@ -395,6 +395,12 @@ class Tokenizer:
         """Token ids of `text`. BOS is prepended if the model asks for it, unless
         `add_bos` says otherwise; with special=False, special-token markup such
         as <|im_start|> is tokenized as plain text."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # surrogates: undecodable bytes from argv or stdin
+            ch = ord(text[e.start])
+            what = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"U+{ch:04X}"
+            raise BadText(f"the text is not valid UTF-8 ({what})") from None
         ids = self._backend.encode(text, special)
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_id is None:

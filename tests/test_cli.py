@@ -113,8 +113,8 @@ def test_chat_keeps_history(real_model):
     assert len(answers) == 3 and "Ada" not in answers[0] and "Ada" in answers[1]
 
 
-@pytest.mark.parametrize("command", ["ask", "complete", "chat", "tokenize", "logits", "bench",
-                                     "soak"])
+@pytest.mark.parametrize("command", ["ask", "complete", "chat", "tokenize", "logits", "info",
+                                     "bench", "soak"])
 def test_every_model_command_takes_model_and_threads(command):
     """Operators script the same flags across commands."""
     from click.testing import CliRunner

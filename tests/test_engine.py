@@ -9,7 +9,7 @@ import time
 import pytest
 from tiny_models import TinySpec
 
-from edge_slm.engine import BUSY, CANCELLED, OK, TIMEOUT, TOO_LONG, Engine, EngineConfig
+from edge_slm.engine import BUSY, CANCELLED, ERROR, OK, TIMEOUT, TOO_LONG, Engine, EngineConfig
 from edge_slm.errors import EdgeSlmError
 from edge_slm.generate import GenerationConfig, generate
 from edge_slm.memory import MIB, BudgetError, Fixed, parse_size, plan_memory
@@ -249,3 +249,11 @@ def test_real_model_conversation_reuses_its_cache_across_dropped_turns(real_mode
         assert all(r.cached_tokens > r.prompt_tokens // 2 for r in results[1:]), \
             [(r.prompt_tokens, r.cached_tokens) for r in results]
         assert e.status()["prompt_tokens_reused"] == sum(r.cached_tokens for r in results)
+
+
+def test_empty_prompt_is_an_error_result(tiny_model):
+    with Engine(EngineConfig(model=tiny_model, slots=1, threads=1)) as e:
+        for req in (e.submit(""), e.submit("caf\udce9")):
+            res = req.result(timeout=10)
+            assert res.status == ERROR and res.error
+        assert e.submit("hello", max_tokens=2).result(timeout=30).status == OK

@@ -79,24 +79,53 @@ def test_unsupported_tensor_type(tmp_path):
         load_model(p)
 
 
-def test_missing_tensor(tmp_path, tiny_model):
-    p = tmp_path / "holey.gguf"
-    r = gguf.GGUFReader(tiny_model)
-    w = gguf.GGUFWriter(str(p), "llama")
+def rewrite(src: Path, dst: Path, metadata: dict | None = None, drop: str | None = None) -> Path:
+    """A copy of src with some metadata values replaced ({key: (value, GGUFValueType)})
+    or a tensor left out."""
+    metadata = metadata or {}
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(dst), "llama")
     for field in r.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        if field.name in metadata:
+            value, vtype = metadata[field.name]
+            w.add_key_value(field.name, value, vtype)
             continue
         w.add_key_value(field.name, field.contents(), field.types[0],
                         field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
     for t in r.tensors:
-        if t.name != "blk.1.ffn_up.weight":
+        if t.name != drop:
             w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return dst
+
+
+def test_missing_tensor(tmp_path, tiny_model):
+    p = rewrite(tiny_model, tmp_path / "holey.gguf", drop="blk.1.ffn_up.weight")
     with pytest.raises(ModelError, match="blk.1.ffn_up.weight is missing"):
         load_model(p)
+
+
+U32, STR, F32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.STRING, gguf.GGUFValueType.FLOAT32
+
+
+@pytest.mark.parametrize("key,value,vtype,message", [
+    ("llama.attention.head_count", 0, U32, "head_count is 0; it must be positive"),
+    ("llama.attention.head_count", "four", STR, "head_count is 'four', not a number"),
+    ("llama.block_count", 0, U32, "block_count is 0; it must be positive"),
+    ("llama.context_length", 0, U32, "context_length is 0; it must be positive"),
+    ("llama.attention.layer_norm_rms_epsilon", -1e-5, F32, "must be positive"),
+    ("llama.attention.head_count_kv", 3, U32, "4 attention heads cannot share 3 KV heads"),
+])
+def test_bad_metadata(tiny_model, tmp_path, key, value, vtype, message):
+    p = rewrite(tiny_model, tmp_path / "odd.gguf", {key: (value, vtype)})
+    with pytest.raises(ModelError, match=message):
+        load_model(p)
+    assert_one_line_error(cli("info", str(p)), "odd.gguf", message)
 
 
 def test_cli_info_on_tiny_model(tiny_model):
@@ -124,3 +153,57 @@ def test_cli_bad_ids(tiny_model, tmp_path):
     proc = cli("logits", "--ids", "1,999999", "--npy", str(tmp_path / "o.npy"), "--model",
                str(tiny_model))
     assert_one_line_error(proc, "outside the vocabulary")
+
+
+def test_cli_logits_refusals(tiny_model, tmp_path):
+    many = ",".join(["5"] * 20)
+    assert_one_line_error(cli("logits", "--ids", many, "--ctx", "16", "--npy", str(tmp_path / "o.npy"),
+                              "--model", str(tiny_model)), "20 ids exceed the context of 16")
+    assert not (tmp_path / "o.npy").exists()
+    assert_one_line_error(cli("logits", "--ids", "1,2", "--npy", str(tmp_path / "no" / "o.npy"),
+                              "--model", str(tiny_model)), "cannot write")
+    proc = cli("logits", "--ids", "1,2", "--npy", str(tmp_path / "plain"), "--model", str(tiny_model))
+    assert proc.returncode == 0 and str(tmp_path / "plain") in proc.stdout
+    assert np.load(tmp_path / "plain").shape[0] == 2
+
+
+def test_cli_bad_option_is_one_line(tiny_model):
+    proc = cli("ask", "hi", "--temperature", "-1", "--model", str(tiny_model))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "edge-slm ask", "--temperature")
+    assert_one_line_error(cli("no-such-command"), "No such command")
+
+
+def test_cli_unusable_home_is_one_line(tmp_path):
+    afile = tmp_path / "file"
+    afile.write_text("")
+    assert_one_line_error(cli("pull", env={"EDGE_SLM_HOME": str(afile)}), "Not a directory")
+
+
+def test_cli_unknown_backend_is_one_line(tiny_model, tmp_path):
+    proc = cli("logits", "--ids", "1,2", "--npy", str(tmp_path / "o.npy"), "--model", str(tiny_model),
+               env={"EDGE_SLM_BACKEND": "bogus"})
+    assert_one_line_error(proc, "EDGE_SLM_BACKEND=bogus")
+    proc = cli("complete", "hi", "--model", str(tiny_model), env={"EDGE_SLM_BACKEND": "bogus"})
+    assert_one_line_error(proc, "bogus")
+
+
+def test_cli_empty_and_undecodable_prompts(tiny_model):
+    assert_one_line_error(cli("complete", "", "--model", str(tiny_model)), "the prompt is empty")
+    undecodable = subprocess.run([*EDGE_SLM, "ask", b"caf\xe9", "--model", str(tiny_model)],
+                                 capture_output=True, text=True, timeout=120)
+    assert_one_line_error(undecodable, "not valid UTF-8 (byte 0xe9)")
+    assert undecodable.stdout == ""
+    tok = subprocess.run([*EDGE_SLM, "tokenize", b"caf\xe9", "--model", str(tiny_model)],
+                         capture_output=True, text=True, timeout=120)
+    assert_one_line_error(tok, "not valid UTF-8")
+
+
+def test_cli_chat_survives_an_undecodable_line(tiny_model):
+    """The bad line is reported and forgotten; the next question is answered."""
+    proc = subprocess.run([*EDGE_SLM, "chat", "--model", str(tiny_model), "--max-tokens", "4"],
+                          input=b"caf\xe9\nhello\n", capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr.decode()
+    assert err.count("not valid UTF-8") == 1 and "Traceback" not in err
+    assert proc.stdout.decode().count("> ") == 3  # asked twice, then the end of input
