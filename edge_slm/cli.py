@@ -203,13 +203,12 @@ def tokenize(text, model_path, threads, as_json) -> None:
 
 
 def parse_ids(text: str) -> list[int]:
-    try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
-    if not ids:
-        raise click.BadParameter("no token ids given")
-    return ids
+    parts = [p.strip() for p in text.split(",")]
+    # ASCII digits only: int() would also take "1_000" and other scripts' digits
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise click.BadParameter(f"expected comma-separated token ids like 1,2,3, got {text!r}",
+                                 param_hint="'--ids'")
+    return [int(p) for p in parts]
 
 
 @main.command()
