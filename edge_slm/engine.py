@@ -333,9 +333,11 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     break
-                self._admit()
             t0 = time.monotonic()
             try:
+                with self._cond:
+                    self._drop_stale()
+                    self._admit()
                 self._step()
             except Exception as e:  # a bug must not strand callers waiting forever
                 log.exception("engine step failed")
@@ -350,21 +352,25 @@ class Engine:
         while self._queue:
             self._queue.popleft()._finish(Result(CANCELLED, error="engine shut down"))
 
+    def _drop_stale(self) -> None:
+        """Finish queued requests that were cancelled or ran out of time, at
+        once rather than when a slot frees (the queue is short: queue_size)."""
+        now = time.monotonic()
+        for req in [r for r in self._queue if r.cancelled or now > r.deadline]:
+            self._queue.remove(req)
+            status = CANCELLED if req.cancelled else TIMEOUT
+            self._stats[status] += 1
+            req._finish(Result(status, prompt_tokens=len(req.prompt), queued_s=now - req.created,
+                               error="cancelled while queued" if req.cancelled else "timed out in queue"))
+
     def _admit(self) -> None:
         """Move queued requests into free slots, preferring the slot whose
         cache shares the longest prefix (a common system prompt)."""
-        now = time.monotonic()
         while self._queue:
             free = [s for s in self.slots if s.req is None]
             if not free:
                 return
             req = self._queue.popleft()
-            if req.cancelled or now > req.deadline:
-                status = CANCELLED if req.cancelled else TIMEOUT
-                self._stats[status] += 1
-                req._finish(Result(status, prompt_tokens=len(req.prompt), queued_s=now - req.created,
-                                   error="cancelled while queued" if req.cancelled else "timed out in queue"))
-                continue
             # Longest shared prefix first; among equals, the slot with the least
             # cached work to lose (so one-off questions pass through one slot
             # and a conversation's history survives them), then the idlest.
@@ -380,7 +386,7 @@ class Engine:
             slot.answer = []
             slot.sampler = Sampler(req.sampling)
             slot.text = TextStream(self.tokenizer, req.stop)
-            slot.started = now
+            slot.started = time.monotonic()
             slot.first_token = None
             slot.keep = min(self.cfg.keep_tokens, len(req.prompt))
 

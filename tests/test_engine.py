@@ -257,3 +257,20 @@ def test_empty_prompt_is_an_error_result(tiny_model):
             res = req.result(timeout=10)
             assert res.status == ERROR and res.error
         assert e.submit("hello", max_tokens=2).result(timeout=30).status == OK
+
+
+def test_queued_requests_time_out_and_cancel_while_the_slot_stays_busy(tiny_model):
+    """A queued request's deadline and cancellation take effect at the next
+    step, not when a slot frees: here the one slot never frees on its own."""
+    with Engine(EngineConfig(model=tiny_model, slots=1, threads=1)) as e:
+        hog = e.submit("endless", max_tokens=10**9, ignore_eos=True, timeout=600)
+        wait_until(lambda: e.status()["slots_busy"] == 1)
+        late = e.submit("hi", timeout=0.3)
+        dropped = e.submit("hi")
+        dropped.cancel()
+        t0 = time.monotonic()
+        assert late.result(timeout=5).status == TIMEOUT
+        assert dropped.result(timeout=5).status == CANCELLED
+        assert time.monotonic() - t0 < 5 and not hog.done()
+        hog.cancel()
+        assert hog.result(timeout=10).status == CANCELLED
