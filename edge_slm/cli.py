@@ -88,7 +88,7 @@ def sampling_options(f):
                      show_default=True)(f)
     f = click.option("--repeat-penalty", type=click.FloatRange(0, min_open=True), default=None,
                      help="Discourage repeats (default 1.1 for ask and chat, 1.0 for complete).")(f)
-    f = click.option("--seed", type=int, default=None, help="Seed for sampling.")(f)
+    f = click.option("--seed", type=click.IntRange(0), default=None, help="Seed for sampling.")(f)
     f = click.option("--stop", multiple=True, help="Stop string (repeatable).")(f)
     return f
 
