@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from .errors import ContextOverflow, EdgeSlmError
-from .paths import model_or_default
+from .paths import check_writable, model_or_default
 
 class Group(click.Group):
     """Turns our own exceptions into one line on stderr and exit code 1, and a
@@ -224,6 +224,7 @@ def logits(ids, out, model_path, threads, n_ctx, kv_type) -> None:
     from .generate import check_ids
     from .model import RuntimeOptions, load_model
 
+    check_writable(out)  # before loading and running the model, not after
     model = load_model(model_or_default(model_path))
     vocab = model.config.vocab
     seq = check_ids(parse_ids(ids), vocab)
@@ -260,13 +261,14 @@ def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots) -> Non
     """Describe a GGUF model and the memory it needs (and the plan within a budget).
 
     The model is PATH or --model (default: the pulled one); it is read, not loaded."""
-    if path and model_path and path != model_path:
-        raise click.UsageError("give the model as PATH or --model, not both")
-    path = path or model_path
     from .config import load_engine_config
     from .memory import MIB, Fixed, current_rss, default_ctx, plan_memory
     from .model import GGUFFile, check_tensors, read_config
     from .tokenizer import Tokenizer
+
+    if path and model_path and path != model_path:
+        raise click.UsageError("give the model as PATH or --model, not both")
+    path = path or model_path
 
     interpreter = current_rss()
     f = GGUFFile(model_or_default(path))

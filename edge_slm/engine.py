@@ -237,20 +237,20 @@ class Engine:
         a BUSY result. `on_text` runs on the engine thread; keep it short."""
         if sum(x is not None for x in (prompt, messages, prompt_ids)) != 1:
             raise ValueError("give exactly one of prompt, messages and prompt_ids")
-        bad_text = None
+        refused = None
         if prompt_ids is not None:
             ids = check_ids(prompt_ids, self.model.config.vocab)
         else:
             try:
                 ids = self.encode_chat(messages) if messages is not None else self.tokenizer.encode(prompt)
             except BadText as e:
-                ids, bad_text = [], str(e)
+                ids, refused = [], str(e)
         req = Request(request_id or f"r{next(self._ids)}", ids, max_tokens or self.cfg.max_tokens,
                       sampling or SamplingConfig(), tuple(stop), ignore_eos,
                       self.cfg.timeout if timeout is None else timeout, on_text)
-        if not ids:  # nothing to continue from
+        if not ids:  # undecodable or empty: nothing to continue from
             self._count(ERROR)
-            req._finish(Result(ERROR, error=bad_text or "the prompt is empty"))
+            req._finish(Result(ERROR, error=refused or "the prompt is empty"))
             return req
         limit = self.prompt_limit(req.max_tokens)
         if len(ids) > limit:
