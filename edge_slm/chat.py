@@ -49,6 +49,10 @@ class Conversation:
             timeout: float | None = None) -> Result:
         """Ask and wait for the answer, streaming it to `on_text`. An answer
         cut short (timeout, cancel) stays in the history as far as it got."""
+        limit = self.engine.prompt_limit(self.max_tokens)
+        if self.engine.tokenizer.encode_within(text, limit) is None:  # not even alone: say so cheaply
+            raise ContextOverflow(f"the question alone is over {limit} tokens, more than the "
+                                  f"context ({self.engine.plan.n_ctx}) leaves room for")
         self.turns.append({"role": "user", "content": text})
         try:
             ids = self._fitting_prompt()

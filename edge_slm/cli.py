@@ -262,25 +262,24 @@ def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots) -> Non
 
     The model is PATH or --model (default: the pulled one); it is read, not loaded."""
     from .config import load_engine_config
-    from .memory import MIB, Fixed, current_rss, default_ctx, plan_memory
+    from .engine import make_plan
+    from .memory import MIB, current_rss
     from .model import GGUFFile, check_tensors, read_config
     from .tokenizer import Tokenizer
 
     if path and model_path and path != model_path:
         raise click.UsageError("give the model as PATH or --model, not both")
-    path = path or model_path
+    ecfg = load_engine_config({"model": path or model_path, "memory_budget": memory_budget,
+                               "slots": slots, "ctx": n_ctx, "kv_type": kv_type, "threads": threads})
 
     interpreter = current_rss()
-    f = GGUFFile(model_or_default(path))
+    f = GGUFFile(model_or_default(ecfg.model))
     cfg = read_config(f)
     tensors = f.tensors()
     check_tensors(f.path, cfg, tensors)
     Tokenizer.from_gguf(f)
     tokenizer = max(0, current_rss() - interpreter)  # metadata and vocabulary, as the engine counts
-    ecfg = load_engine_config({"memory_budget": memory_budget, "slots": slots, "ctx": n_ctx,
-                               "kv_type": kv_type, "threads": threads})
-    fixed = Fixed(cfg, ecfg.memory_budget or 0, f.path.stat().st_size, interpreter, tokenizer,
-                  ecfg.threads, ecfg.max_batch)
+    plan = make_plan(ecfg, cfg, f.path.stat().st_size, interpreter, tokenizer)
     types = Counter(t.type.name for t in tensors.values())
     type_bytes = Counter()
     for t in tensors.values():
@@ -295,13 +294,10 @@ def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots) -> Non
         f"tensors       {len(tensors)}: " + ", ".join(
             f"{n} x {t} ({type_bytes[t] / MIB:.1f} MiB)" for t, n in types.most_common()),
     ]
-    if ecfg.memory_budget:
-        plan = plan_memory(fixed, kv_type=ecfg.kv_type, slots=ecfg.slots, ctx=ecfg.ctx,
-                           min_ctx=min(ecfg.min_ctx, cfg.context_length))
+    if ecfg.memory_budget is not None:
         lines.append(f"plan          {plan.summary()}")
     else:
-        plan = fixed.plan(1, default_ctx(cfg.context_length, ecfg.ctx), ecfg.kv_type)
-        lines.append(f"memory for one slot at context {plan.n_ctx}:")
+        lines.append(f"memory for {plan.n_slots} slot(s) at context {plan.n_ctx}:")
     click.echo("\n".join(lines) + "\n" + plan.describe())
 
 

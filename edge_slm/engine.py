@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadText, EdgeSlmError
+from .formats import KV_TYPES
 from .generate import TextStream, check_ids
 from .memory import Fixed, MemoryPlan, current_rss, default_ctx, limit_malloc_arenas, plan_memory
-from .model import RuntimeOptions, load_model
+from .model import ModelConfig, RuntimeOptions, load_model
 from .paths import model_or_default
 from .sampler import Sampler, SamplingConfig
 
@@ -70,10 +71,26 @@ class EngineConfig:
     backend: str | None = None       # kernel table; None = best for this CPU
 
     def __post_init__(self) -> None:
+        def whole(name: str, least: int, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise EdgeSlmError(f"setting {name}: {value!r} is not a whole number >= {least}")
+
+        for name in ("slots", "min_ctx", "threads", "max_batch", "prefill_chunk", "max_tokens"):
+            whole(name, 1)
+        whole("queue_size", 0)
+        whole("keep_tokens", 0)
+        whole("ctx", 1, optional=True)
+        whole("memory_budget", 1, optional=True)
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) \
+                or not self.timeout > 0:
+            raise EdgeSlmError(f"setting timeout: {self.timeout!r} is not a number of seconds > 0")
+        if self.kv_type not in KV_TYPES:
+            raise EdgeSlmError(f"setting kv_type: {self.kv_type!r}, choose from {', '.join(KV_TYPES)}")
         if self.overflow not in ("refuse", "truncate"):
-            raise EdgeSlmError(f"overflow must be 'refuse' or 'truncate', not {self.overflow!r}")
-        if self.slots < 1 or self.queue_size < 0 or self.threads < 1 or self.max_batch < 1:
-            raise EdgeSlmError("slots, threads and max_batch must be positive, queue_size >= 0")
+            raise EdgeSlmError(f"setting overflow: {self.overflow!r}, choose 'refuse' or 'truncate'")
 
 
 @dataclass
@@ -206,7 +223,8 @@ class Engine:
         # Metadata and vocabulary: all that loading holds besides the weights,
         # whose mapped pages are not touched until the first token.
         tokenizer_bytes = max(0, current_rss() - interpreter)
-        self.plan = make_plan(cfg, self.model, interpreter, tokenizer_bytes)
+        self.plan = make_plan(cfg, self.model.config, self.model.path.stat().st_size, interpreter,
+                              tokenizer_bytes)
         log.info("memory plan: %s\n%s", self.plan.summary(), self.plan.describe())
         self.runtime = self.model.runtime(RuntimeOptions(
             n_threads=cfg.threads, n_ctx=self.plan.n_ctx, n_slots=self.plan.n_slots,
@@ -237,43 +255,62 @@ class Engine:
         a BUSY result. `on_text` runs on the engine thread; keep it short."""
         if sum(x is not None for x in (prompt, messages, prompt_ids)) != 1:
             raise ValueError("give exactly one of prompt, messages and prompt_ids")
-        refused = None
-        if prompt_ids is not None:
-            ids = check_ids(prompt_ids, self.model.config.vocab)
-        else:
-            try:
-                ids = self.encode_chat(messages) if messages is not None else self.tokenizer.encode(prompt)
-            except BadText as e:
-                ids, refused = [], str(e)
-        req = Request(request_id or f"r{next(self._ids)}", ids, max_tokens or self.cfg.max_tokens,
-                      sampling or SamplingConfig(), tuple(stop), ignore_eos,
-                      self.cfg.timeout if timeout is None else timeout, on_text)
-        if not ids:  # undecodable or empty: nothing to continue from
-            self._count(ERROR)
-            req._finish(Result(ERROR, error=refused or "the prompt is empty"))
+        max_tokens = self.cfg.max_tokens if max_tokens is None else max_tokens
+        timeout = self.cfg.timeout if timeout is None else timeout
+        if max_tokens < 1 or not timeout > 0:
+            raise ValueError(f"max_tokens must be >= 1 and timeout > 0, not {max_tokens}, {timeout}")
+        req = Request(request_id or f"r{next(self._ids)}", [], max_tokens,
+                      sampling or SamplingConfig(), tuple(stop), ignore_eos, timeout, on_text)
+        refused = self._prompt(req, prompt, messages, prompt_ids)
+        if refused:
+            self._count(refused.status)
+            req._finish(refused)
             return req
-        limit = self.prompt_limit(req.max_tokens)
-        if len(ids) > limit:
-            if self.cfg.overflow == "refuse" or limit <= self.cfg.keep_tokens:
-                self._count(TOO_LONG)
-                req._finish(Result(TOO_LONG, prompt_tokens=len(ids), error=(
-                    f"prompt is {len(ids)} tokens; the context holds {self.plan.n_ctx}, "
-                    f"{limit} with room for the answer")))
-                return req
-            keep = self.cfg.keep_tokens
-            req.prompt = ids[:keep] + ids[len(ids) - (limit - keep):]
         with self._cond:
             if self._stopping:
                 req._finish(Result(ERROR, error="engine is shutting down"))
                 return req
-            if len(self._queue) >= self.cfg.queue_size:
+            # queue_size counts requests waiting beyond those the free slots take next step
+            free = sum(s.req is None for s in self.slots)
+            if len(self._queue) >= self.cfg.queue_size + free:
                 self._stats[BUSY] += 1
-                req._finish(Result(BUSY, prompt_tokens=len(ids), retry_after=self._retry_hint(),
+                req._finish(Result(BUSY, prompt_tokens=len(req.prompt), retry_after=self._retry_hint(),
                                    error="queue full; retry later"))
                 return req
             self._queue.append(req)
             self._cond.notify()
         return req
+
+    def _prompt(self, req: Request, prompt: str | None, messages: list[dict[str, str]] | None,
+                prompt_ids: list[int] | None) -> Result | None:
+        """Set the request's prompt ids, within the limit (truncated if so
+        configured); or the result refusing it. A text far beyond the limit
+        is refused without being tokenized whole, whatever its size."""
+        limit = self.prompt_limit(req.max_tokens)
+        keep = self.cfg.keep_tokens
+        truncate = self.cfg.overflow == "truncate" and limit > keep
+        if prompt_ids is not None:
+            ids = check_ids(prompt_ids, self.model.config.vocab)
+            if len(ids) > limit and truncate:
+                ids = ids[:keep] + ids[len(ids) - (limit - keep):]
+            fits = len(ids) <= limit
+        else:
+            try:
+                text = self.tokenizer.render_chat(messages) if messages is not None else prompt
+                ids = self.tokenizer.encode_within(text, limit)
+                if ids is None and truncate:
+                    ids = self.tokenizer.encode_ends(text, keep, limit - keep)
+            except BadText as e:
+                return Result(ERROR, error=str(e))
+            fits = ids is not None
+        if not fits:
+            return Result(TOO_LONG, prompt_tokens=len(ids or ()), error=(
+                f"prompt is over {limit} tokens: the context holds {self.plan.n_ctx}, "
+                f"{limit} with room for the answer"))
+        if not ids:
+            return Result(ERROR, error="the prompt is empty")
+        req.prompt = ids
+        return None
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self.tokenizer.encode(self.tokenizer.render_chat(messages))
@@ -337,7 +374,9 @@ class Engine:
             try:
                 with self._cond:
                     self._drop_stale()
-                    self._admit()
+                    admitted = self._admit()
+                for slot, shared in admitted:  # outside the lock: may re-rotate a cache
+                    self._start(slot, shared)
                 self._step()
             except Exception as e:  # a bug must not strand callers waiting forever
                 log.exception("engine step failed")
@@ -363,13 +402,15 @@ class Engine:
             req._finish(Result(status, prompt_tokens=len(req.prompt), queued_s=now - req.created,
                                error="cancelled while queued" if req.cancelled else "timed out in queue"))
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[tuple[Slot, int]]:
         """Move queued requests into free slots, preferring the slot whose
-        cache shares the longest prefix (a common system prompt)."""
+        cache shares the longest prefix (a common system prompt). Returns
+        each slot taken, with the prompt tokens its cache shares."""
+        admitted = []
         while self._queue:
             free = [s for s in self.slots if s.req is None]
             if not free:
-                return
+                break
             req = self._queue.popleft()
             # Longest shared prefix first; among equals, the slot with the least
             # cached work to lose (so one-off questions pass through one slot
@@ -377,18 +418,24 @@ class Engine:
             shared = {s.index: common_prefix(s.cache, req.prompt) for s in free}
             slot = max(free, key=lambda s: (shared[s.index], shared[s.index] - len(s.cache),
                                             -s.last_used))
-            self._reuse_cache(slot, req.prompt, shared[slot.index])
-            slot.reused = len(slot.cache)
-            self._stats["reused"] += slot.reused
             slot.req = req
-            slot.seq = list(req.prompt)
-            slot.n_prompt = len(req.prompt)
-            slot.answer = []
-            slot.sampler = Sampler(req.sampling)
-            slot.text = TextStream(self.tokenizer, req.stop)
-            slot.started = time.monotonic()
-            slot.first_token = None
-            slot.keep = min(self.cfg.keep_tokens, len(req.prompt))
+            admitted.append((slot, shared[slot.index]))
+        return admitted
+
+    def _start(self, slot: Slot, shared: int) -> None:
+        req = slot.req
+        self._reuse_cache(slot, req.prompt, shared)
+        slot.reused = len(slot.cache)
+        with self._cond:
+            self._stats["reused"] += slot.reused
+        slot.seq = list(req.prompt)
+        slot.n_prompt = len(req.prompt)
+        slot.answer = []
+        slot.sampler = Sampler(req.sampling)
+        slot.text = TextStream(self.tokenizer, req.stop)
+        slot.started = time.monotonic()
+        slot.first_token = None
+        slot.keep = min(self.cfg.keep_tokens, len(req.prompt))
 
     def _reuse_cache(self, slot: Slot, prompt: list[int], shared: int) -> None:
         """Keep what the slot's cache shares with the prompt. Past the common
@@ -466,7 +513,11 @@ class Engine:
             s.cache.extend(s.chunk)
             s.chunk = []
         for row, s in zip(logits, owners):
-            self._next_token(s, row)
+            try:
+                self._next_token(s, row)
+            except Exception as e:  # its sampler or on_text callback: that request alone ends
+                log.exception("request %s failed", s.req.id)
+                self._end(s, self._partial(s, ERROR, f"request failed: {e}"))
         if len(tokens) == len(decoding):
             self._decode_time += time.monotonic() - t0
             self._decode_tokens += len(tokens)
@@ -517,9 +568,11 @@ class Engine:
         req._finish(result)
 
 
-def make_plan(cfg: EngineConfig, model, interpreter: int, tokenizer: int) -> MemoryPlan:
-    fixed = Fixed(model.config, cfg.memory_budget or 0, model.path.stat().st_size, interpreter,
-                  tokenizer, cfg.threads, cfg.max_batch)
+def make_plan(cfg: EngineConfig, model: ModelConfig, file_bytes: int, interpreter: int,
+              tokenizer: int) -> MemoryPlan:
+    """The engine's memory plan: within the budget if there is one, else as configured."""
+    fixed = Fixed(model, cfg.memory_budget or 0, file_bytes, interpreter, tokenizer, cfg.threads,
+                  cfg.max_batch)
     if cfg.memory_budget is None:
-        return fixed.plan(cfg.slots, default_ctx(model.config.context_length, cfg.ctx), cfg.kv_type)
+        return fixed.plan(cfg.slots, default_ctx(model.context_length, cfg.ctx), cfg.kv_type)
     return plan_memory(fixed, kv_type=cfg.kv_type, slots=cfg.slots, ctx=cfg.ctx, min_ctx=cfg.min_ctx)

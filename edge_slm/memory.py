@@ -29,14 +29,18 @@ class BudgetError(EdgeSlmError):
 
 
 def parse_size(text: str | int) -> int:
-    """'256M', '1.5G', '300MiB', '65536' -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise EdgeSlmError(f"memory size {text!r}: expected a number with K, M or G, e.g. 256M")
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
+    """'256M', '1.5G', '300MiB', '65536' -> bytes; a size must be positive."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
+        if not m or isinstance(text, (bool, float)):
+            raise EdgeSlmError(f"memory size {text!r}: expected a number with K, M or G, e.g. 256M")
+        scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+        size = int(float(m.group(1)) * scale)
+    if size < 1:
+        raise EdgeSlmError(f"memory size {text!r}: must be more than zero")
+    return size
 
 
 def release_free_memory() -> None:
@@ -173,7 +177,9 @@ def plan_memory(fixed: Fixed, *, kv_type: str = "f16", slots: int | None = None,
     hint = ""
     if kv_type != "q8_0":
         hint = f"; with --kv-type q8_0 it needs {fixed.plan(1, min_ctx, 'q8_0').total / MIB:.0f} MiB"
+    parts = ", ".join(f"{name} {n / MIB:.0f}" for name, n in (
+        ("weights", need.weights), ("interpreter", need.interpreter), ("tokenizer", need.tokenizer),
+        ("KV", need.kv_cache), ("run state", need.run_state), ("headroom", need.headroom)))
     raise BudgetError(
         f"memory budget {fixed.budget / MIB:.0f} MiB is too small: one slot at the minimum context "
-        f"({min_ctx} tokens) needs {need.total / MIB:.0f} MiB (weights {fixed.weights / MIB:.0f}, "
-        f"interpreter {fixed.interpreter / MIB:.0f}, KV {need.kv_cache / MIB:.0f}){hint}")
+        f"({min_ctx} tokens) needs {need.total / MIB:.0f} MiB ({parts}){hint}")

@@ -5,10 +5,12 @@ views of that map, so loading copies no weights."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import math
 import os
+import sys
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,32 +66,85 @@ class TensorView:
         return int(self.data.nbytes)
 
 
+@functools.cache
+def _lean_reader_class() -> type:
+    import gguf  # imported here so `edge-slm --help` stays fast
+
+    STRING, ARRAY = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
+
+    class LeanReader(gguf.GGUFReader):
+        """gguf-py's reader with metadata arrays decoded straight to Python lists.
+
+        The stock reader keeps a numpy view per element of every metadata
+        array (two per string): ~160 MB for a 49k-token vocabulary and its
+        merges, more than a whole 256 MB budget leaves. Here each array
+        becomes one list as the header is walked; gguf-py still reads the
+        scalars, the tensor descriptions and the tensor data."""
+
+        def _build_fields(self, offs: int, count: int) -> int:
+            self.values: dict[str, Any] = {}
+            view = memoryview(self.data)
+            order = sys.byteorder if self.byte_order == "I" else {"little": "big", "big": "little"}[sys.byteorder]
+
+            def u(at: int, size: int) -> int:
+                if at + size > len(view):
+                    raise ValueError("metadata runs past the end of the file")
+                return int.from_bytes(view[at:at + size], order)
+
+            def string(at: int) -> tuple[str, int]:
+                n = u(at, 8)
+                end = at + 8 + n
+                if end > len(view):
+                    raise ValueError("a metadata string runs past the end of the file")
+                return str(view[at + 8:end], "utf-8"), end
+
+            def array(at: int) -> tuple[list[Any], int]:
+                itype, n = gguf.GGUFValueType(u(at, 4)), u(at + 4, 8)
+                at += 12
+                if itype in (STRING, ARRAY):
+                    items = []
+                    for _ in range(n):
+                        item, at = string(at) if itype == STRING else array(at)
+                        items.append(item)
+                    return items, at
+                values = self._get(at, self.gguf_scalar_to_np[itype], n)
+                if len(values) < n:
+                    raise ValueError("a metadata array runs past the end of the file")
+                return values.tolist(), at + int(values.nbytes)
+
+            for _ in range(count):
+                start = offs
+                key, offs = string(offs)
+                vtype = gguf.GGUFValueType(u(offs, 4))
+                offs += 4
+                if vtype == ARRAY:
+                    self.values[key], offs = array(offs)
+                    continue
+                size, parts, idxs, types = self._get_field_parts(offs, vtype)
+                field = gguf.ReaderField(start, key, parts, idxs, types)
+                self._push_field(field, skip_sum=True)  # general.alignment is read from here
+                self.values[key] = field.contents()
+                offs += size
+            return offs
+
+    return LeanReader
+
+
 class GGUFFile:
     """A GGUF file's metadata (as Python values) and tensors (as views of the
-    memory map), read once.
-
-    gguf-py's reader keeps a numpy array per part of every metadata field:
-    for a 49k-token vocabulary that is ~130 MB of small objects. We take the
-    values and the tensor views and let the reader go, so only the map stays."""
+    memory map), read once; only the map stays."""
 
     def __init__(self, path: str | os.PathLike[str]):
-        import gguf  # imported here so `edge-slm --help` stays fast
-
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such model file")
         try:
-            reader = gguf.GGUFReader(self.path, "r")
+            reader = _lean_reader_class()(self.path, "r")
         except Exception as e:  # gguf-py raises many types for a damaged file
             # e.g. numpy's "cannot reshape array" when the tensor data runs short
             raise ModelError(f"{self.path}: not a readable GGUF file, damaged or truncated "
                              f"({_reason(e)})") from None
-        self.metadata: dict[str, Any] = {}
-        for key, field in reader.fields.items():
-            try:
-                self.metadata[key] = field.contents()
-            except Exception as e:
-                raise ModelError(f"{self.path}: metadata {key} is unreadable ({_reason(e)})") from None
+        self.metadata: dict[str, Any] = reader.values
         self._tensors = [(t.name, t.tensor_type, [int(x) for x in t.shape], t.data)
                          for t in reader.tensors]
         del reader

@@ -25,6 +25,8 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.repeat_last_n < 0 or self.repeat_penalty <= 0:
             raise ValueError("top_k and repeat_last_n must be >= 0, repeat_penalty > 0")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")  # numpy refuses it mid-answer
 
 
 class Sampler:

@@ -40,6 +40,15 @@ EOG_TEXTS = frozenset({
 
 # llama.cpp shows an unknown token as this block character.
 UNKNOWN_PIECE = "\u2585".encode()
+# A long text is measured in spans of about this many characters, so that
+# one of megabytes is found too long without being tokenized whole (the
+# tokenizer's memory grows with the tokens it makes).
+SPAN_CHARS = 4096
+# Tokens a cut between spans may add (a word split in two, a leading space).
+CUT_SLACK = 4
+# Tokens beyond those kept, tokenized at each end of a truncated text, so
+# that where the cut falls cannot change the ids kept.
+END_MARGIN = 16
 
 
 # ---------------------------------------------------------------- pre-tokenizers
@@ -332,6 +341,19 @@ def _token_bytes(text: str, ttype: int, backend: _Backend) -> bytes:
 
 # ---------------------------------------------------------------- the tokenizer
 
+def _spans(text: str) -> Iterable[tuple[int, int]]:
+    """(start, end) of consecutive spans of about SPAN_CHARS, cut before a
+    space or newline where there is one, so that words stay whole."""
+    start = 0
+    while start < len(text):
+        end = min(start + SPAN_CHARS, len(text))
+        if end < len(text):
+            cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+            end = cut if cut > start else end
+        yield start, end
+        start = end
+
+
 class Tokenizer:
     """A GGUF file's tokenizer: encode, decode, stream, and the chat template."""
 
@@ -407,6 +429,40 @@ class Tokenizer:
                 raise ModelError(f"{self.vocab.source}: BOS requested but the model has no BOS token")
             ids.insert(0, self.bos_id)
         return ids
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The most text one token stands for, in bytes (an unknown token: one character)."""
+        return max(4, max(map(len, self._pieces)))
+
+    def encode_within(self, text: str, limit: int) -> list[int] | None:
+        """The ids of `text` (BOS as encode() adds it) if there are at most
+        `limit`, else None, judged first by length (a text has at least
+        bytes / max_token_bytes tokens), then span by span."""
+        if len(text) > limit * self.max_token_bytes:  # characters <= bytes
+            return None
+        if len(text) > SPAN_CHARS:
+            n = 0
+            for count, (a, b) in enumerate(_spans(text), 1):
+                n += len(self.encode(text[a:b], add_bos=False))
+                if n > limit + count * CUT_SLACK:
+                    return None
+        ids = self.encode(text)
+        return ids if len(ids) <= limit else None
+
+    def encode_ends(self, text: str, head: int, tail: int) -> list[int]:
+        """The first `head` and the last `tail` ids of a text too long to
+        keep whole, tokenizing only its two ends."""
+        ids = self.encode(text[:(head + END_MARGIN) * self.max_token_bytes])[:head] if head else []
+        if not tail:
+            return ids
+        n, start = 0, len(text)
+        for a, b in reversed(list(_spans(text))):
+            n += len(self.encode(text[a:b], add_bos=False))
+            start = a
+            if n >= tail + END_MARGIN:
+                break
+        return ids + self.encode(text[start:], add_bos=False)[-tail:]
 
     def token_bytes(self, token_id: int) -> bytes:
         """What the token contributes to the output, as bytes: possibly part of
