@@ -36,18 +36,26 @@ def config_path() -> Path:
 
 
 def _coerce(name: str, value: Any) -> Any:
+    """A setting from the file or the environment (where everything is text)
+    as its field's type; EngineConfig checks the ranges."""
     if name == "memory_budget":
-        return None if value in (None, "", "none") else parse_size(value)
+        if value in (None, "", "none"):
+            return None
+        try:
+            return parse_size(value)
+        except EdgeSlmError as e:
+            raise EdgeSlmError(f"setting memory_budget: {e}") from None
     if name == "model":
         return None if value in (None, "") else Path(value)
-    kind = FIELDS[name].type
-    try:
-        if "int" in str(kind) and not isinstance(value, int):
-            return int(value)
-        if "float" in str(kind) and not isinstance(value, float):
-            return float(value)
-    except ValueError:
-        raise EdgeSlmError(f"setting {name}: {value!r} is not a number") from None
+    if isinstance(value, str):
+        kind = str(FIELDS[name].type)
+        try:
+            if "int" in kind:
+                return int(value)
+            if "float" in kind:
+                return float(value)
+        except ValueError:
+            raise EdgeSlmError(f"setting {name}: {value!r} is not a number") from None
     return value
 
 

@@ -4,16 +4,21 @@ one request at a time."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
 from tiny_models import TinySpec
 
+from edge_slm.chat import Conversation
 from edge_slm.engine import BUSY, CANCELLED, ERROR, OK, TIMEOUT, TOO_LONG, Engine, EngineConfig
-from edge_slm.errors import EdgeSlmError
+from edge_slm.errors import ContextOverflow, EdgeSlmError
 from edge_slm.generate import GenerationConfig, generate
 from edge_slm.memory import MIB, BudgetError, Fixed, parse_size, plan_memory
 from edge_slm.model import RuntimeOptions, load_model
+from edge_slm.sampler import SamplingConfig
 
 PROMPTS = ["hello there", "the pump", "valve 7 is stuck", "x" * 30, "what is 2+2?", "abc"]
 
@@ -274,3 +279,87 @@ def test_queued_requests_time_out_and_cancel_while_the_slot_stays_busy(tiny_mode
         assert time.monotonic() - t0 < 5 and not hog.done()
         hog.cancel()
         assert hog.result(timeout=10).status == CANCELLED
+
+
+ENDLESS = dict(max_tokens=10**9, ignore_eos=True, timeout=600)
+
+
+def test_queue_size_counts_only_requests_waiting_beyond_free_slots(tiny_model):
+    with engine(tiny_model, slots=2, queue_size=0) as e:
+        running = [e.submit(p, **ENDLESS) for p in ("a", "b")]
+        refused = e.submit("c", max_tokens=2).result(timeout=5)
+        assert refused.status == BUSY and not any(r.done() for r in running)
+    with engine(tiny_model, slots=4, queue_size=2) as e:
+        taken = [e.submit(str(i), **ENDLESS) for i in range(6)]  # four slots and two waiting
+        assert e.submit("x", max_tokens=2).result(timeout=5).status == BUSY
+        assert not any(r.done() for r in taken)
+        wait_until(lambda: e.status()["slots_busy"] == 4 and e.status()["queue_depth"] == 2)
+
+
+def test_a_failing_request_ends_alone(tiny_model):
+    def broken(piece: str) -> None:
+        raise RuntimeError("display unplugged")
+
+    with engine(tiny_model, slots=2) as e:
+        steady = e.submit("steady", max_tokens=40, ignore_eos=True)
+        faulty = e.submit("faulty", max_tokens=40, ignore_eos=True, on_text=broken)
+        bad, good = faulty.result(timeout=30), steady.result(timeout=30)
+        assert bad.status == ERROR and "display unplugged" in bad.error
+        assert good.status == OK and len(good.tokens) == 40
+        assert e.submit("after", max_tokens=3).result(timeout=30).status == OK
+
+
+def test_request_arguments_are_checked_when_submitted(tiny_model):
+    with engine(tiny_model, slots=1) as e:
+        for bad in (dict(max_tokens=0), dict(max_tokens=-5), dict(timeout=0)):
+            with pytest.raises(ValueError):
+                e.submit("hi", **bad)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingConfig(seed=-1)
+
+
+def test_a_huge_prompt_is_refused_or_cut_to_its_ends(tiny_model):
+    huge = "valve " * 400_000  # 2.4 MB
+    with engine(tiny_model, ctx=128) as e:
+        r = e.submit(huge, max_tokens=8).result(timeout=10)
+        assert r.status == TOO_LONG and "over" in r.error
+    with engine(tiny_model, ctx=128, overflow="truncate", keep_tokens=4) as e:
+        r = e.submit("HEAD" + huge + "TAIL", max_tokens=8).result(timeout=30)
+        assert r.status == OK and r.prompt_tokens == e.prompt_limit(8)
+
+
+def test_a_conversation_refuses_a_question_too_long_for_its_context(tiny_model):
+    with engine(tiny_model, slots=1, ctx=128) as e:
+        talk = Conversation(e, system="Be brief.")
+        with pytest.raises(ContextOverflow, match="question alone"):
+            talk.ask("why " * 100_000)
+        assert talk.turns == []
+        assert talk.ask("hi").status == OK
+
+
+CEILING = """
+import json, sys
+from edge_slm.engine import Engine, EngineConfig
+from edge_slm.memory import MIB, peak_rss
+budget = 200 * MIB
+manual = "Isolate the unit, relieve the pressure and check that the gauge reads zero. " * 400
+with Engine(EngineConfig(model=sys.argv[1], memory_budget=budget, overflow=sys.argv[2], threads=2)) as e:
+    reqs = [e.submit(p, max_tokens=16) for p in ("Why does a pump lose pressure?", manual,
+                                                   "pump " * 460_000)]
+    statuses = [r.result(timeout=300).status for r in reqs]
+    print(json.dumps({"statuses": statuses, "peak": peak_rss(), "plan": e.plan.total,
+                      "budget": budget}))
+"""
+
+
+@pytest.mark.parametrize("overflow", ["refuse", "truncate"])
+def test_real_model_holds_a_tight_budget_through_load_and_huge_prompts(real_model, overflow):
+    """At a budget the plan fills to within a few MiB, loading the model
+    (its 49k-token vocabulary) and a 2.3 MB prompt stay under it."""
+    proc = subprocess.run([sys.executable, "-c", CEILING, str(real_model), overflow],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["plan"] > out["budget"] - 8 * MIB  # the plan leaves little slack
+    assert out["peak"] <= out["budget"]
+    assert out["statuses"] == (["ok", "too_long", "too_long"] if overflow == "refuse" else ["ok"] * 3)

@@ -207,3 +207,31 @@ def test_cli_chat_survives_an_undecodable_line(tiny_model):
     err = proc.stderr.decode()
     assert err.count("not valid UTF-8") == 1 and "Traceback" not in err
     assert proc.stdout.decode().count("> ") == 3  # asked twice, then the end of input
+
+
+def test_metadata_read_lean_matches_gguf_py(real_model, tiny_model):
+    from edge_slm.model import GGUFFile
+
+    for path in (tiny_model, real_model):
+        stock = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()
+                 if not k.startswith("GGUF.")}
+        assert GGUFFile(path).metadata == stock
+
+
+@pytest.mark.parametrize("n_bytes", [100, 5_000, 1_000_000])  # in the keys, the vocabulary, the merges
+def test_metadata_cut_short(real_model, tmp_path, n_bytes):
+    p = tmp_path / "short.gguf"
+    with open(real_model, "rb") as f:
+        p.write_bytes(f.read(n_bytes))
+    with pytest.raises(ModelError, match="short.gguf: not a readable GGUF file"):
+        load_model(p)
+
+
+def test_cli_info_takes_the_model_from_the_environment(tiny_model, tmp_path):
+    proc = cli("info", env={"EDGE_SLM_HOME": str(tmp_path), "EDGE_SLM_MODEL": str(tiny_model)})
+    assert proc.returncode == 0, proc.stderr
+    assert str(tiny_model) in proc.stdout
+
+
+def test_cli_info_budget_zero_is_refused(tiny_model):
+    assert_one_line_error(cli("info", str(tiny_model), "--memory-budget", "0"), "more than zero")

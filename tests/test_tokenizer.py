@@ -337,3 +337,35 @@ def test_unreadable_file_is_a_model_error(tmp_path):
     bad.write_bytes(b"not a gguf")
     with pytest.raises(ModelError, match="bad.gguf"):
         Tokenizer.from_gguf(bad)
+
+
+# ---- long texts: judged without tokenizing them whole ----
+
+MANUAL_TEXT = ("Section 4.2: before any work, isolate the unit and relieve stored pressure "
+               "through the bleed valve (check the gauge reads 0 bar). ") * 200
+
+
+def test_encode_within_agrees_with_encode(smollm):
+    ids = smollm.encode(MANUAL_TEXT)
+    assert len(MANUAL_TEXT) > 4 * 4096  # measured in several spans
+    assert smollm.encode_within(MANUAL_TEXT, len(ids)) == ids
+    assert smollm.encode_within(MANUAL_TEXT, len(ids) - 1) is None
+    assert smollm.encode_within("hello", 10) == smollm.encode("hello")
+
+
+def test_a_huge_text_is_refused_without_being_tokenized(smollm, monkeypatch):
+    seen = []
+    encode = smollm.encode
+    monkeypatch.setattr(smollm, "encode",
+                        lambda text, *a, **k: seen.append(len(text)) or encode(text, *a, **k))
+    assert smollm.encode_within("pump " * 1_000_000, 2000) is None
+    assert seen == []  # judged by length alone
+    assert smollm.encode_within("pump " * 20_000, 2000) is None
+    assert seen and max(seen) <= 4096 and sum(seen) < 20_000  # span by span, stopping once over
+
+
+def test_encode_ends_keeps_the_whole_texts_first_and_last_ids(smollm):
+    ids = smollm.encode(MANUAL_TEXT)
+    assert smollm.encode_ends(MANUAL_TEXT, 10, 300) == ids[:10] + ids[-300:]
+    assert smollm.encode_ends(MANUAL_TEXT, 0, 50) == ids[-50:]
+    assert smollm.encode_ends(MANUAL_TEXT, 7, 0) == ids[:7]
