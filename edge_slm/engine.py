@@ -239,6 +239,7 @@ class Engine:
         self._busy_time = 0.0
         self._decode_time = 0.0  # in steps that only decoded (no prompt chunk)
         self._decode_tokens = 0
+        self._decode_steps = 0
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="edge-slm-engine", daemon=True)
         self._thread.start()
@@ -337,7 +338,10 @@ class Engine:
                 # the steps that only decoded (one token per busy slot, sampling included):
                 # the batched decode rate
                 "decode_tps": self._decode_tokens / (self._decode_time or 1e-9),
-                "requests": {k: v for k, v in stats.items() if k not in ("tokens", "reused")},
+                # slots decoded together per such step: how much one weight pass serves
+                "mean_decode_batch": self._decode_tokens / (self._decode_steps or 1),
+                "context_shifts": stats.get("shifts", 0),
+                "requests": {k: v for k, v in stats.items() if k not in ("tokens", "reused", "shifts")},
                 "backend": self.runtime.backend, "uptime_s": time.monotonic() - self._started}
 
     def close(self, timeout: float = 10.0) -> None:
@@ -521,6 +525,7 @@ class Engine:
         if len(tokens) == len(decoding):
             self._decode_time += time.monotonic() - t0
             self._decode_tokens += len(tokens)
+            self._decode_steps += 1
 
     def _next_token(self, s: Slot, logits: np.ndarray) -> None:
         req = s.req
@@ -548,6 +553,7 @@ class Engine:
         self.runtime.kv_shift(s.index, s.keep, n_drop, n_used)
         del s.cache[s.keep:s.keep + n_drop]
         del s.seq[s.keep:s.keep + n_drop]
+        self._count("shifts")
         log.info("slot %d: context full, dropped %d tokens after the first %d", s.index, n_drop, s.keep)
 
     def _partial(self, s: Slot, status: str, error: str | None, finish: str | None = None) -> Result:

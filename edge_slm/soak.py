@@ -51,7 +51,7 @@ class SoakRun:
     slots: int
     requests: int
     peak_rss_mb: float
-    rss_start_mb: float
+    rss_start_mb: float        # after the first 10 % of requests: past warm-up, steady state
     rss_end_mb: float
     decode_tps: float          # aggregate decode rate: tokens / time in the steps that only decoded
     tokens_per_s: float        # tokens generated / wall time, prompts, refusals and all

@@ -108,6 +108,7 @@ def test_batched_decode_matches_one_at_a_time(tiny_model):
     with engine(tiny_model, slots=4, prefill_chunk=4) as e:
         reqs = [e.submit(p, max_tokens=24) for p in PROMPTS[:4]]
         together = [r.result(timeout=60) for r in reqs]
+        assert e.status()["mean_decode_batch"] > 2  # decoded together, not in turn
     assert all(r.status == OK for r in together)
     assert [r.tokens for r in together] == alone
     assert any(len(t) > 5 for t in alone)
@@ -165,7 +166,9 @@ def test_context_shift_lets_an_answer_run_past_the_context(tiny_model):
     with engine(tiny_model, slots=1, ctx=64, min_ctx=64, keep_tokens=4) as e:
         r = e.submit("abcdefghij", max_tokens=150, stop=("\x00never",),
                      ).result(timeout=60)
+        shifts = e.status()["context_shifts"]
     assert r.status == OK and len(r.tokens) == 150
+    assert shifts >= 150 // 32  # each drops at most half of the 60 after the kept start
 
 
 def test_status_reports_the_plan(tiny_model):
