@@ -26,33 +26,32 @@ class Conversation:
         self.turns: list[dict[str, str]] = []
         self.dropped = 0  # exchanges dropped so far to fit the context
 
-    def prompt_ids(self) -> list[int]:
-        return self.engine.encode_chat(self.system + self.turns)
-
     def _fitting_prompt(self) -> list[int]:
         """The whole history as ids, the oldest droppable exchanges dropped
-        until it leaves room for the answer."""
-        limit = self.engine.prompt_limit(self.max_tokens)
-        ids = self.prompt_ids()
+        until it leaves room for the answer. What can never be dropped (the
+        system prompt, the opening turns, the question) is first judged by
+        its length alone, so a history of megabytes is never rendered."""
+        tok, limit = self.engine.tokenizer, self.engine.prompt_limit(self.max_tokens)
         first = 2 * self.keep_turns
-        while len(ids) > limit and len(self.turns) > first + 1:
-            del self.turns[first:first + 2]  # the oldest droppable question and answer
-            self.dropped += 1
-            ids = self.prompt_ids()
-        if len(ids) > limit:
+        fixed = self.system + self.turns[:first] + self.turns[-1:]
+        ids = None
+        if not tok.surely_over(sum(len(m["content"]) for m in fixed), limit):
+            ids = tok.encode_within(tok.render_chat(self.system + self.turns), limit)
+            while ids is None and len(self.turns) > first + 1:
+                del self.turns[first:first + 2]  # the oldest droppable question and answer
+                self.dropped += 1
+                ids = tok.encode_within(tok.render_chat(self.system + self.turns), limit)
+        if ids is None:
             raise ContextOverflow(
-                f"the conversation needs {len(ids)} tokens; with room for a {self.max_tokens}-token "
-                f"answer the context ({self.engine.plan.n_ctx}) holds {max(limit, 0)}")
+                f"the conversation is over {max(limit, 0)} tokens even with its droppable turns "
+                f"dropped: with room for a {self.max_tokens}-token answer the context "
+                f"({self.engine.plan.n_ctx}) holds {max(limit, 0)}")
         return ids
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None,
             timeout: float | None = None) -> Result:
         """Ask and wait for the answer, streaming it to `on_text`. An answer
         cut short (timeout, cancel) stays in the history as far as it got."""
-        limit = self.engine.prompt_limit(self.max_tokens)
-        if self.engine.tokenizer.encode_within(text, limit) is None:  # not even alone: say so cheaply
-            raise ContextOverflow(f"the question alone is over {limit} tokens, more than the "
-                                  f"context ({self.engine.plan.n_ctx}) leaves room for")
         self.turns.append({"role": "user", "content": text})
         try:
             ids = self._fitting_prompt()

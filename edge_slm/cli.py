@@ -179,7 +179,7 @@ def complete(text, model_path, threads, n_ctx, kv_type, memory_budget, as_json, 
         result = req.result()
     check_result(result)
     if as_json:
-        click.echo(json.dumps({"prompt_tokens": req.prompt, "tokens": result.tokens,
+        click.echo(json.dumps({"prompt_tokens": list(req.prompt), "tokens": result.tokens,
                                "text": result.text}, ensure_ascii=False))
     else:
         stream_out("\n")

@@ -46,7 +46,9 @@ def _coerce(name: str, value: Any) -> Any:
         except EdgeSlmError as e:
             raise EdgeSlmError(f"setting memory_budget: {e}") from None
     if name == "model":
-        return None if value in (None, "") else Path(value)
+        if value in (None, ""):
+            return None
+        return Path(value) if isinstance(value, (str, os.PathLike)) else value  # the rest refused
     if isinstance(value, str):
         kind = str(FIELDS[name].type)
         try:
@@ -67,13 +69,15 @@ def load_engine_config(overrides: dict[str, Any] | None = None, path: Path | Non
             table = tomllib.loads(path.read_text()).get("engine", {})
         except (tomllib.TOMLDecodeError, OSError) as e:
             raise EdgeSlmError(f"{path}: {e}") from None
+        if not isinstance(table, dict):
+            raise EdgeSlmError(f"{path}: engine must be a table ([engine])")
         unknown = set(table) - set(FIELDS)
         if unknown:
             raise EdgeSlmError(f"{path}: unknown engine setting(s) {', '.join(sorted(unknown))}")
         values.update(table)
     for name in FIELDS:
         env = os.environ.get(f"EDGE_SLM_{name.upper()}")
-        if env is not None:
+        if env:  # set and not empty
             values[name] = env
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return EngineConfig(**{k: _coerce(k, v) for k, v in values.items()})

@@ -18,6 +18,7 @@ cancel and read status from any thread.
 from __future__ import annotations
 
 import collections
+from array import array
 import itertools
 import logging
 import os
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 OK, BUSY, TOO_LONG, TIMEOUT, CANCELLED, ERROR = "ok", "busy", "too_long", "timeout", "cancelled", "error"
 
 
+MAX_THREADS = 256  # beyond any board's cores: a typo (the CLI's --threads stops there too)
+
+
 def available_cpus() -> int:
     """The CPUs this process may run on (a container or taskset may allow fewer than exist)."""
     try:
@@ -54,7 +58,7 @@ def available_cpus() -> int:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: Path | None = None        # GGUF file; None = the pulled default
+    model: str | os.PathLike[str] | None = None  # GGUF file; None = the pulled default
     memory_budget: int | None = None  # bytes for the whole process; None = no ceiling
     slots: int = 4                   # conversations decoded together (fewer if the budget says so)
     ctx: int | None = None           # tokens per slot; None = the most the budget allows
@@ -80,6 +84,8 @@ class EngineConfig:
 
         for name in ("slots", "min_ctx", "threads", "max_batch", "prefill_chunk", "max_tokens"):
             whole(name, 1)
+        if self.threads > MAX_THREADS:
+            raise EdgeSlmError(f"setting threads: {self.threads} is more than {MAX_THREADS}")
         whole("queue_size", 0)
         whole("keep_tokens", 0)
         whole("ctx", 1, optional=True)
@@ -87,6 +93,12 @@ class EngineConfig:
         if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) \
                 or not self.timeout > 0:
             raise EdgeSlmError(f"setting timeout: {self.timeout!r} is not a number of seconds > 0")
+        for name in ("kv_type", "overflow", "backend"):
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (name == "backend" and value is None):
+                raise EdgeSlmError(f"setting {name}: {value!r} is not text")
+        if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
+            raise EdgeSlmError(f"setting model: {self.model!r} is not a file path")
         if self.kv_type not in KV_TYPES:
             raise EdgeSlmError(f"setting kv_type: {self.kv_type!r}, choose from {', '.join(KV_TYPES)}")
         if self.overflow not in ("refuse", "truncate"):
@@ -128,13 +140,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class Request:
     """A submitted question. Stream its text, wait for its result, or cancel it."""
 
-    def __init__(self, rid: str, prompt: list[int], max_tokens: int, sampling: SamplingConfig,
+    def __init__(self, rid: str, prompt: array, max_tokens: int, sampler: Sampler,
                  stop: tuple[str, ...], ignore_eos: bool, timeout: float,
                  on_text: Callable[[str], None] | None):
         self.id = rid
-        self.prompt = prompt  # token ids, after any truncation
+        self.prompt = prompt  # token ids, after any truncation; 4 bytes each while queued
         self.max_tokens = max_tokens
-        self.sampling = sampling
+        self.sampler = sampler  # made at submit, so a bad config fails there and not mid-step
         self.stop = stop
         self.ignore_eos = ignore_eos
         self.created = time.monotonic()
@@ -258,10 +270,17 @@ class Engine:
             raise ValueError("give exactly one of prompt, messages and prompt_ids")
         max_tokens = self.cfg.max_tokens if max_tokens is None else max_tokens
         timeout = self.cfg.timeout if timeout is None else timeout
-        if max_tokens < 1 or not timeout > 0:
-            raise ValueError(f"max_tokens must be >= 1 and timeout > 0, not {max_tokens}, {timeout}")
-        req = Request(request_id or f"r{next(self._ids)}", [], max_tokens,
-                      sampling or SamplingConfig(), tuple(stop), ignore_eos, timeout, on_text)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1 \
+                or not timeout > 0:
+            raise ValueError(f"max_tokens must be a whole number >= 1 and timeout > 0, "
+                             f"not {max_tokens!r}, {timeout!r}")
+        if isinstance(stop, str) or not all(isinstance(x, str) for x in stop):
+            raise TypeError("stop must be a sequence of strings")
+        sampling = SamplingConfig() if sampling is None else sampling
+        if not isinstance(sampling, SamplingConfig):
+            raise TypeError(f"sampling must be a SamplingConfig, not {type(sampling).__name__}")
+        req = Request(request_id or f"r{next(self._ids)}", array("i"), max_tokens,
+                      Sampler(sampling), tuple(stop), ignore_eos, timeout, on_text)
         refused = self._prompt(req, prompt, messages, prompt_ids)
         if refused:
             self._count(refused.status)
@@ -297,8 +316,10 @@ class Engine:
             fits = len(ids) <= limit
         else:
             try:
-                text = self.tokenizer.render_chat(messages) if messages is not None else prompt
-                ids = self.tokenizer.encode_within(text, limit)
+                if messages is not None:
+                    messages = self._within_reach(messages, limit, truncate)
+                text = prompt if messages is None else self.tokenizer.render_chat(messages)
+                ids = None if text is None else self.tokenizer.encode_within(text, limit)
                 if ids is None and truncate:
                     ids = self.tokenizer.encode_ends(text, keep, limit - keep)
             except BadText as e:
@@ -310,11 +331,24 @@ class Engine:
                 f"{limit} with room for the answer"))
         if not ids:
             return Result(ERROR, error="the prompt is empty")
-        req.prompt = ids
+        req.prompt = array("i", ids)
         return None
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.tokenizer.encode(self.tokenizer.render_chat(messages))
+    def _within_reach(self, messages: list[dict[str, str]], limit: int,
+                      truncate: bool) -> list[dict[str, str]] | None:
+        """Messages fit to render: None when their length alone puts them
+        over the limit; when truncating, each long content cut to the ends
+        that truncation keeps (either end holds more than `limit` tokens)."""
+        tok = self.tokenizer
+        contents = [m.get("content") for m in messages]
+        if not truncate:
+            n_chars = sum(len(c) for c in contents if isinstance(c, str))
+            return None if tok.surely_over(n_chars, limit) else messages
+        reach = limit * (tok.max_token_bytes or 0)
+        if not reach:
+            return messages
+        return [{**m, "content": c[:reach] + c[-reach:]} if isinstance(c, str) and len(c) > 2 * reach
+                else m for m, c in zip(messages, contents)]
 
     def prompt_limit(self, max_tokens: int) -> int:
         """Longest prompt accepted: the context minus room for the answer
@@ -428,14 +462,15 @@ class Engine:
 
     def _start(self, slot: Slot, shared: int) -> None:
         req = slot.req
-        self._reuse_cache(slot, req.prompt, shared)
+        prompt = list(req.prompt)
+        self._reuse_cache(slot, prompt, shared)
         slot.reused = len(slot.cache)
         with self._cond:
             self._stats["reused"] += slot.reused
-        slot.seq = list(req.prompt)
+        slot.seq = prompt
         slot.n_prompt = len(req.prompt)
         slot.answer = []
-        slot.sampler = Sampler(req.sampling)
+        slot.sampler = req.sampler
         slot.text = TextStream(self.tokenizer, req.stop)
         slot.started = time.monotonic()
         slot.first_token = None
@@ -578,7 +613,7 @@ def make_plan(cfg: EngineConfig, model: ModelConfig, file_bytes: int, interprete
               tokenizer: int) -> MemoryPlan:
     """The engine's memory plan: within the budget if there is one, else as configured."""
     fixed = Fixed(model, cfg.memory_budget or 0, file_bytes, interpreter, tokenizer, cfg.threads,
-                  cfg.max_batch)
+                  cfg.max_batch, cfg.queue_size)
     if cfg.memory_budget is None:
         return fixed.plan(cfg.slots, default_ctx(model.context_length, cfg.ctx), cfg.kv_type)
     return plan_memory(fixed, kv_type=cfg.kv_type, slots=cfg.slots, ctx=cfg.ctx, min_ctx=cfg.min_ctx)

@@ -22,6 +22,10 @@ MIB = 1024 * 1024
 HEADROOM = 16 * MIB
 # Contexts are planned in steps of this many tokens.
 CTX_STEP = 256
+# Token ids held per request: 4 bytes in a queued request's array; in a
+# slot, a Python int (28) referenced from its sequence and its cache (8 + 8).
+QUEUED_ID_BYTES = 4
+SLOT_ID_BYTES = 44
 
 
 class BudgetError(EdgeSlmError):
@@ -37,7 +41,10 @@ def parse_size(text: str | int) -> int:
         if not m or isinstance(text, (bool, float)):
             raise EdgeSlmError(f"memory size {text!r}: expected a number with K, M or G, e.g. 256M")
         scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-        size = int(float(m.group(1)) * scale)
+        number = float(m.group(1))
+        if number * scale > 1 << 50:  # a petabyte: a typo, and float would overflow further on
+            raise EdgeSlmError(f"memory size {text!r}: far more than any device has")
+        size = int(number * scale)
     if size < 1:
         raise EdgeSlmError(f"memory size {text!r}: must be more than zero")
     return size
@@ -94,6 +101,7 @@ class MemoryPlan:
     n_slots: int
     n_ctx: int
     kv_type: str
+    requests: int = 0  # token ids of queued and running requests
 
     @property
     def kv_cache(self) -> int:
@@ -102,11 +110,12 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return (self.interpreter + self.tokenizer + self.weights + self.run_state + self.kv_cache
-                + self.headroom)
+                + self.requests + self.headroom)
 
     def as_dict(self) -> dict[str, int | str]:
         return {"budget": self.budget, "interpreter": self.interpreter, "tokenizer": self.tokenizer,
                 "weights": self.weights, "run_state": self.run_state, "kv_cache": self.kv_cache,
+                "requests": self.requests,
                 "headroom": self.headroom, "total": self.total, "n_slots": self.n_slots,
                 "n_ctx": self.n_ctx, "kv_type": self.kv_type}
 
@@ -114,6 +123,7 @@ class MemoryPlan:
         rows = [("interpreter", self.interpreter), ("metadata and tokenizer", self.tokenizer),
                 ("weights (mapped)", self.weights), ("run state", self.run_state),
                 (f"KV cache {self.n_slots} x {self.n_ctx} ({self.kv_type})", self.kv_cache),
+                ("requests (queued and running)", self.requests),
                 ("headroom", self.headroom), ("total", self.total)]
         if self.budget:
             rows.append(("budget", self.budget))
@@ -143,6 +153,7 @@ class Fixed:
     tokenizer: int
     n_threads: int
     max_batch: int       # tokens per forward call
+    queue_size: int = 0  # requests that may wait beyond the slots
 
     def plan(self, n_slots: int, n_ctx: int, kv_type: str) -> MemoryPlan:
         from . import _core  # here, so reading RSS alone (bench children) loads no extension
@@ -151,8 +162,10 @@ class Fixed:
                                       max_batch=self.max_batch, n_threads=self.n_threads,
                                       kv_type=int(KV_TYPES[kv_type]))
         logits = n_slots * self.cfg.vocab * 4  # one row per slot per step
+        # the free slots' next requests queue too, beyond queue_size
+        requests = n_ctx * ((self.queue_size + n_slots) * QUEUED_ID_BYTES + n_slots * SLOT_ID_BYTES)
         return MemoryPlan(self.budget, self.interpreter, self.tokenizer, self.weights,
-                          state + logits, kv, HEADROOM, n_slots, n_ctx, kv_type)
+                          state + logits, kv, HEADROOM, n_slots, n_ctx, kv_type, requests)
 
 
 def plan_memory(fixed: Fixed, *, kv_type: str = "f16", slots: int | None = None,
@@ -179,7 +192,8 @@ def plan_memory(fixed: Fixed, *, kv_type: str = "f16", slots: int | None = None,
         hint = f"; with --kv-type q8_0 it needs {fixed.plan(1, min_ctx, 'q8_0').total / MIB:.0f} MiB"
     parts = ", ".join(f"{name} {n / MIB:.0f}" for name, n in (
         ("weights", need.weights), ("interpreter", need.interpreter), ("tokenizer", need.tokenizer),
-        ("KV", need.kv_cache), ("run state", need.run_state), ("headroom", need.headroom)))
+        ("KV", need.kv_cache), ("run state", need.run_state), ("requests", need.requests),
+        ("headroom", need.headroom)))
     raise BudgetError(
         f"memory budget {fixed.budget / MIB:.0f} MiB is too small: one slot at the minimum context "
         f"({min_ctx} tokens) needs {need.total / MIB:.0f} MiB ({parts}){hint}")

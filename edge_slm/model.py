@@ -118,13 +118,16 @@ def _lean_reader_class() -> type:
                 vtype = gguf.GGUFValueType(u(offs, 4))
                 offs += 4
                 if vtype == ARRAY:
-                    self.values[key], offs = array(offs)
-                    continue
-                size, parts, idxs, types = self._get_field_parts(offs, vtype)
-                field = gguf.ReaderField(start, key, parts, idxs, types)
-                self._push_field(field, skip_sum=True)  # general.alignment is read from here
-                self.values[key] = field.contents()
-                offs += size
+                    value, offs = array(offs)
+                    field = gguf.ReaderField(start, key, [], [], [ARRAY])  # no parts: the value is kept here
+                else:
+                    size, parts, idxs, types = self._get_field_parts(offs, vtype)
+                    field = gguf.ReaderField(start, key, parts, idxs, types)
+                    value = field.contents()
+                    offs += size
+                # gguf-py refuses duplicate keys here, and reads general.alignment from its fields
+                self._push_field(field, skip_sum=True)
+                self.values[key] = value
             return offs
 
     return LeanReader

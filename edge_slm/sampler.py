@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import numpy as np
 
@@ -25,8 +26,9 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.repeat_last_n < 0 or self.repeat_penalty <= 0:
             raise ValueError("top_k and repeat_last_n must be >= 0, repeat_penalty > 0")
-        if self.seed is not None and self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")  # numpy refuses it mid-answer
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)
+                                      or self.seed < 0):
+            raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")  # as numpy insists
 
 
 class Sampler:

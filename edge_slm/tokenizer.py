@@ -44,8 +44,6 @@ UNKNOWN_PIECE = "\u2585".encode()
 # one of megabytes is found too long without being tokenized whole (the
 # tokenizer's memory grows with the tokens it makes).
 SPAN_CHARS = 4096
-# Tokens a cut between spans may add (a word split in two, a leading space).
-CUT_SLACK = 4
 # Tokens beyond those kept, tokenized at each end of a truncated text, so
 # that where the cut falls cannot change the ids kept.
 END_MARGIN = 16
@@ -431,21 +429,31 @@ class Tokenizer:
         return ids
 
     @cached_property
-    def max_token_bytes(self) -> int:
-        """The most text one token stands for, in bytes (an unknown token: one character)."""
+    def max_token_bytes(self) -> int | None:
+        """The most text one token stands for, in bytes (an unknown token: one
+        character); None when one unknown token may stand for a whole run of
+        characters (SentencePiece without byte tokens)."""
+        if self.vocab.model != "gpt2" and TokenType.BYTE not in self.vocab.types:
+            return None
         return max(4, max(map(len, self._pieces)))
+
+    def surely_over(self, n_chars: int, limit: int) -> bool:
+        """Whether a text of n_chars characters must be more than `limit`
+        tokens (it has at least bytes / max_token_bytes, and bytes >= characters)."""
+        most = self.max_token_bytes
+        return most is not None and n_chars > limit * most
 
     def encode_within(self, text: str, limit: int) -> list[int] | None:
         """The ids of `text` (BOS as encode() adds it) if there are at most
-        `limit`, else None, judged first by length (a text has at least
-        bytes / max_token_bytes tokens), then span by span."""
-        if len(text) > limit * self.max_token_bytes:  # characters <= bytes
+        `limit`, else None; a text far over is found so by its length, or
+        span by span, without being tokenized whole."""
+        if self.surely_over(len(text), limit):
             return None
         if len(text) > SPAN_CHARS:
             n = 0
-            for count, (a, b) in enumerate(_spans(text), 1):
+            for a, b in _spans(text):
                 n += len(self.encode(text[a:b], add_bos=False))
-                if n > limit + count * CUT_SLACK:
+                if n > 2 * limit:  # far beyond what cuts between spans could add
                     return None
         ids = self.encode(text)
         return ids if len(ids) <= limit else None
@@ -453,16 +461,21 @@ class Tokenizer:
     def encode_ends(self, text: str, head: int, tail: int) -> list[int]:
         """The first `head` and the last `tail` ids of a text too long to
         keep whole, tokenizing only its two ends."""
-        ids = self.encode(text[:(head + END_MARGIN) * self.max_token_bytes])[:head] if head else []
-        if not tail:
-            return ids
-        n, start = 0, len(text)
-        for a, b in reversed(list(_spans(text))):
-            n += len(self.encode(text[a:b], add_bos=False))
-            start = a
-            if n >= tail + END_MARGIN:
-                break
-        return ids + self.encode(text[start:], add_bos=False)[-tail:]
+        ids = self.encode(text[:self._reach(text, head, from_end=False)])[:head] if head else []
+        if tail:
+            ids += self.encode(text[self._reach(text, tail, from_end=True):], add_bos=False)[-tail:]
+        return ids
+
+    def _reach(self, text: str, n: int, from_end: bool) -> int:
+        """Where to cut the text so that its first (or last) whole spans hold
+        n tokens and END_MARGIN more."""
+        spans = list(_spans(text))
+        total = 0
+        for a, b in reversed(spans) if from_end else spans:
+            total += len(self.encode(text[a:b], add_bos=False))
+            if total >= n + END_MARGIN:
+                return a if from_end else b
+        return 0 if from_end else len(text)
 
     def token_bytes(self, token_id: int) -> bytes:
         """What the token contributes to the output, as bytes: possibly part of

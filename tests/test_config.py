@@ -39,7 +39,8 @@ def test_bad_settings_are_one_line_errors(tmp_path, monkeypatch):
     'kv_type = "q4"', "prefill_chunk = 0", "keep_tokens = -1", "min_ctx = 0", "ctx = 0",
     "memory_budget = -1", "memory_budget = true", "memory_budget = 0.5", 'memory_budget = "0"',
     "slots = 2.5", "threads = true", "timeout = 0", "max_tokens = 0", "queue_size = -1",
-    'overflow = "drop"'])
+    'overflow = "drop"', "model = 5", 'kv_type = ["f16"]', "backend = 5", "threads = 100000",
+    'memory_budget = "99999999999999999999G"'])
 def test_settings_out_of_range_are_refused_by_name(tmp_path, monkeypatch, setting):
     for name in ("EDGE_SLM_MEMORY_BUDGET", "EDGE_SLM_SLOTS", "EDGE_SLM_THREADS"):
         monkeypatch.delenv(name, raising=False)
@@ -56,3 +57,17 @@ def test_settings_in_range_are_kept(tmp_path):
     cfg.write_text('[engine]\nqueue_size = 0\nkeep_tokens = 0\ntimeout = 5\nkv_type = "q8_0"\n')
     c = load_engine_config(path=cfg)
     assert (c.queue_size, c.keep_tokens, c.timeout, c.kv_type) == (0, 0, 5, "q8_0")
+
+
+def test_engine_must_be_a_table(tmp_path):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("engine = 5\n")
+    with pytest.raises(EdgeSlmError, match="engine must be a table"):
+        load_engine_config(path=cfg)
+
+
+def test_empty_environment_variables_are_unset(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_SLM_CTX", "")
+    monkeypatch.setenv("EDGE_SLM_MEMORY_BUDGET", "")
+    c = load_engine_config(path=tmp_path / "absent.toml")
+    assert c.ctx is None and c.memory_budget is None

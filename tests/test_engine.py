@@ -73,8 +73,9 @@ def test_plan_keeps_slots_and_shortens_context_first(long_model):
     plan = plan_memory(Fixed(**{**f.__dict__, "budget": budget}), slots=4, ctx=2048, min_ctx=256)
     assert plan.n_slots == 4 and 256 <= plan.n_ctx <= 1280
     assert plan.total <= budget
-    # Room for under four slots even at the minimum: fewer slots.
-    budget = base + f.plan(1, 256, "f16").kv_per_slot * 5 // 2
+    # Room for under three slots even at the minimum: fewer slots.
+    small = f.plan(1, 256, "f16")
+    budget = small.total + small.kv_per_slot * 3 // 2
     plan = plan_memory(Fixed(**{**f.__dict__, "budget": budget}), slots=4, ctx=2048, min_ctx=256)
     assert plan.n_slots == 2 and plan.total <= budget
 
@@ -317,8 +318,13 @@ def test_request_arguments_are_checked_when_submitted(tiny_model):
         for bad in (dict(max_tokens=0), dict(max_tokens=-5), dict(timeout=0)):
             with pytest.raises(ValueError):
                 e.submit("hi", **bad)
-    with pytest.raises(ValueError, match="seed"):
-        SamplingConfig(seed=-1)
+        with pytest.raises(TypeError, match="SamplingConfig"):
+            e.submit("hi", sampling={"temperature": 0.5})
+        with pytest.raises(TypeError, match="stop"):
+            e.submit("hi", stop=[1])
+    for seed in (-1, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="seed"):
+            SamplingConfig(seed=seed)
 
 
 def test_a_huge_prompt_is_refused_or_cut_to_its_ends(tiny_model):
@@ -327,17 +333,35 @@ def test_a_huge_prompt_is_refused_or_cut_to_its_ends(tiny_model):
         r = e.submit(huge, max_tokens=8).result(timeout=10)
         assert r.status == TOO_LONG and "over" in r.error
     with engine(tiny_model, ctx=128, overflow="truncate", keep_tokens=4) as e:
-        r = e.submit("HEAD" + huge + "TAIL", max_tokens=8).result(timeout=30)
-        assert r.status == OK and r.prompt_tokens == e.prompt_limit(8)
+        req = e.submit("HEAD" + huge + "TAIL", max_tokens=8)
+        assert req.result(timeout=30).status == OK
+        kept = e.tokenizer.decode(req.prompt)
+        assert len(req.prompt) == e.prompt_limit(8)
+        assert kept.startswith("HEAD") and kept.endswith("valve TAIL")
 
 
-def test_a_conversation_refuses_a_question_too_long_for_its_context(tiny_model):
+def test_huge_chat_messages_are_refused_or_cut_without_rendering_them_whole(tiny_model):
+    huge = "valve " * 400_000
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": huge + "END"}]
+    with engine(tiny_model, ctx=128) as e:
+        r = e.submit(messages=messages, max_tokens=8).result(timeout=10)
+        assert r.status == TOO_LONG
+    with engine(tiny_model, ctx=128, overflow="truncate", keep_tokens=8) as e:
+        req = e.submit(messages=messages, max_tokens=8)
+        assert req.result(timeout=30).status == OK
+        kept = e.tokenizer.decode(req.prompt)
+        assert kept.startswith("<|im_start|>system") and "END<|im_end|>" in kept
+
+
+def test_a_conversation_refuses_a_question_or_system_prompt_too_long_for_its_context(tiny_model):
     with engine(tiny_model, slots=1, ctx=128) as e:
-        talk = Conversation(e, system="Be brief.")
-        with pytest.raises(ContextOverflow, match="question alone"):
+        talk = Conversation(e, system="Be brief.", max_tokens=8)
+        with pytest.raises(ContextOverflow, match="conversation is over"):
             talk.ask("why " * 100_000)
         assert talk.turns == []
         assert talk.ask("hi").status == OK
+        with pytest.raises(ContextOverflow, match="conversation is over"):
+            Conversation(e, system="Be brief. " * 300_000, max_tokens=8).ask("hi")
 
 
 CEILING = """

@@ -80,20 +80,21 @@ def test_unsupported_tensor_type(tmp_path):
 
 
 def rewrite(src: Path, dst: Path, metadata: dict | None = None, drop: str | None = None) -> Path:
-    """A copy of src with some metadata values replaced ({key: (value, GGUFValueType)})
-    or a tensor left out."""
-    metadata = metadata or {}
+    """A copy of src with some metadata values replaced or added ({key: (value,
+    GGUFValueType[, sub type of an array])}) or a tensor left out."""
+    metadata = dict(metadata or {})
     r = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(str(dst), "llama")
     for field in r.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
             continue
         if field.name in metadata:
-            value, vtype = metadata[field.name]
-            w.add_key_value(field.name, value, vtype)
+            w.add_key_value(field.name, *metadata.pop(field.name))
             continue
         w.add_key_value(field.name, field.contents(), field.types[0],
                         field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for key, value in metadata.items():
+        w.add_key_value(key, *value)
     for t in r.tensors:
         if t.name != drop:
             w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
@@ -111,6 +112,7 @@ def test_missing_tensor(tmp_path, tiny_model):
 
 
 U32, STR, F32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.STRING, gguf.GGUFValueType.FLOAT32
+ARRAY = gguf.GGUFValueType.ARRAY
 
 
 @pytest.mark.parametrize("key,value,vtype,message", [
@@ -235,3 +237,10 @@ def test_cli_info_takes_the_model_from_the_environment(tiny_model, tmp_path):
 
 def test_cli_info_budget_zero_is_refused(tiny_model):
     assert_one_line_error(cli("info", str(tiny_model), "--memory-budget", "0"), "more than zero")
+
+
+def test_alignment_stored_as_an_array_is_refused(tiny_model, tmp_path):
+    p = rewrite(tiny_model, tmp_path / "odd.gguf", {"general.alignment": ([32], ARRAY, U32)})
+    with pytest.raises(ModelError, match="odd.gguf: not a readable GGUF file.*alignment"):
+        load_model(p)
+

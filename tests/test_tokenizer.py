@@ -360,8 +360,25 @@ def test_a_huge_text_is_refused_without_being_tokenized(smollm, monkeypatch):
                         lambda text, *a, **k: seen.append(len(text)) or encode(text, *a, **k))
     assert smollm.encode_within("pump " * 1_000_000, 2000) is None
     assert seen == []  # judged by length alone
-    assert smollm.encode_within("pump " * 20_000, 2000) is None
-    assert seen and max(seen) <= 4096 and sum(seen) < 20_000  # span by span, stopping once over
+    assert smollm.encode_within("pump " * 30_000, 2000) is None  # 150,000 characters
+    assert seen and max(seen) <= 4096 and sum(seen) < 30_000  # span by span, stopping once far over
+
+
+def test_a_prompt_that_fits_is_never_refused_for_cuts_between_spans(smollm):
+    # no whitespace: spans are cut inside special tokens, each cut adding tokens
+    text = "<|im_start|>" * 760
+    assert smollm.encode_within(text, 760) == smollm.encode(text)
+
+
+def test_encode_ends_reads_no_more_than_the_spans_it_needs(smollm, monkeypatch):
+    dense = "龘龖龕" * 100_000  # rare CJK: several tokens per character
+    ids = smollm.encode(dense[:8192])
+    seen = []
+    encode = smollm.encode
+    monkeypatch.setattr(smollm, "encode",
+                        lambda text, *a, **k: seen.append(len(text)) or encode(text, *a, **k))
+    assert smollm.encode_ends(dense, 480, 10)[:480] == ids[:480]
+    assert max(seen) <= 4096
 
 
 def test_encode_ends_keeps_the_whole_texts_first_and_last_ids(smollm):
