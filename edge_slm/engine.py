@@ -18,13 +18,13 @@ cancel and read status from any thread.
 from __future__ import annotations
 
 import collections
-from array import array
 import itertools
 import logging
 import os
 import queue
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,26 +309,29 @@ class Engine:
         limit = self.prompt_limit(req.max_tokens)
         keep = self.cfg.keep_tokens
         truncate = self.cfg.overflow == "truncate" and limit > keep
+        refusal = Result(TOO_LONG, error=f"prompt is over {limit} tokens: the context holds "
+                                         f"{self.plan.n_ctx}, {limit} with room for the answer")
         if prompt_ids is not None:
             ids = check_ids(prompt_ids, self.model.config.vocab)
             if len(ids) > limit and truncate:
                 ids = ids[:keep] + ids[len(ids) - (limit - keep):]
-            fits = len(ids) <= limit
+            if len(ids) > limit:
+                refusal.prompt_tokens = len(ids)
+                return refusal
         else:
             try:
                 if messages is not None:
                     messages = self._within_reach(messages, limit, truncate)
-                text = prompt if messages is None else self.tokenizer.render_chat(messages)
-                ids = None if text is None else self.tokenizer.encode_within(text, limit)
+                    if messages is None:
+                        return refusal
+                    prompt = self.tokenizer.render_chat(messages)
+                ids = self.tokenizer.encode_within(prompt, limit)
                 if ids is None and truncate:
-                    ids = self.tokenizer.encode_ends(text, keep, limit - keep)
+                    ids = self.tokenizer.encode_ends(prompt, keep, limit - keep)
             except BadText as e:
                 return Result(ERROR, error=str(e))
-            fits = ids is not None
-        if not fits:
-            return Result(TOO_LONG, prompt_tokens=len(ids or ()), error=(
-                f"prompt is over {limit} tokens: the context holds {self.plan.n_ctx}, "
-                f"{limit} with room for the answer"))
+            if ids is None:
+                return refusal
         if not ids:
             return Result(ERROR, error="the prompt is empty")
         req.prompt = array("i", ids)
