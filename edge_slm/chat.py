@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .engine import Engine, Result
-from .errors import ContextOverflow, EdgeSlmError
+from .errors import ContextOverflow
 from .sampler import SamplingConfig
 
 
@@ -20,44 +20,39 @@ class Conversation:
         self.engine = engine
         self.system = [{"role": "system", "content": system}] if system else []
         self.keep_turns = keep_turns  # opening exchanges never dropped
-        self.max_tokens = max_tokens or engine.cfg.max_tokens
+        self.max_tokens = min(max_tokens or engine.cfg.max_tokens, engine.cfg.max_tokens)
         self.sampling = sampling
         self.stop = stop
         self.turns: list[dict[str, str]] = []
         self.dropped = 0  # exchanges dropped so far to fit the context
 
-    def _fitting_prompt(self) -> list[int]:
-        """The whole history as ids, the oldest droppable exchanges dropped
-        until it leaves room for the answer. What can never be dropped (the
-        system prompt, the opening turns, the question) is first judged by
-        its length alone, so a history of megabytes is never rendered."""
+    def _fitting_prompt(self, turns: list[dict[str, str]]) -> tuple[list[int], list[dict[str, str]]]:
+        """The history `turns` (ending with the new question) as ids, the
+        oldest droppable exchanges dropped until it leaves room for the
+        answer; returns the ids and the turns kept. What can never be dropped
+        (the system prompt, the opening turns, the question) is judged by its
+        length first, so a history of megabytes is never rendered."""
         tok, limit = self.engine.tokenizer, self.engine.prompt_limit(self.max_tokens)
-        first = 2 * self.keep_turns
-        fixed = self.system + self.turns[:first] + self.turns[-1:]
+        first = min(2 * self.keep_turns, len(turns) - 1)
         ids = None
-        if not tok.surely_over(sum(len(m["content"]) for m in fixed), limit):
-            ids = tok.encode_within(tok.render_chat(self.system + self.turns), limit)
-            while ids is None and len(self.turns) > first + 1:
-                del self.turns[first:first + 2]  # the oldest droppable question and answer
-                self.dropped += 1
-                ids = tok.encode_within(tok.render_chat(self.system + self.turns), limit)
+        if not tok.messages_surely_over(self.system + turns[:first] + turns[-1:], limit):
+            ids = tok.encode_within(tok.render_chat(self.system + turns), limit)
+            while ids is None and len(turns) > first + 1:
+                turns = turns[:first] + turns[first + 2:]  # the oldest droppable question and answer
+                ids = tok.encode_within(tok.render_chat(self.system + turns), limit)
         if ids is None:
             raise ContextOverflow(
                 f"the conversation is over {max(limit, 0)} tokens even with its droppable turns "
                 f"dropped: with room for a {self.max_tokens}-token answer the context "
                 f"({self.engine.plan.n_ctx}) holds {max(limit, 0)}")
-        return ids
+        return ids, turns
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None,
             timeout: float | None = None) -> Result:
         """Ask and wait for the answer, streaming it to `on_text`. An answer
-        cut short (timeout, cancel) stays in the history as far as it got."""
-        self.turns.append({"role": "user", "content": text})
-        try:
-            ids = self._fitting_prompt()
-        except EdgeSlmError:  # a question that cannot be asked leaves no trace
-            self.turns.pop()
-            raise
+        cut short (timeout, cancel) stays in the history as far as it got;
+        a question that gets no answer at all leaves the history as it was."""
+        ids, turns = self._fitting_prompt(self.turns + [{"role": "user", "content": text}])
         req = self.engine.submit(prompt_ids=ids, max_tokens=self.max_tokens, sampling=self.sampling,
                                  stop=self.stop, timeout=timeout)
         for piece in req.stream():
@@ -65,7 +60,6 @@ class Conversation:
                 on_text(piece)
         result = req.result()
         if result.tokens:
-            self.turns.append({"role": "assistant", "content": result.text})
-        else:
-            self.turns.pop()
+            self.dropped += (len(self.turns) + 1 - len(turns)) // 2
+            self.turns = turns + [{"role": "assistant", "content": result.text}]
         return result

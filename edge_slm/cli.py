@@ -80,7 +80,8 @@ def engine_options(f):
 
 
 def sampling_options(f):
-    f = click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)(f)
+    f = click.option("--max-tokens", type=click.IntRange(1), default=None,
+                     help="Answer length (default: the configured max_tokens, else 256).")(f)
     f = click.option("--temperature", type=click.FloatRange(0), default=None,
                      help="0 = greedy.")(f)
     f = click.option("--top-k", type=click.IntRange(0), default=40, show_default=True)(f)
@@ -93,16 +94,16 @@ def sampling_options(f):
     return f
 
 
-def generation_config(max_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop,
-                      default_temperature: float, default_repeat_penalty: float = 1.1):
-    from .generate import GenerationConfig
+def sampling_config(temperature, top_k, top_p, repeat_penalty, seed, default_temperature: float,
+                    default_repeat_penalty: float = 1.1):
     from .sampler import SamplingConfig
 
     t = default_temperature if temperature is None else temperature
-    return GenerationConfig(max_tokens=max_tokens, stop=tuple(stop),
-                            sampling=SamplingConfig(
-                                temperature=t, top_k=top_k, top_p=top_p, seed=seed,
-                                repeat_penalty=repeat_penalty or default_repeat_penalty))
+    try:
+        return SamplingConfig(temperature=t, top_k=top_k, top_p=top_p, seed=seed,
+                              repeat_penalty=repeat_penalty or default_repeat_penalty)
+    except ValueError as e:  # e.g. nan, which click's ranges let through
+        raise click.UsageError(str(e)) from None
 
 
 def stream_out(piece: str) -> None:
@@ -118,7 +119,7 @@ def pull() -> None:
     click.echo(str(pull_model()))
 
 
-def open_engine(model_path, threads, n_ctx, kv_type, memory_budget):
+def open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens):
     """One slot: the CLI asks one thing at a time, through the same engine as every front end,
     with the same settings file and environment. No deadline: the person at the terminal can
     stop it with Ctrl-C."""
@@ -127,7 +128,8 @@ def open_engine(model_path, threads, n_ctx, kv_type, memory_budget):
 
     return Engine(load_engine_config({
         "model": model_path, "threads": threads, "ctx": n_ctx, "kv_type": kv_type,
-        "memory_budget": memory_budget, "slots": 1, "timeout": math.inf}))
+        "memory_budget": memory_budget, "max_tokens": max_tokens, "slots": 1,
+        "timeout": math.inf}))
 
 
 def check_result(result) -> None:
@@ -142,14 +144,14 @@ def check_result(result) -> None:
 @engine_options
 @sampling_options
 @click.option("--system", default=None, help="System prompt (default: the model's own).")
-def ask(question, model_path, threads, n_ctx, kv_type, memory_budget, system, **sampling) -> None:
+def ask(question, model_path, threads, n_ctx, kv_type, memory_budget, system, max_tokens, stop,
+        **sampling) -> None:
     """Answer QUESTION, streamed to stdout."""
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": question}]
-    cfg = generation_config(**sampling, default_temperature=0.2)
-    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget) as engine:
-        req = engine.submit(messages=messages, max_tokens=cfg.max_tokens, sampling=cfg.sampling,
-                            stop=cfg.stop)
+    how = sampling_config(**sampling, default_temperature=0.2)
+    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens) as engine:
+        req = engine.submit(messages=messages, sampling=how, stop=stop)
         streamed = False
         for piece in req.stream():
             stream_out(piece)
@@ -167,12 +169,11 @@ def ask(question, model_path, threads, n_ctx, kv_type, memory_budget, system, **
 @click.option("--json", "as_json", is_flag=True, help="Print ids and text as JSON.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-generation tokens.")
 def complete(text, model_path, threads, n_ctx, kv_type, memory_budget, as_json, ignore_eos,
-             **sampling) -> None:
+             max_tokens, stop, **sampling) -> None:
     """Continue raw TEXT (no chat template; greedy unless --temperature)."""
-    cfg = generation_config(**sampling, default_temperature=0.0, default_repeat_penalty=1.0)
-    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget) as engine:
-        req = engine.submit(text, max_tokens=cfg.max_tokens, sampling=cfg.sampling, stop=cfg.stop,
-                            ignore_eos=ignore_eos)
+    how = sampling_config(**sampling, default_temperature=0.0, default_repeat_penalty=1.0)
+    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens) as engine:
+        req = engine.submit(text, sampling=how, stop=stop, ignore_eos=ignore_eos)
         for piece in req.stream():
             if not as_json:
                 stream_out(piece)
@@ -256,7 +257,7 @@ def logits(ids, out, model_path, threads, n_ctx, kv_type) -> None:
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--memory-budget", default=None, envvar="EDGE_SLM_MEMORY_BUDGET",
               help="Plan slots and context within this many bytes, e.g. 256M.")
-@click.option("--slots", type=click.IntRange(1), default=None, help="Slots wanted (with a budget).")
+@click.option("--slots", type=click.IntRange(1), default=None, help="Slots wanted (default: the configured number, else 4).")
 def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots) -> None:
     """Describe a GGUF model and the memory it needs (and the plan within a budget).
 
@@ -307,15 +308,15 @@ def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots) -> Non
 @click.option("--system", default=None, help="System prompt (default: the model's own).")
 @click.option("--keep-turns", type=click.IntRange(0), default=0, show_default=True,
               help="Opening exchanges kept when the oldest make way for new ones.")
-def chat(model_path, threads, n_ctx, kv_type, memory_budget, system, keep_turns,
+def chat(model_path, threads, n_ctx, kv_type, memory_budget, system, keep_turns, max_tokens, stop,
          **sampling) -> None:
     """Chat in the terminal; the oldest turns make way when the context fills."""
     from .chat import Conversation
 
-    cfg = generation_config(**sampling, default_temperature=0.2)
-    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget) as engine:
-        talk = Conversation(engine, system=system, keep_turns=keep_turns, max_tokens=cfg.max_tokens,
-                            sampling=cfg.sampling, stop=cfg.stop)
+    how = sampling_config(**sampling, default_temperature=0.2)
+    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens) as engine:
+        talk = Conversation(engine, system=system, keep_turns=keep_turns, sampling=how,
+                            stop=tuple(stop))
         click.echo("Type a question; an empty line or Ctrl-D ends the chat.")
         while True:
             try:

@@ -67,7 +67,7 @@ def load_engine_config(overrides: dict[str, Any] | None = None, path: Path | Non
     if path.exists():
         try:
             table = tomllib.loads(path.read_text()).get("engine", {})
-        except (tomllib.TOMLDecodeError, OSError) as e:
+        except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as e:
             raise EdgeSlmError(f"{path}: {e}") from None
         if not isinstance(table, dict):
             raise EdgeSlmError(f"{path}: engine must be a table ([engine])")

@@ -27,8 +27,6 @@ import time
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-
 import numpy as np
 
 from .errors import BadText, EdgeSlmError
@@ -45,7 +43,8 @@ log = logging.getLogger(__name__)
 OK, BUSY, TOO_LONG, TIMEOUT, CANCELLED, ERROR = "ok", "busy", "too_long", "timeout", "cancelled", "error"
 
 
-MAX_THREADS = 256  # beyond any board's cores: a typo (the CLI's --threads stops there too)
+# Beyond these a setting is a typo on any board (the CLI's --threads stops at 256 too).
+MAX_THREADS, MAX_SLOTS, MAX_BATCH = 256, 256, 4096
 
 
 def available_cpus() -> int:
@@ -56,6 +55,10 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def default_threads() -> int:
+    return min(available_cpus(), MAX_THREADS)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | os.PathLike[str] | None = None  # GGUF file; None = the pulled default
@@ -64,12 +67,12 @@ class EngineConfig:
     ctx: int | None = None           # tokens per slot; None = the most the budget allows
     min_ctx: int = 512               # below this a slot is not useful: refuse to start
     kv_type: str = "f16"             # "f16", or "q8_0" to halve the cache
-    threads: int = field(default_factory=available_cpus)
+    threads: int = field(default_factory=default_threads)
     max_batch: int = 64              # tokens per forward pass (decode tokens + a prompt chunk)
     prefill_chunk: int = 32          # prompt tokens per step while others decode
     queue_size: int = 16             # waiting requests beyond the slots; more are refused (busy)
     timeout: float = 120.0           # default seconds from submit to the last token
-    max_tokens: int = 256            # default answer length cap
+    max_tokens: int = 256            # answer length: the default, and the most a request may ask
     overflow: str = "refuse"         # over-long prompts: "refuse" (too_long) or "truncate"
     keep_tokens: int = 64            # start of the conversation kept when the context shifts
     backend: str | None = None       # kernel table; None = best for this CPU
@@ -84,8 +87,9 @@ class EngineConfig:
 
         for name in ("slots", "min_ctx", "threads", "max_batch", "prefill_chunk", "max_tokens"):
             whole(name, 1)
-        if self.threads > MAX_THREADS:
-            raise EdgeSlmError(f"setting threads: {self.threads} is more than {MAX_THREADS}")
+        for name, most in (("threads", MAX_THREADS), ("slots", MAX_SLOTS), ("max_batch", MAX_BATCH)):
+            if getattr(self, name) > most:
+                raise EdgeSlmError(f"setting {name}: {getattr(self, name)} is more than {most}")
         whole("queue_size", 0)
         whole("keep_tokens", 0)
         whole("ctx", 1, optional=True)
@@ -226,7 +230,8 @@ class Slot:
 
 
 class Engine:
-    def __init__(self, cfg: EngineConfig = EngineConfig()):
+    def __init__(self, cfg: EngineConfig | None = None):
+        cfg = EngineConfig() if cfg is None else cfg
         self.cfg = cfg
         limit_malloc_arenas()
         interpreter = current_rss()
@@ -274,13 +279,15 @@ class Engine:
                 or not timeout > 0:
             raise ValueError(f"max_tokens must be a whole number >= 1 and timeout > 0, "
                              f"not {max_tokens!r}, {timeout!r}")
-        if isinstance(stop, str) or not all(isinstance(x, str) for x in stop):
-            raise TypeError("stop must be a sequence of strings")
+        max_tokens = min(max_tokens, self.cfg.max_tokens)  # the plan holds answers this long
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        if not all(isinstance(x, str) for x in stop):
+            raise TypeError("stop must be strings")
         sampling = SamplingConfig() if sampling is None else sampling
         if not isinstance(sampling, SamplingConfig):
             raise TypeError(f"sampling must be a SamplingConfig, not {type(sampling).__name__}")
         req = Request(request_id or f"r{next(self._ids)}", array("i"), max_tokens,
-                      Sampler(sampling), tuple(stop), ignore_eos, timeout, on_text)
+                      Sampler(sampling), stop, ignore_eos, timeout, on_text)
         refused = self._prompt(req, prompt, messages, prompt_ids)
         if refused:
             self._count(refused.status)
@@ -343,15 +350,17 @@ class Engine:
         over the limit; when truncating, each long content cut to the ends
         that truncation keeps (either end holds more than `limit` tokens)."""
         tok = self.tokenizer
-        contents = [m.get("content") for m in messages]
         if not truncate:
-            n_chars = sum(len(c) for c in contents if isinstance(c, str))
-            return None if tok.surely_over(n_chars, limit) else messages
+            return None if tok.messages_surely_over(messages, limit) else messages
         reach = limit * (tok.max_token_bytes or 0)
         if not reach:
             return messages
-        return [{**m, "content": c[:reach] + c[-reach:]} if isinstance(c, str) and len(c) > 2 * reach
-                else m for m, c in zip(messages, contents)]
+
+        def cut(m: dict[str, str]) -> dict[str, str]:
+            c = m.get("content")
+            return {**m, "content": c[:reach] + c[-reach:]} if isinstance(c, str) and len(c) > 2 * reach else m
+
+        return [cut(m) for m in messages]
 
     def prompt_limit(self, max_tokens: int) -> int:
         """Longest prompt accepted: the context minus room for the answer
@@ -616,7 +625,7 @@ def make_plan(cfg: EngineConfig, model: ModelConfig, file_bytes: int, interprete
               tokenizer: int) -> MemoryPlan:
     """The engine's memory plan: within the budget if there is one, else as configured."""
     fixed = Fixed(model, cfg.memory_budget or 0, file_bytes, interpreter, tokenizer, cfg.threads,
-                  cfg.max_batch, cfg.queue_size)
+                  cfg.max_batch, cfg.queue_size, cfg.max_tokens)
     if cfg.memory_budget is None:
         return fixed.plan(cfg.slots, default_ctx(model.context_length, cfg.ctx), cfg.kv_type)
     return plan_memory(fixed, kv_type=cfg.kv_type, slots=cfg.slots, ctx=cfg.ctx, min_ctx=cfg.min_ctx)

@@ -26,6 +26,9 @@ CTX_STEP = 256
 # slot, a Python int (28) referenced from its sequence and its cache (8 + 8).
 QUEUED_ID_BYTES = 4
 SLOT_ID_BYTES = 44
+# An answer token: its id in the answer (36), its share of the text, and its
+# piece in the stream queue until the caller reads it (~70).
+ANSWER_TOKEN_BYTES = 128
 
 
 class BudgetError(EdgeSlmError):
@@ -101,7 +104,7 @@ class MemoryPlan:
     n_slots: int
     n_ctx: int
     kv_type: str
-    requests: int = 0  # token ids of queued and running requests
+    requests: int = 0  # token ids of queued and running requests, and their answers
 
     @property
     def kv_cache(self) -> int:
@@ -154,6 +157,7 @@ class Fixed:
     n_threads: int
     max_batch: int       # tokens per forward call
     queue_size: int = 0  # requests that may wait beyond the slots
+    max_tokens: int = 0  # the longest answer a slot may hold
 
     def plan(self, n_slots: int, n_ctx: int, kv_type: str) -> MemoryPlan:
         from . import _core  # here, so reading RSS alone (bench children) loads no extension
@@ -163,7 +167,8 @@ class Fixed:
                                       kv_type=int(KV_TYPES[kv_type]))
         logits = n_slots * self.cfg.vocab * 4  # one row per slot per step
         # the free slots' next requests queue too, beyond queue_size
-        requests = n_ctx * ((self.queue_size + n_slots) * QUEUED_ID_BYTES + n_slots * SLOT_ID_BYTES)
+        requests = (n_ctx * ((self.queue_size + n_slots) * QUEUED_ID_BYTES + n_slots * SLOT_ID_BYTES)
+                    + n_slots * self.max_tokens * ANSWER_TOKEN_BYTES)
         return MemoryPlan(self.budget, self.interpreter, self.tokenizer, self.weights,
                           state + logits, kv, HEADROOM, n_slots, n_ctx, kv_type, requests)
 

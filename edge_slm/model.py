@@ -115,6 +115,8 @@ def _lean_reader_class() -> type:
             for _ in range(count):
                 start = offs
                 key, offs = string(offs)
+                if key in self.values:  # older gguf-py only warns
+                    raise ValueError(f"duplicate metadata key {key}")
                 vtype = gguf.GGUFValueType(u(offs, 4))
                 offs += 4
                 if vtype == ARRAY:
@@ -302,6 +304,9 @@ class Transformer:
             )
         except (ValueError, KeyError) as e:
             raise ModelError(f"model rejected: {_reason(e)}") from None
+        except MemoryError:
+            raise EdgeSlmError(f"cannot allocate the KV cache and run state for {opts.n_slots} "
+                               f"slot(s) x {opts.n_ctx} tokens, batches of {opts.max_batch}") from None
         self._lock = threading.Lock()
         self._logits = np.zeros((opts.logits_rows, cfg.vocab), dtype=np.float32)
 

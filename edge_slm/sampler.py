@@ -3,6 +3,7 @@ top-p and a repetition penalty, from a seeded generator."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -20,6 +21,9 @@ class SamplingConfig:
     seed: int | None = None     # None draws a fresh seed
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repeat_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -45,7 +45,8 @@ UNKNOWN_PIECE = "\u2585".encode()
 # tokenizer's memory grows with the tokens it makes).
 SPAN_CHARS = 4096
 # Tokens beyond those kept, tokenized at each end of a truncated text, so
-# that where the cut falls cannot change the ids kept.
+# that where the cut falls does not change the ids kept (a run of
+# whitespace longer than a span, cut through, may still tokenize otherwise).
 END_MARGIN = 16
 
 
@@ -442,6 +443,11 @@ class Tokenizer:
         tokens (it has at least bytes / max_token_bytes, and bytes >= characters)."""
         most = self.max_token_bytes
         return most is not None and n_chars > limit * most
+
+    def messages_surely_over(self, messages: Iterable[Mapping[str, Any]], limit: int) -> bool:
+        """Whether chat messages' contents alone must be more than `limit` tokens."""
+        return self.surely_over(sum(len(c) for m in messages if isinstance(c := m.get("content"), str)),
+                                limit)
 
     def encode_within(self, text: str, limit: int) -> list[int] | None:
         """The ids of `text` (BOS as encode() adds it) if there are at most

@@ -40,7 +40,7 @@ def test_bad_settings_are_one_line_errors(tmp_path, monkeypatch):
     "memory_budget = -1", "memory_budget = true", "memory_budget = 0.5", 'memory_budget = "0"',
     "slots = 2.5", "threads = true", "timeout = 0", "max_tokens = 0", "queue_size = -1",
     'overflow = "drop"', "model = 5", 'kv_type = ["f16"]', "backend = 5", "threads = 100000",
-    'memory_budget = "99999999999999999999G"'])
+    'memory_budget = "99999999999999999999G"', "slots = 100000", "max_batch = 100000"])
 def test_settings_out_of_range_are_refused_by_name(tmp_path, monkeypatch, setting):
     for name in ("EDGE_SLM_MEMORY_BUDGET", "EDGE_SLM_SLOTS", "EDGE_SLM_THREADS"):
         monkeypatch.delenv(name, raising=False)
@@ -71,3 +71,17 @@ def test_empty_environment_variables_are_unset(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGE_SLM_MEMORY_BUDGET", "")
     c = load_engine_config(path=tmp_path / "absent.toml")
     assert c.ctx is None and c.memory_budget is None
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    cfg = tmp_path / "config.toml"
+    cfg.write_bytes(b"\xff\xfe[engine]\n")
+    with pytest.raises(EdgeSlmError, match="config.toml"):
+        load_engine_config(path=cfg)
+
+
+def test_more_cpus_than_the_thread_ceiling_still_configures(monkeypatch):
+    from edge_slm.engine import MAX_THREADS, EngineConfig
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(MAX_THREADS + 128)))
+    assert EngineConfig().threads == MAX_THREADS

@@ -123,7 +123,7 @@ def test_stream_yields_the_text(tiny_model):
 
 
 def test_full_queue_is_refused_at_once(tiny_model):
-    with engine(tiny_model, slots=1, queue_size=1) as e:
+    with engine(tiny_model, slots=1, queue_size=1, max_tokens=10**9) as e:
         first = e.submit("a", max_tokens=100000, stop=("\x00never",))
         wait_until(lambda: e.status()["slots_busy"] == 1)
         second = e.submit("b", max_tokens=5)
@@ -138,13 +138,13 @@ def test_full_queue_is_refused_at_once(tiny_model):
 
 
 def test_deadline_ends_a_request(tiny_model):
-    with engine(tiny_model) as e:
+    with engine(tiny_model, max_tokens=10**9) as e:
         r = e.submit("slow", max_tokens=100000, timeout=0.3).result(timeout=10)
         assert r.status == TIMEOUT and r.tokens and r.total_s < 5
 
 
 def test_cancel_frees_the_slot(tiny_model):
-    with engine(tiny_model, slots=1) as e:
+    with engine(tiny_model, slots=1, max_tokens=10**9) as e:
         r = e.submit("go on", max_tokens=100000)
         next(iter(r.stream(timeout=10)), None)
         r.cancel()
@@ -271,7 +271,7 @@ def test_empty_prompt_is_an_error_result(tiny_model):
 def test_queued_requests_time_out_and_cancel_while_the_slot_stays_busy(tiny_model):
     """A queued request's deadline and cancellation take effect at the next
     step, not when a slot frees: here the one slot never frees on its own."""
-    with Engine(EngineConfig(model=tiny_model, slots=1, threads=1)) as e:
+    with Engine(EngineConfig(model=tiny_model, slots=1, threads=1, max_tokens=10**9)) as e:
         hog = e.submit("endless", max_tokens=10**9, ignore_eos=True, timeout=600)
         wait_until(lambda: e.status()["slots_busy"] == 1)
         late = e.submit("hi", timeout=0.3)
@@ -289,11 +289,11 @@ ENDLESS = dict(max_tokens=10**9, ignore_eos=True, timeout=600)
 
 
 def test_queue_size_counts_only_requests_waiting_beyond_free_slots(tiny_model):
-    with engine(tiny_model, slots=2, queue_size=0) as e:
+    with engine(tiny_model, slots=2, queue_size=0, max_tokens=10**9) as e:
         running = [e.submit(p, **ENDLESS) for p in ("a", "b")]
         refused = e.submit("c", max_tokens=2).result(timeout=5)
         assert refused.status == BUSY and not any(r.done() for r in running)
-    with engine(tiny_model, slots=4, queue_size=2) as e:
+    with engine(tiny_model, slots=4, queue_size=2, max_tokens=10**9) as e:
         taken = [e.submit(str(i), **ENDLESS) for i in range(6)]  # four slots and two waiting
         assert e.submit("x", max_tokens=2).result(timeout=5).status == BUSY
         assert not any(r.done() for r in taken)
@@ -390,3 +390,24 @@ def test_real_model_holds_a_tight_budget_through_load_and_huge_prompts(real_mode
     assert out["plan"] > out["budget"] - 8 * MIB  # the plan leaves little slack
     assert out["peak"] <= out["budget"]
     assert out["statuses"] == (["ok", "too_long", "too_long"] if overflow == "refuse" else ["ok"] * 3)
+
+
+def test_answers_are_held_to_the_configured_length_and_planned_for(tiny_model, long_model):
+    with engine(tiny_model, slots=1, max_tokens=20) as e:
+        r = e.submit("go", max_tokens=10**6, ignore_eos=True).result(timeout=30)
+        assert r.status == OK and len(r.tokens) == 20 and r.finish_reason == "length"
+    short, long = (Fixed(**{**fixed(long_model, 0).__dict__, "max_tokens": n}) for n in (256, 10**6))
+    assert long.plan(2, 512, "f16").total - short.plan(2, 512, "f16").total >= 2 * (10**6 - 256) * 100
+
+
+def test_a_conversation_that_cannot_fit_a_question_keeps_its_history(tiny_model):
+    with engine(tiny_model, slots=1, ctx=256, max_tokens=8) as e:
+        talk = Conversation(e, keep_turns=1, max_tokens=8)
+        for q in ("first question", "second question", "third question"):
+            assert talk.ask(q).status == OK
+        before = list(talk.turns)
+        with pytest.raises(ContextOverflow):
+            talk.ask("pump valve " * 400)
+        assert talk.turns == before and talk.dropped == 0
+        # a question that fits alone, with the opening exchange kept, is asked
+        assert talk.ask("x" * 150).status == OK and talk.turns[:2] == before[:2]

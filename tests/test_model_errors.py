@@ -244,3 +244,18 @@ def test_alignment_stored_as_an_array_is_refused(tiny_model, tmp_path):
     with pytest.raises(ModelError, match="odd.gguf: not a readable GGUF file.*alignment"):
         load_model(p)
 
+
+
+def test_duplicate_metadata_key_is_refused(tiny_model, tmp_path):
+    p = rewrite(tiny_model, tmp_path / "dup.gguf", {"test.aaa": (["x"], ARRAY, STR),
+                                                    "test.bbb": (["y"], ARRAY, STR)})
+    p.write_bytes(p.read_bytes().replace(b"test.bbb", b"test.aaa"))
+    with pytest.raises(ModelError, match="dup.gguf: not a readable GGUF file.*duplicate"):
+        load_model(p)
+
+
+def test_cli_nan_sampling_is_one_line(tiny_model):
+    for option in ("--top-p", "--temperature", "--repeat-penalty"):
+        proc = cli("complete", "hi", "--model", str(tiny_model), option, "nan")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "finite" in proc.stderr

@@ -57,7 +57,9 @@ def test_repetition_penalty_moves_away_from_seen_tokens():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
-                                 dict(repeat_penalty=0), dict(top_k=-1)])
+                                 dict(repeat_penalty=0), dict(top_k=-1), dict(temperature=float("nan")),
+                                 dict(top_p=float("nan")), dict(repeat_penalty=float("inf")),
+                                 dict(seed=-1), dict(seed=1.5)])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingConfig(**bad)
