@@ -78,7 +78,8 @@ def run_soak(model: Path | None, budget: int, slots: int, n_requests: int, threa
     # own options win.
     engine = Engine(load_engine_config({"model": model, "memory_budget": budget, "slots": slots,
                                         "threads": threads, "kv_type": kv_type,
-                                        "queue_size": 2 * slots, "timeout": 300.0}))
+                                        "queue_size": 2 * slots, "timeout": 300.0,
+                                        "max_tokens": max_tokens}))
     n_ctx = engine.plan.n_ctx
     oversized = MANUAL * (4 * n_ctx // 80 + 1)
     rng_lock = threading.Lock()
