@@ -6,11 +6,14 @@ engine re-rotates the cached keys that follow instead of recomputing them."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from .engine import Engine, Result
 from .errors import ContextOverflow
 from .sampler import SamplingConfig
+
+log = logging.getLogger(__name__)
 
 
 class Conversation:
@@ -19,7 +22,9 @@ class Conversation:
                  stop: tuple[str, ...] = ()):
         self.engine = engine
         self.system = [{"role": "system", "content": system}] if system else []
-        self.keep_turns = keep_turns  # opening exchanges never dropped
+        self.keep_turns = keep_turns  # opening exchanges dropped last
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, not {max_tokens}")
         self.max_tokens = min(max_tokens or engine.cfg.max_tokens, engine.cfg.max_tokens)
         self.sampling = sampling
         self.stop = stop
@@ -28,36 +33,43 @@ class Conversation:
 
     def _fitting_prompt(self, turns: list[dict[str, str]]) -> tuple[list[int], list[dict[str, str]]]:
         """The history `turns` (ending with the new question) as ids, the
-        oldest droppable exchanges dropped until it leaves room for the
-        answer; returns the ids and the turns kept. What can never be dropped
-        (the system prompt, the opening turns, the question) is judged by its
-        length first, so a history of megabytes is never rendered."""
+        oldest exchanges after the first `keep_turns` dropped until it leaves
+        room for the answer, and those too if it still does not; returns the
+        ids and the turns kept. The system prompt and question, which are
+        never dropped, are judged by length first, so a history of megabytes
+        is never rendered."""
         tok, limit = self.engine.tokenizer, self.engine.prompt_limit(self.max_tokens)
-        first = min(2 * self.keep_turns, len(turns) - 1)
         ids = None
-        if not tok.messages_surely_over(self.system + turns[:first] + turns[-1:], limit):
+        if not tok.messages_surely_over(self.system + turns[-1:], limit):
             ids = tok.encode_within(tok.render_chat(self.system + turns), limit)
-            while ids is None and len(turns) > first + 1:
+            while ids is None and len(turns) > 1:
+                first = 2 * self.keep_turns if len(turns) > 2 * self.keep_turns + 1 else 0
+                if first == 0 and self.keep_turns:
+                    log.info("the opening exchange(s) make way: the question does not fit with them")
                 turns = turns[:first] + turns[first + 2:]  # the oldest droppable question and answer
                 ids = tok.encode_within(tok.render_chat(self.system + turns), limit)
         if ids is None:
             raise ContextOverflow(
-                f"the conversation is over {max(limit, 0)} tokens even with its droppable turns "
-                f"dropped: with room for a {self.max_tokens}-token answer the context "
-                f"({self.engine.plan.n_ctx}) holds {max(limit, 0)}")
+                f"the system prompt and question alone are over {max(limit, 0)} tokens: the "
+                f"context ({self.engine.plan.n_ctx}) keeps {self.engine.plan.n_ctx - limit} for the answer")
         return ids, turns
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None,
             timeout: float | None = None) -> Result:
         """Ask and wait for the answer, streaming it to `on_text`. An answer
-        cut short (timeout, cancel) stays in the history as far as it got;
-        a question that gets no answer at all leaves the history as it was."""
+        cut short (timeout) stays in the history as far as it got; a question
+        that gets no answer at all leaves the history as it was. If `on_text`
+        raises (or the wait is interrupted), the request is cancelled."""
         ids, turns = self._fitting_prompt(self.turns + [{"role": "user", "content": text}])
         req = self.engine.submit(prompt_ids=ids, max_tokens=self.max_tokens, sampling=self.sampling,
                                  stop=self.stop, timeout=timeout)
-        for piece in req.stream():
-            if on_text:
-                on_text(piece)
+        try:
+            for piece in req.stream():
+                if on_text:
+                    on_text(piece)
+        except BaseException:
+            req.cancel()
+            raise
         result = req.result()
         if result.tokens:
             self.dropped += (len(self.turns) + 1 - len(turns)) // 2

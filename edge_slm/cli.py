@@ -195,10 +195,11 @@ def complete(text, model_path, threads, n_ctx, kv_type, memory_budget, as_json, 
 @click.option("--json", "as_json", is_flag=True, help="Print the ids as a JSON list.")
 def tokenize(text, model_path, threads, as_json) -> None:
     """Print the token ids of TEXT (BOS only if the model asks for it)."""
+    from .config import load_engine_config
     from .model import GGUFFile
     from .tokenizer import Tokenizer
 
-    tok = Tokenizer.from_gguf(GGUFFile(model_or_default(model_path)))
+    tok = Tokenizer.from_gguf(GGUFFile(model_or_default(load_engine_config({"model": model_path}).model)))
     ids = tok.encode(text)
     click.echo(json.dumps(ids) if as_json else " ".join(map(str, ids)))
 
@@ -221,20 +222,21 @@ def logits(ids, out, model_path, threads, n_ctx, kv_type) -> None:
     """Write the logits at every position of an id sequence."""
     import numpy as np
 
-    from .engine import available_cpus
+    from .config import load_engine_config
     from .generate import check_ids
     from .model import RuntimeOptions, load_model
 
     check_writable(out)  # before loading and running the model, not after
-    model = load_model(model_or_default(model_path))
+    ecfg = load_engine_config({"model": model_path, "threads": threads, "kv_type": kv_type})
+    model = load_model(model_or_default(ecfg.model))
     vocab = model.config.vocab
     seq = check_ids(parse_ids(ids), vocab)
     limit = n_ctx or model.config.context_length
     if len(seq) > limit:
         raise ContextOverflow(f"{len(seq)} ids exceed the context of {limit} tokens"
                               + ("" if n_ctx else f" that {model.path.name} was trained for"))
-    runtime = model.runtime(RuntimeOptions(n_threads=threads or available_cpus(), n_ctx=len(seq),
-                                           kv_type=kv_type or "f16"))
+    runtime = model.runtime(RuntimeOptions(n_threads=ecfg.threads, n_ctx=len(seq),
+                                           kv_type=ecfg.kv_type))
     # Written beside the target and renamed, so a failed run leaves any old file whole.
     part = out.with_name(out.name + ".part")
     try:
@@ -258,7 +260,9 @@ def logits(ids, out, model_path, threads, n_ctx, kv_type) -> None:
 @click.option("--memory-budget", default=None, envvar="EDGE_SLM_MEMORY_BUDGET",
               help="Plan slots and context within this many bytes, e.g. 256M.")
 @click.option("--slots", type=click.IntRange(1), default=None, help="Slots wanted (default: the configured number, else 4).")
-def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots) -> None:
+@click.option("--max-tokens", type=click.IntRange(1), default=None,
+              help="Answer length the plan holds (default: the configured one, else 256).")
+def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots, max_tokens) -> None:
     """Describe a GGUF model and the memory it needs (and the plan within a budget).
 
     The model is PATH or --model (default: the pulled one); it is read, not loaded."""
@@ -271,7 +275,8 @@ def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots) -> Non
     if path and model_path and path != model_path:
         raise click.UsageError("give the model as PATH or --model, not both")
     ecfg = load_engine_config({"model": path or model_path, "memory_budget": memory_budget,
-                               "slots": slots, "ctx": n_ctx, "kv_type": kv_type, "threads": threads})
+                               "slots": slots, "ctx": n_ctx, "kv_type": kv_type, "threads": threads,
+                               "max_tokens": max_tokens})
 
     interpreter = current_rss()
     f = GGUFFile(model_or_default(ecfg.model))
@@ -307,7 +312,8 @@ def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots) -> Non
 @sampling_options
 @click.option("--system", default=None, help="System prompt (default: the model's own).")
 @click.option("--keep-turns", type=click.IntRange(0), default=0, show_default=True,
-              help="Opening exchanges kept when the oldest make way for new ones.")
+              help="Opening exchanges kept when the oldest make way for new ones "
+                   "(while the question fits with them).")
 def chat(model_path, threads, n_ctx, kv_type, memory_budget, system, keep_turns, max_tokens, stop,
          **sampling) -> None:
     """Chat in the terminal; the oldest turns make way when the context fills."""

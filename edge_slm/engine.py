@@ -257,6 +257,7 @@ class Engine:
         self._decode_time = 0.0  # in steps that only decoded (no prompt chunk)
         self._decode_tokens = 0
         self._decode_steps = 0
+        self._clamp_logged = False
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="edge-slm-engine", daemon=True)
         self._thread.start()
@@ -279,7 +280,12 @@ class Engine:
                 or not timeout > 0:
             raise ValueError(f"max_tokens must be a whole number >= 1 and timeout > 0, "
                              f"not {max_tokens!r}, {timeout!r}")
-        max_tokens = min(max_tokens, self.cfg.max_tokens)  # the plan holds answers this long
+        if max_tokens > self.cfg.max_tokens:  # the plan holds answers only this long
+            if not self._clamp_logged:
+                log.warning("answers are held to max_tokens = %d (asked for %d)", self.cfg.max_tokens,
+                            max_tokens)
+                self._clamp_logged = True
+            max_tokens = self.cfg.max_tokens
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         if not all(isinstance(x, str) for x in stop):
             raise TypeError("stop must be strings")

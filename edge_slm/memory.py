@@ -126,7 +126,7 @@ class MemoryPlan:
         rows = [("interpreter", self.interpreter), ("metadata and tokenizer", self.tokenizer),
                 ("weights (mapped)", self.weights), ("run state", self.run_state),
                 (f"KV cache {self.n_slots} x {self.n_ctx} ({self.kv_type})", self.kv_cache),
-                ("requests (queued and running)", self.requests),
+                ("requests and their answers", self.requests),
                 ("headroom", self.headroom), ("total", self.total)]
         if self.budget:
             rows.append(("budget", self.budget))
@@ -197,8 +197,11 @@ def plan_memory(fixed: Fixed, *, kv_type: str = "f16", slots: int | None = None,
         hint = f"; with --kv-type q8_0 it needs {fixed.plan(1, min_ctx, 'q8_0').total / MIB:.0f} MiB"
     parts = ", ".join(f"{name} {n / MIB:.0f}" for name, n in (
         ("weights", need.weights), ("interpreter", need.interpreter), ("tokenizer", need.tokenizer),
-        ("KV", need.kv_cache), ("run state", need.run_state), ("requests", need.requests),
+        ("KV", need.kv_cache), ("run state", need.run_state), ("requests and answers", need.requests),
         ("headroom", need.headroom)))
+    answers = fixed.max_tokens * ANSWER_TOKEN_BYTES
+    if answers > need.kv_cache:
+        hint += f"; answers of up to {fixed.max_tokens} tokens (max_tokens) take {answers / MIB:.0f} MiB a slot"
     raise BudgetError(
         f"memory budget {fixed.budget / MIB:.0f} MiB is too small: one slot at the minimum context "
         f"({min_ctx} tokens) needs {need.total / MIB:.0f} MiB ({parts}){hint}")

@@ -28,6 +28,10 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("top_k", "repeat_last_n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
         if self.top_k < 0 or self.repeat_last_n < 0 or self.repeat_penalty <= 0:
             raise ValueError("top_k and repeat_last_n must be >= 0, repeat_penalty > 0")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)

@@ -1,14 +1,20 @@
-"""A plain float32 numpy forward pass of a Llama GGUF, the maths written out.
-
-Slow and exact (weights dequantized by gguf-py, no activation rounding): the
-yardstick for the C forward pass on tiny test models."""
+"""Yardsticks for tests. A plain float32 numpy forward pass of a Llama GGUF,
+the maths written out: slow and exact (weights dequantized by gguf-py, no
+activation rounding), for the C forward pass on tiny test models. And
+generation for one sequence at a time through the C model, for the engine's
+batched steps and the parity runs."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from gguf.quants import dequantize
 
-from edge_slm.model import LoadedModel
+from edge_slm.generate import TextStream
+from edge_slm.model import LoadedModel, Transformer
+from edge_slm.sampler import Sampler, SamplingConfig
 
 
 def _weight(model: LoadedModel, name: str) -> np.ndarray:
@@ -62,3 +68,53 @@ def reference_logits(model: LoadedModel, ids: list[int]) -> np.ndarray:
     x = _rmsnorm(x, model.tensors["output_norm.weight"].data, cfg.norm_eps)
     out = "output.weight" if "output.weight" in model.tensors else "token_embd.weight"
     return (x @ _weight(model, out).T).astype(np.float32)
+
+
+# ---- one sequence at a time: the yardstick for the engine's batched steps
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()   # strings that end the answer (not included in it)
+    ignore_eos: bool = False     # keep going past end-of-generation tokens (parity runs)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string), "length" (max tokens or context)
+
+
+def generate(runtime: Transformer, tokenizer, prompt: Sequence[int], cfg: GenerationConfig,
+             on_text: Callable[[str], None] | None = None) -> Completion:
+    """Prefill `prompt` in slot 0, then sample and decode one token per call."""
+    n_ctx = runtime.opts.n_ctx
+    assert len(prompt) < n_ctx, "the prompt leaves no room for an answer"
+    sampler = Sampler(cfg.sampling)
+    stream = TextStream(tokenizer, cfg.stop)
+    logits = runtime.prefill(list(prompt))
+    history = list(prompt)
+    tokens: list[int] = []
+    finish = "length"
+    while len(tokens) < cfg.max_tokens:
+        tok = sampler.sample(logits, history)
+        if tokenizer.is_eog(tok) and not cfg.ignore_eos:
+            finish = "stop"
+            break
+        tokens.append(tok)
+        history.append(tok)
+        piece = stream.feed(tok)
+        if piece and on_text:
+            on_text(piece)
+        if stream.stopped:
+            finish = "stop"
+            break
+        if len(history) > n_ctx or len(tokens) == cfg.max_tokens:
+            break
+        logits = runtime.prefill([tok], start=len(history) - 1)
+    tail = stream.flush()
+    if tail and on_text:
+        on_text(tail)
+    return Completion(tokens, stream.text, finish)

@@ -10,12 +10,12 @@ import sys
 import time
 
 import pytest
+from reference import GenerationConfig, generate
 from tiny_models import TinySpec
 
 from edge_slm.chat import Conversation
 from edge_slm.engine import BUSY, CANCELLED, ERROR, OK, TIMEOUT, TOO_LONG, Engine, EngineConfig
 from edge_slm.errors import ContextOverflow, EdgeSlmError
-from edge_slm.generate import GenerationConfig, generate
 from edge_slm.memory import MIB, BudgetError, Fixed, parse_size, plan_memory
 from edge_slm.model import RuntimeOptions, load_model
 from edge_slm.sampler import SamplingConfig
@@ -356,11 +356,11 @@ def test_huge_chat_messages_are_refused_or_cut_without_rendering_them_whole(tiny
 def test_a_conversation_refuses_a_question_or_system_prompt_too_long_for_its_context(tiny_model):
     with engine(tiny_model, slots=1, ctx=128) as e:
         talk = Conversation(e, system="Be brief.", max_tokens=8)
-        with pytest.raises(ContextOverflow, match="conversation is over"):
+        with pytest.raises(ContextOverflow, match="system prompt and question alone are over"):
             talk.ask("why " * 100_000)
         assert talk.turns == []
         assert talk.ask("hi").status == OK
-        with pytest.raises(ContextOverflow, match="conversation is over"):
+        with pytest.raises(ContextOverflow, match="system prompt and question alone are over"):
             Conversation(e, system="Be brief. " * 300_000, max_tokens=8).ask("hi")
 
 
@@ -406,8 +406,62 @@ def test_a_conversation_that_cannot_fit_a_question_keeps_its_history(tiny_model)
         for q in ("first question", "second question", "third question"):
             assert talk.ask(q).status == OK
         before = list(talk.turns)
+        too_long = "pump valve " * 60  # over the limit, but not provably so by its length alone
+        assert not e.tokenizer.messages_surely_over([{"content": too_long}], e.prompt_limit(8))
         with pytest.raises(ContextOverflow):
-            talk.ask("pump valve " * 400)
-        assert talk.turns == before and talk.dropped == 0
-        # a question that fits alone, with the opening exchange kept, is asked
-        assert talk.ask("x" * 150).status == OK and talk.turns[:2] == before[:2]
+            talk.ask(too_long)
+        assert talk.turns == before and talk.dropped == 0  # nothing dropped on the way out
+
+
+def test_a_conversation_drops_its_opening_turns_last_rather_than_stick(tiny_model):
+    with engine(tiny_model, slots=1, ctx=256, max_tokens=8) as e:
+        talk = Conversation(e, keep_turns=1, max_tokens=8)
+        for q in ("first question", "second question"):
+            assert talk.ask(q).status == OK
+        # fits only once every earlier exchange, the kept opening one included, is gone
+        r = talk.ask("x" * (e.prompt_limit(8) - 30))
+        assert r.status == OK and talk.dropped == 2
+        assert talk.turns[0]["content"].startswith("x")
+
+
+def test_conversation_cancels_its_request_when_the_caller_fails(tiny_model):
+    def broken(piece: str) -> None:
+        raise KeyboardInterrupt
+
+    with engine(tiny_model, slots=1, max_tokens=10**9) as e:
+        talk = Conversation(e, max_tokens=10**9)
+        with pytest.raises(KeyboardInterrupt):
+            talk.ask("go on", on_text=broken)
+        wait_until(lambda: e.status()["slots_busy"] == 0)
+        assert talk.turns == []
+
+
+def test_real_model_conversation_counts_an_opening_question_once(real_model):
+    """keep_turns=1 with only the question so far: the question must not be
+    counted twice when the kept turns are judged by length."""
+    with Engine(EngineConfig(model=real_model, slots=1, ctx=512, threads=2, max_tokens=4)) as e:
+        talk = Conversation(e, keep_turns=1)
+        question = "Describe it. " + "-" * 24_000  # 375 tokens of 64 dashes
+        limit = e.prompt_limit(4)
+        assert len(e.tokenizer.encode(question)) < limit
+        assert e.tokenizer.messages_surely_over([{"content": question}] * 2, limit)
+        assert talk.ask(question).status == OK
+
+
+def test_max_tokens_reaches_the_engine_from_the_cli_and_the_config(tiny_model, tmp_path):
+    import os
+
+    def complete(*args: str, env: dict | None = None) -> list[int]:
+        proc = subprocess.run([sys.executable, "-m", "edge_slm", "complete", "hi", "--json",
+                               "--ignore-eos", "--model", str(tiny_model), *args],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **(env or {})})
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["tokens"]
+
+    assert len(complete("--max-tokens", "300")) == 300  # beyond the default 256
+    config = tmp_path / "config.toml"
+    config.write_text("[engine]\nmax_tokens = 7\n")
+    assert len(complete(env={"EDGE_SLM_CONFIG": str(config)})) == 7
+    with engine(tiny_model, slots=1, max_tokens=10**6) as big, engine(tiny_model, slots=1) as small:
+        assert big.plan.requests - small.plan.requests >= (10**6 - 256) * 100

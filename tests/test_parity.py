@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import GenerationConfig, generate
 
 from edge_slm import _core
-from edge_slm.generate import GenerationConfig, generate
 from edge_slm.model import RuntimeOptions, load_model
 from edge_slm.paths import MODEL_SHA256
 

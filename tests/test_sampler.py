@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference import GenerationConfig, generate
 
-from edge_slm.generate import GenerationConfig, TextStream, generate
+from edge_slm.generate import TextStream
 from edge_slm.model import RuntimeOptions, load_model
 from edge_slm.sampler import Sampler, SamplingConfig
 
