@@ -41,13 +41,12 @@ class Conversation:
         tok, limit = self.engine.tokenizer, self.engine.prompt_limit(self.max_tokens)
         ids = None
         if not tok.messages_surely_over(self.system + turns[-1:], limit):
-            ids = tok.encode_within(tok.render_chat(self.system + turns), limit)
-            while ids is None and len(turns) > 1:
+            while (ids := tok.encode_within(tok.render_chat(self.system + turns), limit)) is None \
+                    and len(turns) > 1:
                 first = 2 * self.keep_turns if len(turns) > 2 * self.keep_turns + 1 else 0
                 if first == 0 and self.keep_turns:
                     log.info("the opening exchange(s) make way: the question does not fit with them")
                 turns = turns[:first] + turns[first + 2:]  # the oldest droppable question and answer
-                ids = tok.encode_within(tok.render_chat(self.system + turns), limit)
         if ids is None:
             raise ContextOverflow(
                 f"the system prompt and question alone are over {max(limit, 0)} tokens: the "

@@ -199,7 +199,8 @@ def tokenize(text, model_path, threads, as_json) -> None:
     from .model import GGUFFile
     from .tokenizer import Tokenizer
 
-    tok = Tokenizer.from_gguf(GGUFFile(model_or_default(load_engine_config({"model": model_path}).model)))
+    path = model_or_default(load_engine_config({"model": model_path}).model)
+    tok = Tokenizer.from_gguf(GGUFFile(path))
     ids = tok.encode(text)
     click.echo(json.dumps(ids) if as_json else " ".join(map(str, ids)))
 
@@ -267,25 +268,16 @@ def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots, max_to
 
     The model is PATH or --model (default: the pulled one); it is read, not loaded."""
     from .config import load_engine_config
-    from .engine import make_plan
-    from .memory import MIB, current_rss
-    from .model import GGUFFile, check_tensors, read_config
-    from .tokenizer import Tokenizer
+    from .engine import load_and_plan
+    from .memory import MIB
 
     if path and model_path and path != model_path:
         raise click.UsageError("give the model as PATH or --model, not both")
     ecfg = load_engine_config({"model": path or model_path, "memory_budget": memory_budget,
                                "slots": slots, "ctx": n_ctx, "kv_type": kv_type, "threads": threads,
                                "max_tokens": max_tokens})
-
-    interpreter = current_rss()
-    f = GGUFFile(model_or_default(ecfg.model))
-    cfg = read_config(f)
-    tensors = f.tensors()
-    check_tensors(f.path, cfg, tensors)
-    Tokenizer.from_gguf(f)
-    tokenizer = max(0, current_rss() - interpreter)  # metadata and vocabulary, as the engine counts
-    plan = make_plan(ecfg, cfg, f.path.stat().st_size, interpreter, tokenizer)
+    model, plan = load_and_plan(ecfg)
+    f, cfg, tensors = model.file, model.config, model.tensors
     types = Counter(t.type.name for t in tensors.values())
     type_bytes = Counter()
     for t in tensors.values():

@@ -27,13 +27,14 @@ import time
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
 import numpy as np
 
-from .errors import BadText, EdgeSlmError
+from .errors import BadText, EdgeSlmError, is_whole
 from .formats import KV_TYPES
 from .generate import TextStream, check_ids
 from .memory import Fixed, MemoryPlan, current_rss, default_ctx, limit_malloc_arenas, plan_memory
-from .model import ModelConfig, RuntimeOptions, load_model
+from .model import LoadedModel, RuntimeOptions, load_model
 from .paths import model_or_default
 from .sampler import Sampler, SamplingConfig
 
@@ -80,9 +81,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         def whole(name: str, least: int, optional: bool = False) -> None:
             value = getattr(self, name)
-            if optional and value is None:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if not (is_whole(value, least) or optional and value is None):
                 raise EdgeSlmError(f"setting {name}: {value!r} is not a whole number >= {least}")
 
         for name in ("slots", "min_ctx", "threads", "max_batch", "prefill_chunk", "max_tokens"):
@@ -233,15 +232,8 @@ class Engine:
     def __init__(self, cfg: EngineConfig | None = None):
         cfg = EngineConfig() if cfg is None else cfg
         self.cfg = cfg
-        limit_malloc_arenas()
-        interpreter = current_rss()
-        self.model = load_model(model_or_default(cfg.model))
+        self.model, self.plan = load_and_plan(cfg)
         self.tokenizer = self.model.tokenizer()
-        # Metadata and vocabulary: all that loading holds besides the weights,
-        # whose mapped pages are not touched until the first token.
-        tokenizer_bytes = max(0, current_rss() - interpreter)
-        self.plan = make_plan(cfg, self.model.config, self.model.path.stat().st_size, interpreter,
-                              tokenizer_bytes)
         log.info("memory plan: %s\n%s", self.plan.summary(), self.plan.describe())
         self.runtime = self.model.runtime(RuntimeOptions(
             n_threads=cfg.threads, n_ctx=self.plan.n_ctx, n_slots=self.plan.n_slots,
@@ -276,8 +268,7 @@ class Engine:
             raise ValueError("give exactly one of prompt, messages and prompt_ids")
         max_tokens = self.cfg.max_tokens if max_tokens is None else max_tokens
         timeout = self.cfg.timeout if timeout is None else timeout
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1 \
-                or not timeout > 0:
+        if not is_whole(max_tokens, 1) or not timeout > 0:
             raise ValueError(f"max_tokens must be a whole number >= 1 and timeout > 0, "
                              f"not {max_tokens!r}, {timeout!r}")
         if max_tokens > self.cfg.max_tokens:  # the plan holds answers only this long
@@ -627,11 +618,22 @@ class Engine:
         req._finish(result)
 
 
-def make_plan(cfg: EngineConfig, model: ModelConfig, file_bytes: int, interpreter: int,
-              tokenizer: int) -> MemoryPlan:
-    """The engine's memory plan: within the budget if there is one, else as configured."""
-    fixed = Fixed(model, cfg.memory_budget or 0, file_bytes, interpreter, tokenizer, cfg.threads,
-                  cfg.max_batch, cfg.queue_size, cfg.max_tokens)
+def load_and_plan(cfg: EngineConfig) -> tuple[LoadedModel, MemoryPlan]:
+    """Load the model's metadata and tokenizer, measuring what they cost, and
+    make the engine's memory plan: within the budget if there is one, else as
+    configured. The weights are mapped, not read."""
+    limit_malloc_arenas()
+    interpreter = current_rss()
+    model = load_model(model_or_default(cfg.model))
+    model.tokenizer()
+    # Metadata and vocabulary: all that loading holds besides the weights,
+    # whose mapped pages are not touched until the first token.
+    tokenizer = max(0, current_rss() - interpreter)
+    fixed = Fixed(model.config, cfg.memory_budget or 0, model.path.stat().st_size, interpreter,
+                  tokenizer, cfg.threads, cfg.max_batch, cfg.queue_size, cfg.max_tokens)
     if cfg.memory_budget is None:
-        return fixed.plan(cfg.slots, default_ctx(model.context_length, cfg.ctx), cfg.kv_type)
-    return plan_memory(fixed, kv_type=cfg.kv_type, slots=cfg.slots, ctx=cfg.ctx, min_ctx=cfg.min_ctx)
+        plan = fixed.plan(cfg.slots, default_ctx(model.config.context_length, cfg.ctx), cfg.kv_type)
+    else:
+        plan = plan_memory(fixed, kv_type=cfg.kv_type, slots=cfg.slots, ctx=cfg.ctx,
+                           min_ctx=cfg.min_ctx)
+    return model, plan

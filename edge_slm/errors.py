@@ -3,6 +3,13 @@
 Each carries a one-line message naming what was wrong; the CLI prints it and
 exits non-zero, without a traceback."""
 
+from numbers import Integral
+
+
+def is_whole(value: object, least: int) -> bool:
+    """Whether a setting is a whole number >= least (True and 2.0 are not)."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= least
+
 
 class EdgeSlmError(Exception):
     """Base class: anything the user can fix."""

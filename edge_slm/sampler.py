@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Integral
 
 import numpy as np
+
+from .errors import is_whole
 
 
 @dataclass(frozen=True)
@@ -28,15 +29,12 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        for name in ("top_k", "repeat_last_n"):
+        for name in ("top_k", "repeat_last_n", "seed"):  # numpy insists on whole numbers
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral):
-                raise ValueError(f"{name} must be a whole number, got {value!r}")
-        if self.top_k < 0 or self.repeat_last_n < 0 or self.repeat_penalty <= 0:
-            raise ValueError("top_k and repeat_last_n must be >= 0, repeat_penalty > 0")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)
-                                      or self.seed < 0):
-            raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")  # as numpy insists
+            if not (is_whole(value, 0) or name == "seed" and value is None):
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+        if self.repeat_penalty <= 0:
+            raise ValueError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
 
 
 class Sampler:

@@ -107,7 +107,8 @@ def test_batched_decode_matches_one_at_a_time(tiny_model):
         rt = m.runtime(RuntimeOptions(n_threads=2, n_ctx=256, max_batch=1))
         alone.append(generate(rt, tok, tok.encode(p), gen).tokens)
     with engine(tiny_model, slots=4, prefill_chunk=4) as e:
-        reqs = [e.submit(p, max_tokens=24) for p in PROMPTS[:4]]
+        with e._cond:  # all four queued before the engine admits any, however busy the machine
+            reqs = [e.submit(p, max_tokens=24) for p in PROMPTS[:4]]
         together = [r.result(timeout=60) for r in reqs]
         assert e.status()["mean_decode_batch"] > 2  # decoded together, not in turn
     assert all(r.status == OK for r in together)
