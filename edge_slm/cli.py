@@ -337,3 +337,7 @@ main.add_command(soak)
 
 from .bench import bench  # noqa: E402
 main.add_command(bench)
+
+from firmware_bridge.commands import mqtt_ask, serve  # noqa: E402
+main.add_command(serve)
+main.add_command(mqtt_ask)

@@ -145,7 +145,8 @@ class Request:
 
     def __init__(self, rid: str, prompt: array, max_tokens: int, sampler: Sampler,
                  stop: tuple[str, ...], ignore_eos: bool, timeout: float,
-                 on_text: Callable[[str], None] | None):
+                 on_text: Callable[[str], None] | None,
+                 on_done: Callable[[Result], None] | None = None):
         self.id = rid
         self.prompt = prompt  # token ids, after any truncation; 4 bytes each while queued
         self.max_tokens = max_tokens
@@ -155,6 +156,7 @@ class Request:
         self.created = time.monotonic()
         self.deadline = self.created + timeout
         self.on_text = on_text
+        self.on_done = on_done
         self._pieces: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
         self._cancelled = threading.Event()
@@ -199,6 +201,11 @@ class Request:
         self._result = result
         self._pieces.put(_DONE)
         self._done.set()
+        if self.on_done:
+            try:
+                self.on_done(result)
+            except Exception:  # the caller's bug must not stop whoever finished the request
+                log.exception("on_done callback of request %s failed", self.id)
 
 
 @dataclass
@@ -260,10 +267,13 @@ class Engine:
                prompt_ids: list[int] | None = None, max_tokens: int | None = None,
                sampling: SamplingConfig | None = None, stop: tuple[str, ...] = (),
                ignore_eos: bool = False, timeout: float | None = None,
-               on_text: Callable[[str], None] | None = None, request_id: str | None = None) -> Request:
+               on_text: Callable[[str], None] | None = None, request_id: str | None = None,
+               on_done: Callable[[Result], None] | None = None) -> Request:
         """Queue a question: raw `prompt` text, chat `messages` rendered with
         the model's template, or token ids. Never blocks: a full queue gives
-        a BUSY result. `on_text` runs on the engine thread; keep it short."""
+        a BUSY result. `on_text` runs on the engine thread; keep it short.
+        `on_done(result)` runs once, on whichever thread finishes the request
+        (the engine's, or the caller's for a refusal at submit)."""
         if sum(x is not None for x in (prompt, messages, prompt_ids)) != 1:
             raise ValueError("give exactly one of prompt, messages and prompt_ids")
         max_tokens = self.cfg.max_tokens if max_tokens is None else max_tokens
@@ -284,7 +294,7 @@ class Engine:
         if not isinstance(sampling, SamplingConfig):
             raise TypeError(f"sampling must be a SamplingConfig, not {type(sampling).__name__}")
         req = Request(request_id or f"r{next(self._ids)}", array("i"), max_tokens,
-                      Sampler(sampling), stop, ignore_eos, timeout, on_text)
+                      Sampler(sampling), stop, ignore_eos, timeout, on_text, on_done)
         refused = self._prompt(req, prompt, messages, prompt_ids)
         if refused:
             self._count(refused.status)

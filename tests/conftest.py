@@ -55,3 +55,13 @@ def real_model() -> Path:
     if not path.exists():
         pytest.fail(f"the reference model is missing at {path}: run `make setup` (edge-slm pull)")
     return path
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A real broker on a free loopback port, with persistence, for one test."""
+    from firmware_bridge.broker import Mosquitto
+
+    broker = Mosquitto(tmp_path / "broker").start()
+    yield broker
+    broker.stop()

@@ -1,0 +1,191 @@
+"""`edge-slm serve` end to end: a real mosquitto, the real model, devices as
+real clients (paho in MQTT 5 and 3.1.1, mosquitto_pub / mosquitto_sub)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from edge_slm.engine import Engine, EngineConfig
+from firmware_bridge import protocol as p
+from firmware_bridge.client import DeviceClient
+from firmware_bridge.service import Service, ServiceConfig
+
+QUESTION = "What should I check first when a pump loses pressure?"
+
+
+@pytest.fixture(scope="module")
+def engine(real_model):
+    e = Engine(EngineConfig(model=real_model, slots=2, ctx=512, threads=2, max_tokens=64, timeout=60))
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def service_factory(engine, mosquitto, tmp_path):
+    made = []
+
+    def make(**kw) -> Service:
+        cfg = ServiceConfig(broker=mosquitto.url, state_dir=tmp_path / f"state-{len(made)}",
+                            runtime_id=f"rt-{uuid.uuid4().hex[:6]}", status_interval_s=0.5, **kw)
+        service = Service(engine, cfg).start()
+        assert service.wait_connected(10)
+        made.append(service)
+        time.sleep(0.2)  # its subscriptions reach the broker
+        return service
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+@pytest.fixture
+def service(service_factory):
+    return service_factory()
+
+
+def device(broker, name="pump-7", mqtt5=True) -> DeviceClient:
+    return DeviceClient(ServiceConfig(broker=broker.url), name, mqtt5=mqtt5)
+
+
+def test_mqtt5_answer_on_the_response_topic_with_its_properties(service, mosquitto):
+    with device(mosquitto) as d:
+        d.send({"id": "q1", "question": QUESTION, "max_tokens": 24}, expiry_s=300)
+        (final, msg), = [m for m in d.messages(30, {"q1"}) if m[0].get("final")]
+    assert final["status"] == p.OK and final["id"] == "q1" and final["text"].strip()
+    assert final["finish_reason"] in ("stop", "length") and 0 < final["answer_tokens"] <= 24
+    assert final["prompt_tokens"] > 5
+    assert final["model"]["sha256"] == service.model_sha256 and final["model"]["name"]
+    lat = final["latency_ms"]
+    assert 0 <= lat["queued"] <= lat["first_token"] <= lat["total"]
+    props = msg.properties
+    assert props.CorrelationData == b"q1" and props.ContentType == "application/json"
+    assert props.PayloadFormatIndicator == 1 and ("status", "ok") in props.UserProperty
+    assert 0 < props.MessageExpiryInterval <= 300
+
+
+def test_mqtt311_with_the_envelope_through_mosquitto_clients(service, mosquitto):
+    sub = subprocess.Popen(["mosquitto_sub", "-p", str(mosquitto.port), "-t", "edge-slm/v1/valve-2/answer",
+                            "-C", "1", "-W", "60"], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    subprocess.run(["mosquitto_pub", "-p", str(mosquitto.port), "-q", "1", "-V", "mqttv311",
+                    "-t", "edge-slm/v1/valve-2/ask",
+                    "-m", json.dumps({"id": "v1", "question": "Name one valve type.", "max_tokens": 12})],
+                   check=True, timeout=10)
+    out, _ = sub.communicate(timeout=70)
+    final = json.loads(out)
+    assert final["id"] == "v1" and final["status"] == p.OK and final["final"] is True
+
+
+def test_streamed_chunks_arrive_in_order_then_one_final(service, mosquitto):
+    with device(mosquitto) as d:
+        d.send({"id": "s1", "question": QUESTION, "stream": True, "max_tokens": 40})
+        got = [m for m, _ in d.messages(20, {"s1"})]
+    chunks = [m for m in got if not m.get("final")]
+    finals = [m for m in got if m.get("final")]
+    assert len(finals) == 1 and got[-1] is finals[0]
+    assert [c["seq"] for c in chunks] == list(range(len(chunks))) and len(chunks) >= 2
+    assert "".join(c["text"] for c in chunks) == finals[0]["text"]
+
+
+def test_cancel_frees_the_slot_and_keeps_the_text_so_far(service, mosquitto):
+    with device(mosquitto) as d:
+        d.send({"id": "c1", "question": "Write a long story about a pump.", "stream": True, "max_tokens": 64})
+        first = d.messages(0.0)
+        while not first:
+            first = d.messages(0.5)
+        d.cancel("c1")
+        final = d.wait_final("c1", 20)
+    assert final["status"] == p.CANCELLED and final["answer_tokens"] < 64
+
+
+def test_a_question_that_expires_while_waiting_is_not_run(service_factory, mosquitto):
+    service = service_factory(device_concurrency=8)
+    with device(mosquitto) as d:
+        for i in range(4):  # both slots and the engine's look-ahead busy
+            d.send({"id": f"long{i}", "question": "Tell me everything about pumps.", "max_tokens": 64})
+        d.send({"id": "late", "question": "Quick one?", "ttl_s": 0.2})
+        final = d.wait_final("late", 60)
+    assert final["status"] == p.EXPIRED and final["answer_tokens"] == 0
+
+
+def test_busy_past_a_devices_concurrency_with_a_retry_hint(service_factory, mosquitto):
+    service_factory(device_concurrency=1)
+    with device(mosquitto) as d:
+        d.send({"id": "b1", "question": QUESTION, "max_tokens": 32})
+        d.send({"id": "b2", "question": QUESTION, "max_tokens": 32})
+        finals = {m["id"]: m for m, _ in d.messages(20, {"b1", "b2"}) if m.get("final")}
+    assert finals["b1"]["status"] == p.OK
+    assert finals["b2"]["status"] == p.BUSY and finals["b2"]["retry_after_s"] > 0
+
+
+def test_rate_limit_per_device_does_not_touch_others(service_factory, mosquitto):
+    service_factory(device_rate=0.01, device_burst=1, device_concurrency=8)
+    with device(mosquitto, "noisy") as noisy, device(mosquitto, "quiet") as quiet:
+        for i in range(3):
+            noisy.send({"id": f"n{i}", "question": "hi", "max_tokens": 4})
+        quiet.send({"id": "q", "question": "hi", "max_tokens": 4})
+        statuses = sorted(m["status"] for m, _ in noisy.messages(15, {"n0", "n1", "n2"}) if m.get("final"))
+        assert quiet.wait_final("q", 15)["status"] == p.OK
+    assert statuses == [p.BUSY, p.BUSY, p.OK]
+
+
+BAD = [
+    (b"not json", "not JSON"),
+    (b"[1, 2]", "JSON object"),
+    (b'{"question": "x"}', "id is missing"),
+    (b'{"id": 7, "question": "x"}', "id must be"),
+    (b'{"id": "a", "question": 7}', "question must be a string"),
+    (b"\xff\xfe not utf-8", "not UTF-8"),
+    (b'{"id": "a", "question": "' + b"x" * 17000 + b'"}', "more than 16384"),
+    (b"[" * 5000 + b"]" * 5000, "nested deeper"),
+    (b'{"id": "a", "question": "x", "max_tokens": 100000}', "max_tokens"),
+    (json.dumps({"id": "i" * 65, "question": "x"}).encode(), "longer than 64"),
+    (b'{"id": "a", "question": "x", "reply_to": "edge-slm/v1/other/answer"}', "outside"),
+]
+
+
+def test_bad_requests_are_refused_on_the_devices_topic_and_others_answered(service, mosquitto):
+    sub = subprocess.Popen(["mosquitto_sub", "-p", str(mosquitto.port), "-t", p.answer_topic("bad-dev"),
+                            "-C", str(len(BAD) + 1), "-W", "60"], stdout=subprocess.PIPE)
+    time.sleep(0.3)
+    good = b'{"id": "good", "question": "hi", "max_tokens": 4}'
+    for payload in [x for x, _ in BAD] + [good]:
+        subprocess.run(["mosquitto_pub", "-p", str(mosquitto.port), "-q", "1", "-t", p.ask_topic("bad-dev"),
+                        "-s"], input=payload, check=True, timeout=10)
+    out, _ = sub.communicate(timeout=70)
+    finals = [json.loads(line) for line in out.splitlines()]
+    assert len(finals) == len(BAD) + 1
+    for (payload, match), final in zip(BAD, finals):
+        assert final["status"] == p.BAD_REQUEST and match in final["error"], (payload[:40], final)
+    assert finals[-1]["id"] == "good" and finals[-1]["status"] == p.OK
+    assert service.stats[p.BAD_REQUEST] == len(BAD)
+
+
+def test_the_same_question_twice_is_computed_once(service, mosquitto, engine):
+    with device(mosquitto) as d:
+        first = d.ask(QUESTION, id="dup", max_tokens=16, timeout=30)
+        before = engine.status()["tokens_generated"]
+        d.send({"id": "dup", "question": QUESTION, "max_tokens": 16})
+        again = d.wait_final("dup", 10)
+    assert again == first and engine.status()["tokens_generated"] == before
+
+
+def test_retained_status_online_then_offline(service_factory, mosquitto):
+    service = service_factory()
+    topic = p.status_topic(service.runtime_id)
+
+    def read():
+        out = subprocess.run(["mosquitto_sub", "-p", str(mosquitto.port), "-t", topic, "-C", "1", "-W", "5"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return json.loads(out)
+
+    online = read()
+    assert online["state"] == "online" and online["model"]["sha256"] == service.model_sha256
+    assert {"slots", "context", "queue_depth", "uptime_s", "version", "memory_budget"} <= set(online)
+    service.stop()
+    assert read()["state"] == "offline"
