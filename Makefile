@@ -16,10 +16,12 @@ EDGE_SLM := $(VENV)/bin/edge-slm
 STAMPS := build/stamps
 ARCH := $(shell uname -m)
 
-# mosquitto and chromium join when the MQTT bridge and the kiosk (and their
-# tests) exist; nothing uses them yet.
+# mosquitto: the broker `edge-slm serve` starts when given none, and every
+# MQTT test's; its clients for the pasteable example; libmosquitto-dev for the
+# C client in firmware_bridge/examples.
 APT_PACKAGES := build-essential python3-dev python3-venv \
-	gcc-aarch64-linux-gnu qemu-user-static
+	gcc-aarch64-linux-gnu qemu-user-static \
+	mosquitto mosquitto-clients libmosquitto-dev
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 # Everything the extension is built from (the C tests have their own Makefile).
@@ -72,9 +74,10 @@ $(STAMPS)/install: $(STAMPS)/build-deps $(CORE_SOURCES)
 model: $(STAMPS)/install
 	$(EDGE_SLM) pull
 
+# The main job: a private mosquitto, the service on it, one question asked
+# through the broker as a device would; then it keeps serving (Ctrl-C stops).
 run: setup
-	$(EDGE_SLM) ask "What should I check first when a pump loses pressure?"
-	$(EDGE_SLM) chat
+	$(EDGE_SLM) serve --demo
 
 test: setup
 	$(MAKE) -C kernels/tests all

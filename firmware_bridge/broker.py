@@ -7,6 +7,8 @@ so queued questions for the runtime's session survive a broker restart."""
 from __future__ import annotations
 
 import logging
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -40,6 +42,7 @@ class Mosquitto:
     (it saves its persistence file), `kill()` does not."""
 
     def __init__(self, folder: Path, port: int | None = None, extra_config: str = ""):
+        # extra_config: more listeners (TLS), ACLs; appended after the loopback listener
         self.folder = Path(folder)
         self.port = port or free_port()
         self.extra_config = extra_config
@@ -60,6 +63,9 @@ class Mosquitto:
             f"log_dest file {self.folder}/mosquitto.log",
             "log_type error", "log_type warning", "log_type notice",
             "max_queued_messages 10000",
+            # Started as root, mosquitto would switch to its own user, which
+            # cannot write here; a private broker runs as whoever started it.
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}",
             self.extra_config, ""])
 
     def start(self, timeout: float = 10.0) -> Mosquitto:

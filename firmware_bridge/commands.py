@@ -93,6 +93,10 @@ def serve(broker, ca, cert, key, username, password_file, model_path, memory_bud
     from .store import StoreError
 
     state_dir = state_dir or home() / "state"
+    # A service says what it does (connects, refusals, drains) without -v.
+    service_log = logging.getLogger("firmware_bridge")
+    if service_log.getEffectiveLevel() > logging.INFO:
+        service_log.setLevel(logging.INFO)
     if runtime_id is not None and not p.valid_device_id(runtime_id):
         raise click.BadParameter(f"{runtime_id!r}: letters, digits, '_', '.', '-'", param_hint="--runtime-id")
     if share_group is not None and not p.valid_device_id(share_group):

@@ -189,3 +189,88 @@ def test_retained_status_online_then_offline(service_factory, mosquitto):
     assert {"slots", "context", "queue_depth", "uptime_s", "version", "memory_budget"} <= set(online)
     service.stop()
     assert read()["state"] == "offline"
+
+
+def test_home_assistant_discovery_is_sent_again_when_it_comes_online(service_factory, mosquitto):
+    service = service_factory(ha_discovery=True)
+    node = f"edge_slm_{service.runtime_id}".replace("-", "_")
+
+    def configs(trigger=None):
+        sub = subprocess.Popen(["mosquitto_sub", "-p", str(mosquitto.port), "-t",
+                                f"homeassistant/sensor/{node}/+/config", "-C", "4", "-W", "10", "-v",
+                                "-R"],  # -R: only messages sent now, not the retained copies
+                               stdout=subprocess.PIPE, text=True)
+        time.sleep(0.3)
+        if trigger:
+            trigger()
+        out, _ = sub.communicate(timeout=15)
+        return dict(line.split(" ", 1) for line in out.splitlines())
+
+    retained = subprocess.run(["mosquitto_sub", "-p", str(mosquitto.port), "-t",
+                               f"homeassistant/sensor/{node}/+/config", "-C", "4", "-W", "5", "-v"],
+                              capture_output=True, text=True, timeout=10).stdout.splitlines()
+    assert len(retained) == 4
+    fresh = configs(lambda: subprocess.run(["mosquitto_pub", "-p", str(mosquitto.port), "-t",
+                                            "homeassistant/status", "-m", "online"], check=True))
+    assert len(fresh) == 4
+    queue_depth = json.loads(fresh[f"homeassistant/sensor/{node}/queue_depth/config"])
+    assert queue_depth["state_topic"] == p.status_topic(service.runtime_id)
+    assert queue_depth["availability_topic"] == queue_depth["state_topic"]
+
+
+def test_a_share_group_splits_questions_and_survives_one_runtime_leaving(service_factory, mosquitto):
+    a = service_factory(share_group="site", device_concurrency=16, device_burst=50)
+    b = service_factory(share_group="site", device_concurrency=16, device_burst=50)
+    ids = [f"g{i}" for i in range(8)]
+    with device(mosquitto) as d:
+        for rid in ids:
+            d.send({"id": rid, "question": "hi", "max_tokens": 4})
+        first = {m["id"]: m for m, _ in d.messages(60, set(ids)) if m.get("final")}
+        assert set(first) == set(ids) and all(m["status"] == p.OK for m in first.values())
+        assert a.stats["accepted"] > 0 and b.stats["accepted"] > 0
+        assert a.stats["accepted"] + b.stats["accepted"] == len(ids)  # each answered by one runtime
+        a.stop()
+        later = [f"h{i}" for i in range(4)]
+        for rid in later:
+            d.send({"id": rid, "question": "hi", "max_tokens": 4})
+        rest = {m["id"]: m for m, _ in d.messages(60, set(later)) if m.get("final")}
+    assert set(rest) == set(later) and all(m["status"] == p.OK for m in rest.values())
+
+
+def _tls_files(folder):
+    """A CA, and a server certificate for 127.0.0.1 signed by it (openssl)."""
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.pem", "server.key", "server.csr",
+                                                       "server.pem"))
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+        "-days", "2", "-subj", "/CN=edge-slm test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    ext = folder / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    return ca, cert, key
+
+
+def test_mqtts_with_a_site_ca(engine, tmp_path):
+    from firmware_bridge.broker import Mosquitto, free_port
+
+    ca, cert, key = _tls_files(tmp_path)
+    tls_port = free_port()
+    extra = f"listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+    with Mosquitto(tmp_path / "broker", extra_config=extra) as broker:
+        url = f"mqtts://127.0.0.1:{tls_port}"
+        service = Service(engine, ServiceConfig(broker=url, ca=ca, state_dir=tmp_path / "state")).start()
+        try:
+            assert service.wait_connected(10)
+            time.sleep(0.2)
+            with DeviceClient(ServiceConfig(broker=url, ca=ca), "secure-1") as d:
+                assert d.ask("hi", max_tokens=4, timeout=30)["status"] == p.OK
+            # the same broker without our CA: the certificate is refused
+            with pytest.raises(Exception):
+                DeviceClient(ServiceConfig(broker=url), "secure-2", timeout=3)
+        finally:
+            service.stop()
+        assert broker.port != tls_port
