@@ -1,0 +1,101 @@
+"""`edge-slm serve` and `edge-slm mqtt-ask` as a user runs them: the private
+broker, the demo question, SIGTERM, and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+EDGE_SLM = str(Path(sys.executable).with_name("edge-slm"))
+
+
+def run(*args, timeout=60, **kw):
+    return subprocess.run([EDGE_SLM, *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def one_line_error(proc, code):
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def served(real_model, tmp_path):
+    """`edge-slm serve --demo` with its private mosquitto; yields (process, port, stderr so far)."""
+    proc = subprocess.Popen([EDGE_SLM, "serve", "--demo", "--model", str(real_model), "--slots", "2",
+                             "--max-tokens", "48", "--state-dir", str(tmp_path / "state")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err, port = [], None
+    deadline = time.monotonic() + 90
+    for line in proc.stderr:  # the demo ends with the paste-able commands, then "Ctrl-C stops."
+        err.append(line)
+        if m := re.search(r"private mosquitto on 127\.0\.0\.1:(\d+)", line):
+            port = int(m.group(1))
+        if "Ctrl-C stops." in line or time.monotonic() > deadline:
+            break
+    assert port, "".join(err)
+    yield proc, port, "".join(err)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_serve_demo_then_mqtt_ask_then_sigterm(served):
+    proc, port, err = served
+    assert "demo-pump asks over MQTT" in err and "[ok:" in err, err
+    assert f"mosquitto_pub -h 127.0.0.1 -p {port}" in err
+    broker = f"mqtt://127.0.0.1:{port}"
+    asked = run("mqtt-ask", "--broker", broker, "--device", "press-3", "--max-tokens", "8", "Name a tool.")
+    assert asked.returncode == 0 and asked.stdout.strip(), asked.stderr
+    streamed = run("mqtt-ask", "--broker", broker, "--stream", "--mqtt311", "--json", "--max-tokens", "8", "Hi")
+    assert streamed.returncode == 0 and '"status": "ok"' in streamed.stdout, streamed.stderr
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=40) == 0
+    rest = proc.stderr.read()
+    assert "draining" in rest
+    with pytest.raises(OSError):  # the private broker went with it
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    out = proc.stdout.read()
+    assert out.strip(), "the demo's answer goes to stdout"
+
+
+def test_mqtt_ask_with_no_runtime_times_out_in_one_line(mosquitto):
+    proc = run("mqtt-ask", "--broker", mosquitto.url, "--timeout", "1", "hello")
+    assert "no final answer" in one_line_error(proc, 1)
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["serve", "--broker", "http://x:1"], 1, "expected mqtt://HOST:PORT"),
+    (["serve", "--broker", "mqtt://x:99999"], 1, "port"),
+    (["serve", "--runtime-id", "a/b"], 2, "--runtime-id"),
+    (["serve", "--share-group", "#"], 2, "--share-group"),
+    (["serve", "--max-payload", "10"], 2, "--max-payload"),
+    (["mqtt-ask", "--broker", "mqtt://127.0.0.1:1", "--timeout", "2", "hi"], 1, "broker"),
+    (["mqtt-ask", "--device", "bad/id", "hi"], 1, "device id"),
+    (["serve", "--password-file", "/nonexistent"], 2, "--password-file"),
+])
+def test_bad_options_are_one_line(args, code, words):
+    assert words in one_line_error(run(*args), code)
+
+
+def test_password_comes_from_a_file_or_the_environment(tmp_path):
+    from firmware_bridge.commands import PASSWORD_ENV, password
+
+    f = tmp_path / "pw"
+    f.write_text("s3cret\n")
+    assert password(f) == "s3cret"
+    os.environ[PASSWORD_ENV] = "from-env"
+    try:
+        assert password(None) == "from-env"
+    finally:
+        del os.environ[PASSWORD_ENV]
+    assert password(None) is None
