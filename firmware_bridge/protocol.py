@@ -174,6 +174,16 @@ def _nesting_ok(payload: bytes) -> bool:
     return True
 
 
+_ID_PEEK = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.:-]{1,%d})"' % MAX_ID)
+
+
+def _peek_id(payload: bytes) -> str | None:
+    """The id of a payload too large to parse, if its opening bytes show one
+    plainly, so its refusal can name it."""
+    m = _ID_PEEK.search(payload[:1024])
+    return m.group(1).decode() if m else None
+
+
 def _text(obj: dict, name: str, rid: str | None, limit: int, required: bool = False) -> str | None:
     value = obj.get(name)
     if value is None:
@@ -202,7 +212,7 @@ def parse_question(payload: bytes, device: str, *, now: float, max_payload: int 
     """Check a question's payload (and its MQTT 5 properties) and return it;
     raise BadRequest naming the first thing wrong. `now` is wall-clock time."""
     if len(payload) > max_payload:
-        raise BadRequest(f"payload is {len(payload)} bytes, more than {max_payload}")
+        raise BadRequest(f"payload is {len(payload)} bytes, more than {max_payload}", _peek_id(payload))
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:

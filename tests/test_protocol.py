@@ -96,7 +96,7 @@ def test_nan_and_infinity_are_not_json():
 
 
 def test_oversized_and_deeply_nested():
-    refused({"id": "a", "question": "x" * 20000}, "more than 16384")
+    assert refused({"id": "big-1", "question": "x" * 20000}, "more than 16384").rid == "big-1"
     refused(b"[" * 8000 + b"]" * 8000, "nested deeper")
     refused({"id": "a", "question": "x", "deep": [[[[[1]]]]]}, "nested deeper")
     # brackets inside strings are text, not nesting
