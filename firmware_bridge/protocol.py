@@ -99,14 +99,14 @@ def topic_matches(pattern: str, topic: str) -> bool:
     return len(p) == len(t)
 
 
-DEFAULT_REPLY_SCOPE = f"{ROOT}/{{device}}/#"
+DEFAULT_REPLY_SCOPE = f"{ROOT}/{{device}}/{ANSWER}/#"  # `answer` itself and below
 
 
 def reply_allowed(topic: str, device: str, scope: str = DEFAULT_REPLY_SCOPE) -> bool:
     """Whether an answer may be published to `topic` for `device`. The scope is
-    an MQTT filter in which `{device}` stands for the asker's id; by default a
-    device's own namespace, so no device can make the runtime publish model
-    text onto another device's command topics."""
+    an MQTT filter in which `{device}` stands for the asker's id; by default
+    the asker's own answer topics, so no device can make the runtime publish
+    model text onto another device's topics, nor onto its own ask and cancel."""
     if not topic or len(topic) > MAX_TOPIC or any(c in topic for c in "+#\0") or topic.startswith("$"):
         return False
     return topic_matches(scope.replace("{device}", device), topic)
@@ -263,7 +263,7 @@ def parse_question(payload: bytes, device: str, *, now: float, max_payload: int 
     ttl = obj.get("ttl_s")
     if ttl is not None:
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL_S:
-            raise BadRequest(f"ttl_s must be a number of seconds from 0 to {MAX_TTL_S}, not {ttl!r}", rid)
+            raise BadRequest(f"ttl_s must be a number of seconds above 0, at most {MAX_TTL_S}, not {ttl!r}", rid)
     lifetimes = [t for t in (expiry_s, ttl) if t is not None]
     q.expires_at = now + min(lifetimes) if lifetimes else None
 

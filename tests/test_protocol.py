@@ -78,6 +78,8 @@ def test_mqtt5_properties_win_and_the_shorter_life_counts():
     ({"id": "a", "question": "x", "reply_to": "edge-slm/v1/valve-2/cmd"}, "outside"),
     ({"id": "a", "question": "x", "reply_to": "edge-slm/v1/pump-7/#"}, "outside"),
     ({"id": "a", "question": "x", "reply_to": "$SYS/x"}, "outside"),
+    ({"id": "a", "question": "x", "reply_to": "edge-slm/v1/pump-7/cancel"}, "outside"),
+    ({"id": "a", "question": "x", "reply_to": "edge-slm/v1/pump-7/ask"}, "outside"),
     ({"id": "a", "messages": "hi"}, "non-empty list"),
     ({"id": "a", "messages": [{"role": "root", "content": "x"}]}, "role"),
     ({"id": "a", "messages": [{"role": "user", "content": 3}]}, "content"),
