@@ -30,7 +30,7 @@ import click
 from .bench_worker import OURS, PEER, RoundResult, Workload
 from .engine import common_prefix
 from .errors import EdgeSlmError
-from .paths import check_writable, model_or_default
+from .paths import check_writable, model_or_default, output_file
 from .pull import sha256_file
 
 log = logging.getLogger(__name__)
@@ -423,5 +423,6 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
             "machine": machine,
             "elapsed_s": elapsed,
         }
-        json_path.write_text(json.dumps(doc, indent=2) + "\n")
+        with output_file(json_path) as f:
+            f.write((json.dumps(doc, indent=2) + "\n").encode())
         click.echo(f"wrote {json_path}")

@@ -1,50 +1,119 @@
-"""The edge-slm command line. A user's mistake prints one line and exits 1."""
+"""The edge-slm command line. A user's mistake prints one line and exits 1
+(2 for a bad option or argument)."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
 import math
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
 
 import click
 
+from .engine import MAX_SLOTS
 from .errors import ContextOverflow, EdgeSlmError
-from .paths import check_writable, model_or_default
+from .options import Size, engine_options, model_option, runtime_options
+from .paths import check_writable, model_or_default, output_file
+
+INTERRUPTED = 128 + signal.SIGINT  # the exit codes a shell gives a process killed by these
+PIPE_CLOSED = 128 + signal.SIGPIPE
+
+
+def say(line: str) -> None:
+    """One line on stderr; if stderr itself cannot be written, there is no one to tell."""
+    try:
+        click.echo(line, err=True)
+    except OSError:
+        pass
+
+
+class StdoutBroken(Exception):
+    """Standard output cannot be written (a full disk, a closed pipe). Not an
+    OSError, so that no handler for a file's errors (click's own EPIPE one
+    included) takes it for one."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.strerror)
+        self.errno = error.errno
+
+
+class StdoutFile(io.FileIO):
+    """fd 1 under sys.stdout: a failed write raises StdoutBroken, and every
+    write after it is dropped, so the interpreter's flush at exit cannot print
+    a second error."""
+
+    broken = False
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self.broken:
+            return memoryview(data).nbytes
+        try:
+            return super().write(data)
+        except OSError as e:
+            self.broken = True
+            raise StdoutBroken(e) from None
+
+
+def guard_stdout() -> None:
+    """Put sys.stdout on a StdoutFile, keeping its encoding and buffering."""
+    old = sys.stdout
+    if old is not sys.__stdout__:  # a test runner's stream, or a caller's: theirs to handle
+        return
+    old.flush()
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(StdoutFile(old.fileno(), "w", closefd=False)),
+                                  encoding=old.encoding, errors=old.errors,
+                                  line_buffering=old.line_buffering)
+
 
 class Group(click.Group):
     """Turns our own exceptions into one line on stderr and exit code 1, and a
     bad option or argument into one line and exit code 2 (click's default is
-    the usage block as well)."""
+    the usage block as well). Standard output that cannot be written is one
+    line too, or, once its reader has gone (`| head`), a quiet exit."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        if sys.stdout is None:  # fd 1 closed: the first file opened would take its place
+            say("edge-slm: standard output is closed")
+            sys.exit(1)
+        guard_stdout()
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
+            sys.stdout.flush()  # what is still buffered fails here, not at exit
+        except StdoutBroken as e:
+            if e.errno == errno.EPIPE:
+                sys.exit(PIPE_CLOSED)
+            say(f"edge-slm: cannot write to standard output ({e})")
+            sys.exit(1)
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx else "edge-slm"
-            click.echo(f"{where}: {e.format_message()} (see {where} --help)", err=True)
+            say(f"{where}: {e.format_message()} (see {where} --help)")
             sys.exit(e.exit_code)
         except click.ClickException as e:
-            click.echo(f"edge-slm: {e.format_message()}", err=True)
+            say(f"edge-slm: {e.format_message()}")
             sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("", err=True)
-            sys.exit(1)
+        except click.Abort:  # an interrupt while click parsed; it has written the newline
+            sys.exit(INTERRUPTED)
+        except KeyboardInterrupt:
+            say("")
+            sys.exit(INTERRUPTED)
         sys.exit(code or 0)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except EdgeSlmError as e:
-            click.echo(f"edge-slm: {e}", err=True)
+            say(f"edge-slm: {e}")
             ctx.exit(1)
         except KeyboardInterrupt:
-            click.echo("", err=True)
-            ctx.exit(130)
+            say("")  # ends the line the terminal's ^C is on
+            ctx.exit(INTERRUPTED)
 
 
 @click.group(cls=Group)
@@ -53,30 +122,6 @@ def main(verbose: int) -> None:
     """Run a small language model on this device, offline."""
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def model_option(f):
-    return click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
-                        default=None, help="GGUF file (default: the pulled SmolLM2-135M).")(f)
-
-
-def runtime_options(f):
-    f = click.option("--threads", type=click.IntRange(1, 256), default=None,
-                     help="Threads for the forward pass (default: the configured number, "
-                          "else all CPUs).")(f)
-    f = click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=None,
-                     help="Context length in tokens (default: 2048 or the model's, if shorter).")(f)
-    f = click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default=None,
-                     help="KV cache element type (default: the configured one, else f16).")(f)
-    return model_option(f)
-
-
-def engine_options(f):
-    """The runtime options, and the one setting that bounds the process."""
-    f = click.option("--memory-budget", default=None,
-                     help="Ceiling for the whole process, e.g. 256M (default: the configured "
-                          "one, else none); the context is sized to fit.")(f)
-    return runtime_options(f)
 
 
 def sampling_options(f):
@@ -238,15 +283,9 @@ def logits(ids, out, model_path, threads, n_ctx, kv_type) -> None:
                               + ("" if n_ctx else f" that {model.path.name} was trained for"))
     runtime = model.runtime(RuntimeOptions(n_threads=ecfg.threads, n_ctx=len(seq),
                                            kv_type=ecfg.kv_type))
-    # Written beside the target and renamed, so a failed run leaves any old file whole.
-    part = out.with_name(out.name + ".part")
-    try:
-        with part.open("wb") as fh:
-            np.save(fh, runtime.prefill(seq, all_logits=True))
-        part.replace(out)
-    except OSError as e:
-        part.unlink(missing_ok=True)
-        raise EdgeSlmError(f"{out}: cannot write ({e.strerror})") from None
+    values = runtime.prefill(seq, all_logits=True)
+    with output_file(out) as fh:
+        np.save(fh, values)
     click.echo(f"{out}: {len(seq)} x {vocab} float32")
 
 
@@ -258,9 +297,9 @@ def logits(ids, out, model_path, threads, n_ctx, kv_type) -> None:
 @click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default=None,
               help="KV cache element type (default f16).")
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
-@click.option("--memory-budget", default=None, envvar="EDGE_SLM_MEMORY_BUDGET",
+@click.option("--memory-budget", type=Size(), default=None,
               help="Plan slots and context within this many bytes, e.g. 256M.")
-@click.option("--slots", type=click.IntRange(1), default=None, help="Slots wanted (default: the configured number, else 4).")
+@click.option("--slots", type=click.IntRange(1, MAX_SLOTS), default=None, help="Slots wanted (default: the configured number, else 4).")
 @click.option("--max-tokens", type=click.IntRange(1), default=None,
               help="Answer length the plan holds (default: the configured one, else 256).")
 def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots, max_tokens) -> None:
@@ -311,6 +350,12 @@ def chat(model_path, threads, n_ctx, kv_type, memory_budget, system, keep_turns,
     """Chat in the terminal; the oldest turns make way when the context fills."""
     from .chat import Conversation
 
+    if sys.stdin is None:  # fd 0 closed
+        raise EdgeSlmError("standard input is closed: nothing to read questions from")
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        # Bytes that are not UTF-8 reach the tokenizer, which refuses them in one
+        # line and the chat goes on, whatever the locale's strictness.
+        sys.stdin.reconfigure(errors="surrogateescape")
     how = sampling_config(**sampling, default_temperature=0.2)
     with open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens) as engine:
         talk = Conversation(engine, system=system, keep_turns=keep_turns, sampling=how,
@@ -328,7 +373,7 @@ def chat(model_path, threads, n_ctx, kv_type, memory_budget, system, keep_turns,
                 stream_out("\n")
                 check_result(result)
             except EdgeSlmError as e:  # say so and keep the chat going
-                click.echo(f"edge-slm: {e}", err=True)
+                say(f"edge-slm: {e}")
 
 
 from .soak import soak  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from .memory import MIB, current_rss, parse_size, peak_rss
-from .paths import check_writable
+from .paths import check_writable, output_file
 
 log = logging.getLogger(__name__)
 
@@ -199,4 +199,5 @@ def soak(model_path, memory_budget, slots_text, n_requests, threads, kv_type, ma
             click.echo(f"{label} vs {runs[0]['slots']} slot(s): " + ", ".join(
                 f"{r['slots']} slots {r[key] / base:.2f}x" for r in runs))
     if json_path:
-        json_path.write_text(json.dumps({"budget_mb": budget / MIB, "runs": runs}, indent=2))
+        with output_file(json_path) as f:
+            f.write(json.dumps({"budget_mb": budget / MIB, "runs": runs}, indent=2).encode())

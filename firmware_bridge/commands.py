@@ -8,11 +8,14 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
+from edge_slm.engine import MAX_SLOTS
 from edge_slm.errors import EdgeSlmError
+from edge_slm.options import engine_options
 
 from . import protocol as p
 
@@ -23,21 +26,39 @@ DEMO_QUESTION = "What should I check first when a pump loses pressure?"
 PASSWORD_ENV = "EDGE_SLM_MQTT_PASSWORD"
 
 
+class Name(click.ParamType):
+    """A runtime id or share group: the characters a topic level may safely hold."""
+
+    name = "name"
+
+    def convert(self, value, param, ctx) -> str:
+        if not p.valid_device_id(value):
+            self.fail(f"{value!r}: letters, digits, '_', '.', '-' (at most {p.MAX_DEVICE_ID}), "
+                      "starting with a letter or digit", param, ctx)
+        return value
+
+
+NAME = Name()
+
+
 def connection_options(f):
     """Where the broker is and how to log in: shared by serve and mqtt-ask."""
-    f = click.option("--broker", default=None,
+    for option in reversed([  # click lists options in the order they are applied, last first
+        click.option("--broker", default=None,
                      help="mqtt://HOST:PORT or mqtts://HOST:PORT (serve: default a private "
-                          "mosquitto on loopback).")(f)
-    f = click.option("--ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help="TLS: CA certificates to trust.")(f)
-    f = click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help="TLS: client certificate.")(f)
-    f = click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help="TLS: client key.")(f)
-    f = click.option("--username", default=None, help="Broker user name.")(f)
-    f = click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                          "mosquitto on loopback)."),
+        click.option("--ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="TLS: CA certificates to trust."),
+        click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="TLS: client certificate."),
+        click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="TLS: client key."),
+        click.option("--username", default=None, help="Broker user name."),
+        click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help=f"File holding the broker password (or set {PASSWORD_ENV}; never "
-                          "on the command line).")(f)
+                          "on the command line)."),
+    ]):
+        f = option(f)
     return f
 
 
@@ -52,39 +73,39 @@ def password(password_file: Path | None) -> str | None:
 
 @click.command()
 @connection_options
-@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="GGUF file (default: the pulled SmolLM2-135M).")
-@click.option("--memory-budget", default=None, help="Ceiling for the whole process, e.g. 256M.")
-@click.option("--slots", type=click.IntRange(1, 256), default=None,
+@engine_options
+@click.option("--slots", type=click.IntRange(1, MAX_SLOTS), default=None,
               help="Questions answered together (default: the configured number, else 4).")
-@click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=None,
-              help="Tokens per slot (default: the most the budget allows).")
-@click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default=None)
-@click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--max-tokens", type=click.IntRange(1, p.MAX_TOKENS), default=None,
               help="Longest answer, and the default length.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where accepted questions are kept (default: $EDGE_SLM_HOME/state).")
-@click.option("--runtime-id", default=None, help="This runtime's name on the broker (kept in the state dir).")
-@click.option("--share-group", default=None, help="Split questions with other runtimes (MQTT 5 shared subscription).")
-@click.option("--max-payload", type=click.IntRange(256, 1 << 20), default=p.MAX_PAYLOAD, show_default=True,
-              help="Largest question, in bytes.")
-@click.option("--device-rate", type=click.FloatRange(0.01, 1000), default=2.0, show_default=True,
-              help="Questions per second a device may send, sustained.")
-@click.option("--device-burst", type=click.IntRange(1, 10000), default=10, show_default=True)
-@click.option("--device-concurrency", type=click.IntRange(1, 1000), default=4, show_default=True,
-              help="Questions per device in flight at once.")
-@click.option("--reply-scope", default=p.DEFAULT_REPLY_SCOPE, show_default=True,
-              help="Topics answers may go to; {device} is the asker's id.")
-@click.option("--drain-timeout", type=click.FloatRange(0, 3600), default=30.0, show_default=True,
-              help="On SIGTERM, seconds to finish what is running.")
-@click.option("--ha-discovery", is_flag=True, help="Announce the runtime to Home Assistant.")
+@click.option("--runtime-id", type=NAME, default=None,
+              help="This runtime's name on the broker (kept in the state dir).")
+@click.option("--share-group", type=NAME, default=None,
+              help="Split questions with other runtimes (MQTT 5 shared subscription).")
+@click.option("--max-payload", type=click.IntRange(256, 1 << 20), default=None,
+              help=f"Largest question, in bytes (default {p.MAX_PAYLOAD}).")
+@click.option("--device-rate", type=click.FloatRange(0.01, 1000), default=None,
+              help="Questions per second a device may send, sustained (default 2).")
+@click.option("--device-burst", type=click.IntRange(1, 10000), default=None,
+              help="Questions a quiet device may send at once (default 10).")
+@click.option("--device-concurrency", type=click.IntRange(1, 1000), default=None,
+              help="Questions per device in flight at once (default 4).")
+@click.option("--reply-scope", default=None,
+              help="Topics answers may go to, {device} being the asker's id "
+                   f"(default {p.DEFAULT_REPLY_SCOPE}).")
+@click.option("--drain-timeout", "drain_timeout_s", type=click.FloatRange(0, 3600), default=None,
+              help="On SIGTERM, seconds to finish what is running (default 30).")
+@click.option("--ha-discovery", is_flag=True, default=None, help="Announce the runtime to Home Assistant.")
 @click.option("--demo", is_flag=True, help="Once up, ask one question as a device would and print the answer.")
-def serve(broker, ca, cert, key, username, password_file, model_path, memory_budget, slots, n_ctx, kv_type,
-          threads, max_tokens, state_dir, runtime_id, share_group, max_payload, device_rate, device_burst,
-          device_concurrency, reply_scope, drain_timeout, ha_discovery, demo) -> None:
-    """Answer devices' questions over MQTT (protocol: firmware_bridge/PROTOCOL.md)."""
-    from edge_slm.config import load_engine_config
+def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens, password_file, demo,
+          **service_options) -> None:
+    """Answer devices' questions over MQTT (protocol: firmware_bridge/PROTOCOL.md).
+
+    Settings also come from the [serve] table of the settings file and
+    EDGE_SLM_<SETTING> variables (EDGE_SLM_BROKER, EDGE_SLM_STATE_DIR, ...)."""
+    from edge_slm.config import load_engine_config, load_settings
     from edge_slm.engine import Engine
     from edge_slm.paths import home
 
@@ -92,17 +113,15 @@ def serve(broker, ca, cert, key, username, password_file, model_path, memory_bud
     from .service import Service, ServiceConfig, broker_address
     from .store import StoreError
 
-    state_dir = state_dir or home() / "state"
     # A service says what it does (connects, refusals, drains) without -v.
     service_log = logging.getLogger("firmware_bridge")
     if service_log.getEffectiveLevel() > logging.INFO:
         service_log.setLevel(logging.INFO)
-    if runtime_id is not None and not p.valid_device_id(runtime_id):
-        raise click.BadParameter(f"{runtime_id!r}: letters, digits, '_', '.', '-'", param_hint="--runtime-id")
-    if share_group is not None and not p.valid_device_id(share_group):
-        raise click.BadParameter(f"{share_group!r}: letters, digits, '_', '.', '-'", param_hint="--share-group")
-    if broker is not None:
-        broker_address(broker)  # a typo is refused before the model loads
+    cfg = load_settings(ServiceConfig, "serve", {**service_options, "password": password(password_file)},
+                        private=("password",))
+    cfg = replace(cfg, state_dir=cfg.state_dir or home() / "state")
+    if cfg.broker is not None:
+        broker_address(cfg.broker)  # a typo is refused before the model loads
     engine_cfg = load_engine_config({"model": model_path, "memory_budget": memory_budget, "slots": slots,
                                      "ctx": n_ctx, "kv_type": kv_type, "threads": threads,
                                      "max_tokens": max_tokens})
@@ -111,26 +130,21 @@ def serve(broker, ca, cert, key, username, password_file, model_path, memory_bud
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        if broker is None:
+        if cfg.broker is None:
             port = 1883 if _port_free(1883) else free_port()
             try:
-                private = Mosquitto(state_dir / "broker", port=port).start()
+                private = Mosquitto(cfg.state_dir / "broker", port=port).start()
             except BrokerError as e:
                 raise EdgeSlmError(str(e)) from None
-            broker = private.url
-        cfg = ServiceConfig(broker=broker, state_dir=state_dir, runtime_id=runtime_id, share_group=share_group,
-                            ca=ca, cert=cert, key=key, username=username, password=password(password_file),
-                            max_payload=max_payload, reply_scope=reply_scope, device_rate=device_rate,
-                            device_burst=device_burst, device_concurrency=device_concurrency,
-                            drain_timeout_s=drain_timeout, ha_discovery=ha_discovery)
+            cfg = replace(cfg, broker=private.url)
         with Engine(engine_cfg) as engine:
             try:
                 service = Service(engine, cfg).start()
             except StoreError as e:
                 raise EdgeSlmError(str(e)) from None
-            log.warning("serving %s as runtime %s on %s", service.model_name, service.runtime_id, broker)
+            log.warning("serving %s as runtime %s on %s", service.model_name, service.runtime_id, cfg.broker)
             if not service.wait_connected(10):
-                log.warning("no broker at %s yet; retrying in the background", broker)
+                log.warning("no broker at %s yet; retrying in the background", cfg.broker)
             elif demo:
                 _demo(cfg, stop)
             try:

@@ -14,9 +14,21 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def edge_slm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edge_slm", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "EDGE_SLM_THREADS": "2"})
+def edge_slm(*args: str, timeout: float = 300, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+             env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run the CLI; `prefix` runs it under another command (e.g. a shell that closes a stream)."""
+    return subprocess.run([*prefix, sys.executable, "-m", "edge_slm", *args], stdin=stdin,
+                          stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=timeout,
+                          env={**os.environ, "EDGE_SLM_THREADS": "2", **(env or {})})
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    """Exit `code` with exactly one line on stderr, holding every needle, and no traceback."""
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.endswith("\n"), proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
 
 
 def test_ask_streams_the_answer_llama_cpp_gives(real_model):
@@ -124,3 +136,76 @@ def test_every_model_command_takes_model_and_threads(command):
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0
     assert "--model" in result.output and "--threads" in result.output
+
+
+def model_commands(model, tmp_path) -> dict[str, list[str]]:
+    """A run of every command that writes to stdout, on the tiny model."""
+    m = ["--model", str(model)]
+    return {
+        "info": ["info", str(model)],
+        "tokenize": ["tokenize", "hello", *m],
+        "ask": ["ask", "hello", "--max-tokens", "4", *m],
+        "complete": ["complete", "hello", "--max-tokens", "4", "--ignore-eos", *m],
+        "logits": ["logits", "--ids", "1,2", "--npy", str(tmp_path / "l.npy"), *m],
+        "help": ["--help"],
+    }
+
+
+STDOUT_COMMANDS = ["info", "tokenize", "ask", "complete", "logits", "help"]
+
+
+@pytest.mark.parametrize("command", STDOUT_COMMANDS)
+def test_stdout_on_a_full_device_is_one_line(command, tiny_model, tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    with open("/dev/full", "w") as full:
+        proc = edge_slm(*model_commands(tiny_model, tmp_path)[command], stdout=full, timeout=60)
+    assert_one_line(proc, 1, "standard output", "No space left on device")
+
+
+@pytest.mark.parametrize("command", STDOUT_COMMANDS)
+def test_a_reader_that_has_gone_is_a_quiet_exit(command, tiny_model, tmp_path):
+    """`edge-slm info | head -c1`, with head gone before the first write: no
+    message, and the status a shell shows for a tool stopped by SIGPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = edge_slm(*model_commands(tiny_model, tmp_path)[command], stdout=write_end, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
+def test_stdout_closed_is_one_line(tiny_model):
+    proc = edge_slm("info", str(tiny_model), stdout=None, timeout=60,
+                    prefix=("sh", "-c", 'exec "$@" >&-', "sh"))
+    assert_one_line(proc, 1, "standard output is closed")
+
+
+def test_chat_with_stdin_closed_is_one_line(tiny_model):
+    proc = edge_slm("chat", "--model", str(tiny_model), stdin=None, timeout=60,
+                    prefix=("sh", "-c", 'exec "$@" <&-', "sh"))
+    assert_one_line(proc, 1, "standard input is closed")
+
+
+def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(tiny_model, tmp_path):
+    """Even where the locale decodes strictly, as on many boards."""
+    questions = tmp_path / "questions"
+    questions.write_bytes(b"caf\xe9?\nhello\n")
+    with open(questions, "rb") as stdin:
+        proc = edge_slm("chat", "--model", str(tiny_model), "--max-tokens", "3", stdin=stdin,
+                        timeout=60, env={"PYTHONIOENCODING": "utf-8:strict"})
+    assert_one_line(proc, 0, "not valid UTF-8")
+    assert proc.stdout.count("> ") == 3  # both questions read, then the end of input
+
+
+@pytest.mark.parametrize("args, option", [
+    (["info", "--slots", "100000"], "--slots"),
+    (["info", "--memory-budget", "xyz"], "--memory-budget"),
+    (["info", "--memory-budget", "0"], "--memory-budget"),
+    (["ask", "hi", "--memory-budget", "1.5.5"], "--memory-budget"),
+    (["chat", "--memory-budget", "-1"], "--memory-budget"),
+])
+def test_bad_option_values_exit_2_like_every_usage_error(args, option, tiny_model):
+    proc = edge_slm(*args, "--model", str(tiny_model), timeout=60)
+    assert_one_line(proc, 2, f"Invalid value for '{option}'")

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from test_cli import assert_one_line, edge_slm
 
 from edge_slm.config import load_engine_config
 from edge_slm.errors import EdgeSlmError
 from edge_slm.memory import MIB
+
+
+@pytest.fixture
+def no_config_file(tmp_path, monkeypatch):
+    """No $EDGE_SLM_CONFIG, and nothing at the default place under $EDGE_SLM_HOME."""
+    monkeypatch.setenv("EDGE_SLM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("EDGE_SLM_CONFIG", raising=False)
 
 
 def test_file_then_environment_then_options(tmp_path, monkeypatch):
@@ -22,7 +32,7 @@ def test_file_then_environment_then_options(tmp_path, monkeypatch):
     assert (c.memory_budget, c.slots) == (256 * MIB, 1)
 
 
-def test_bad_settings_are_one_line_errors(tmp_path, monkeypatch):
+def test_bad_settings_are_one_line_errors(tmp_path, monkeypatch, no_config_file):
     cfg = tmp_path / "config.toml"
     cfg.write_text("[engine]\nslotz = 3\n")
     with pytest.raises(EdgeSlmError, match="unknown engine setting.*slotz"):
@@ -32,7 +42,7 @@ def test_bad_settings_are_one_line_errors(tmp_path, monkeypatch):
         load_engine_config(path=cfg)
     monkeypatch.setenv("EDGE_SLM_SLOTS", "many")
     with pytest.raises(EdgeSlmError, match="slots"):
-        load_engine_config(path=tmp_path / "absent.toml")
+        load_engine_config()
 
 
 @pytest.mark.parametrize("setting", [
@@ -66,10 +76,10 @@ def test_engine_must_be_a_table(tmp_path):
         load_engine_config(path=cfg)
 
 
-def test_empty_environment_variables_are_unset(tmp_path, monkeypatch):
+def test_empty_environment_variables_are_unset(monkeypatch, no_config_file):
     monkeypatch.setenv("EDGE_SLM_CTX", "")
     monkeypatch.setenv("EDGE_SLM_MEMORY_BUDGET", "")
-    c = load_engine_config(path=tmp_path / "absent.toml")
+    c = load_engine_config()
     assert c.ctx is None and c.memory_budget is None
 
 
@@ -78,6 +88,30 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
     cfg.write_bytes(b"\xff\xfe[engine]\n")
     with pytest.raises(EdgeSlmError, match="config.toml"):
         load_engine_config(path=cfg)
+
+
+def test_a_settings_file_named_but_missing_is_refused_by_path(tmp_path, monkeypatch):
+    """A typo in $EDGE_SLM_CONFIG would otherwise run with none of its settings."""
+    absent = tmp_path / "absent.toml"
+    monkeypatch.setenv("EDGE_SLM_CONFIG", str(absent))
+    with pytest.raises(EdgeSlmError, match=f"{absent}: no such settings file"):
+        load_engine_config()
+    with pytest.raises(EdgeSlmError, match=f"{absent}: no such settings file"):
+        load_engine_config(path=absent)
+
+
+def test_no_settings_file_at_the_default_place_is_fine(monkeypatch, no_config_file):
+    monkeypatch.delenv("EDGE_SLM_SLOTS", raising=False)
+    assert load_engine_config().slots == 4
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_settings_file_that_is_not_a_regular_file_is_refused_unread(kind, tiny_model, tmp_path):
+    """Reading a FIFO would block for ever: refused before it is opened."""
+    path = tmp_path / "config.toml"
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    proc = edge_slm("info", str(tiny_model), env={"EDGE_SLM_CONFIG": str(path)}, timeout=60)
+    assert_one_line(proc, 1, str(path), "not a regular file")
 
 
 def test_more_cpus_than_the_thread_ceiling_still_configures(monkeypatch):

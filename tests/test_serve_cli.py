@@ -99,3 +99,28 @@ def test_password_comes_from_a_file_or_the_environment(tmp_path):
     finally:
         del os.environ[PASSWORD_ENV]
     assert password(None) is None
+
+
+def test_serve_settings_from_the_file_then_the_environment_then_options(tmp_path, monkeypatch):
+    from edge_slm.config import load_settings
+    from edge_slm.errors import EdgeSlmError
+    from firmware_bridge.service import ServiceConfig
+
+    conf = tmp_path / "config.toml"
+    conf.write_text('[serve]\nbroker = "mqtt://site:1883"\ndevice_rate = 0.5\nha_discovery = true\n'
+                    'device_concurrency = 2\nstate_dir = "/var/lib/edge-slm"\n')
+    monkeypatch.setenv("EDGE_SLM_CONFIG", str(conf))
+    monkeypatch.setenv("EDGE_SLM_DEVICE_CONCURRENCY", "3")
+    monkeypatch.setenv("EDGE_SLM_HA_DISCOVERY", "off")
+    cfg = load_settings(ServiceConfig, "serve", {"device_rate": 4.0, "share_group": None,
+                                                 "password": "pw"}, private=("password",))
+    assert (cfg.broker, cfg.device_rate, cfg.device_concurrency, cfg.ha_discovery, cfg.password) == (
+        "mqtt://site:1883", 4.0, 3, False, "pw")
+    assert cfg.state_dir == Path("/var/lib/edge-slm")
+    conf.write_text('[serve]\npassword = "in the file"\n')
+    with pytest.raises(EdgeSlmError, match="unknown serve setting"):
+        load_settings(ServiceConfig, "serve", private=("password",))
+    monkeypatch.setenv("EDGE_SLM_DEVICE_RATE", "fast")
+    conf.write_text("")
+    with pytest.raises(EdgeSlmError, match="device_rate"):
+        load_settings(ServiceConfig, "serve", private=("password",))
