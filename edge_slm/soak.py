@@ -22,7 +22,8 @@ from pathlib import Path
 
 import click
 
-from .memory import MIB, current_rss, parse_size, peak_rss
+from .memory import MIB, current_rss, peak_rss
+from .options import Size
 from .paths import check_writable, output_file
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,8 @@ def parse_slots(text: str) -> list[int]:
 
 @click.command()
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--memory-budget", default="256M", show_default=True, help="Ceiling for the process.")
+@click.option("--memory-budget", "budget", type=Size(), default="256M", show_default=True,
+              help="Ceiling for the process.")
 @click.option("--slots", "slots_text", default="1,2,4", show_default=True, help="Slot counts to run.")
 @click.option("--requests", "n_requests", type=click.IntRange(1), default=2000, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True)
@@ -160,10 +162,9 @@ def parse_slots(text: str) -> list[int]:
               help="Concurrent client threads (default: 2 per slot + 2).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--child", is_flag=True, hidden=True)
-def soak(model_path, memory_budget, slots_text, n_requests, threads, kv_type, max_tokens, clients,
+def soak(model_path, budget, slots_text, n_requests, threads, kv_type, max_tokens, clients,
          json_path, child) -> None:
     """Many concurrent requests under a memory budget; peak RSS, growth, throughput."""
-    budget = parse_size(memory_budget)
     slot_counts = parse_slots(slots_text)
     check_writable(json_path)
     if child:  # one slot count, in a fresh process so its peak RSS is its own
@@ -176,7 +177,7 @@ def soak(model_path, memory_budget, slots_text, n_requests, threads, kv_type, ma
                f"{'tok/s':>7} {'decode':>7} {'req/s':>6} {'p50 ms':>7} {'p95 ms':>7}  budget")
     for n in slot_counts:
         cmd = [sys.executable, "-m", "edge_slm", "soak", "--child", "--slots", str(n),
-               "--memory-budget", memory_budget, "--requests", str(n_requests), "--threads",
+               "--memory-budget", str(budget), "--requests", str(n_requests), "--threads",
                str(threads), "--kv-type", kv_type, "--max-tokens", str(max_tokens)]
         if model_path:
             cmd += ["--model", str(model_path)]
