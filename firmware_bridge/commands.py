@@ -111,7 +111,7 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
 
     from .broker import BrokerError, Mosquitto, free_port
     from .service import Service, ServiceConfig, broker_address
-    from .store import StoreError
+    from .store import Store, StoreError
 
     # A service says what it does (connects, refusals, drains) without -v.
     service_log = logging.getLogger("firmware_bridge")
@@ -120,8 +120,13 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
     cfg = load_settings(ServiceConfig, "serve", {**service_options, "password": password(password_file)},
                         private=("password",))
     cfg = replace(cfg, state_dir=cfg.state_dir or home() / "state")
+    # A typo or an unusable state directory is refused before the model loads.
     if cfg.broker is not None:
-        broker_address(cfg.broker)  # a typo is refused before the model loads
+        broker_address(cfg.broker)
+    try:
+        Store.in_folder(cfg.state_dir).close()
+    except StoreError as e:
+        raise EdgeSlmError(str(e)) from None
     engine_cfg = load_engine_config({"model": model_path, "memory_budget": memory_budget, "slots": slots,
                                      "ctx": n_ctx, "kv_type": kv_type, "threads": threads,
                                      "max_tokens": max_tokens})

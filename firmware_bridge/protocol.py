@@ -70,10 +70,11 @@ def status_topic(runtime_id: str) -> str:
 
 
 def subscriptions(share_group: str | None = None) -> list[str]:
-    """The filters the runtime subscribes to; through an MQTT 5 shared
-    subscription when several runtimes split the load."""
-    filters = [f"{ROOT}/+/{ASK}", f"{ROOT}/+/{CANCEL}"]
-    return [f"$share/{share_group}/{f}" for f in filters] if share_group else filters
+    """The filters the runtime subscribes to. Questions go through an MQTT 5
+    shared subscription when several runtimes split the load; cancels reach
+    every runtime, since only the one holding the question knows it."""
+    ask = f"{ROOT}/+/{ASK}"
+    return [f"$share/{share_group}/{ask}" if share_group else ask, f"{ROOT}/+/{CANCEL}"]
 
 
 def valid_device_id(device: str) -> bool:

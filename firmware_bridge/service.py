@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServiceConfig:
-    broker: str = "mqtt://127.0.0.1:1883"  # mqtt://HOST:PORT or mqtts://HOST:PORT
-    state_dir: Path = Path("state")
+    broker: str | None = None               # mqtt://HOST:PORT or mqtts://HOST:PORT; None: serve
+                                            # starts a private mosquitto
+    state_dir: Path | None = None           # None: $EDGE_SLM_HOME/state
     runtime_id: str | None = None           # None: the one kept in the state dir, or a new one
     share_group: str | None = None          # MQTT 5 shared subscription across runtimes
     ca: Path | None = None                  # TLS: CA bundle, client certificate and key
@@ -73,6 +74,31 @@ class ServiceConfig:
     ha_discovery: bool = False
     ha_prefix: str = "homeassistant"
     max_outgoing: int = 10_000              # paho's queue of unsent messages
+
+    def __post_init__(self) -> None:
+        """Settings from a file or the environment get the checks the CLI's options have."""
+        ranges = {"max_payload": (256, 1 << 20), "device_rate": (0.01, 1000.0), "device_burst": (1, 10_000),
+                  "device_concurrency": (1, 1000), "max_accepted": (1, 100_000), "receive_maximum": (1, 65_535),
+                  "dedup_window_s": (0.0, 30 * 86400.0), "drain_timeout_s": (0.0, 3600.0),
+                  "status_interval_s": (0.1, 86400.0), "session_expiry_s": (0, 2**32 - 1),
+                  "keepalive_s": (5, 65_535), "max_outgoing": (16, 10**6)}
+        for name, (least, most) in ranges.items():
+            value = getattr(self, name)
+            if value is None and name == "max_accepted":
+                continue
+            whole = isinstance(least, int)
+            kind = int if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kind) or not least <= value <= most:
+                raise EdgeSlmError(f"setting {name}: {value!r} is not a {'whole ' if whole else ''}number "
+                                   f"from {least} to {most}")
+        for name in ("runtime_id", "share_group"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and p.valid_device_id(value)):
+                raise EdgeSlmError(f"setting {name}: {value!r}: letters, digits, '_', '.', '-'")
+        if "{device}" not in str(self.reply_scope):
+            raise EdgeSlmError(f"setting reply_scope: {self.reply_scope!r} must hold {{device}}, the asker's id")
+        if not isinstance(self.ha_discovery, bool):
+            raise EdgeSlmError(f"setting ha_discovery: {self.ha_discovery!r} is not true or false")
 
 
 class TokenBucket:
@@ -110,6 +136,9 @@ class Flight:
     seq: int = 0                    # next chunk number
     unsent: list[str] = field(default_factory=list)  # text not yet published as a chunk
     drained: bool = False           # cut off by a drain: stays pending on disk
+    stored: bool = False            # on disk (and so acknowledged)
+    copies: list[Incoming] = field(default_factory=list)  # resent while not yet stored: acked with it
+    cancel_asked: bool = False      # cancelled before it was on disk: answered so once it is
 
 
 def file_sha256(path: Path) -> str:
@@ -155,7 +184,7 @@ class Service:
     def __init__(self, engine: Engine, cfg: ServiceConfig):
         self.engine = engine
         self.cfg = cfg
-        self.store = Store(Path(cfg.state_dir) / "questions.sqlite3")
+        self.store = Store.in_folder(cfg.state_dir)
         self.runtime_id = self.store.runtime_id(cfg.runtime_id)
         st = engine.status()
         self.capacity = cfg.max_accepted or st["slots"] + st["queue_size"]
@@ -173,6 +202,7 @@ class Service:
         self.buckets: dict[str, TokenBucket] = {}
         self.unacked: dict[tuple[str, str], Incoming] = {}   # the disk refused them: not acknowledged
         self.finals_sent: dict[int, tuple[str, str]] = {}     # mid -> key, until the broker's PUBACK
+        self.unsent_finals: set[tuple[str, str]] = set()      # stored, but paho's queue was full
         self.stats: collections.Counter = collections.Counter()
         self._answer_seconds = 0.0  # engine time of the answers so far, for retry hints
         self.started = time.monotonic()
@@ -217,22 +247,27 @@ class Service:
         self._inbox.put(("message", (self._generation, msg, time.time())))
 
     def _on_publish(self, client, userdata, mid, reason, properties) -> None:
-        self._inbox.put(("published", mid))
+        self._inbox.put(("published", (mid, reason)))
 
     # ---- running ----
 
     def start(self) -> Service:
         host, port, _ = broker_address(self.cfg.broker)
         props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.cfg.session_expiry_s
+        # Alone, a persistent session: the broker keeps questions for us while
+        # we restart. In a share group, Mosquitto would also route a share of
+        # the questions to a member that is down, to wait for it; so members
+        # hold no session and a question goes only to one that is up.
+        shared = self.cfg.share_group is not None
+        props.SessionExpiryInterval = 0 if shared else self.cfg.session_expiry_s
         props.ReceiveMaximum = self.cfg.receive_maximum
         try:
-            self.client.connect_async(host, port, keepalive=self.cfg.keepalive_s, clean_start=False,
+            self.client.connect_async(host, port, keepalive=self.cfg.keepalive_s, clean_start=shared,
                                       properties=props)
         except (OSError, ValueError) as e:
             raise EdgeSlmError(f"broker {self.cfg.broker}: {e}") from None
         for q in self.store.pending():  # accepted before a crash or a drain: answer them now
-            self.flights[q.key] = Flight(q)
+            self.flights[q.key] = Flight(q, stored=True)
             self._enqueue(q.key)
         if self.flights:
             log.info("%d question(s) accepted before the restart are answered first", len(self.flights))
@@ -279,10 +314,9 @@ class Service:
                 elif kind == "done":
                     self._done(*data)
                 elif kind == "published":
-                    key = self.finals_sent.pop(data, None)
-                    if key:
-                        self._write_quietly(self.store.delivered, [key])
+                    self._published(*data)
                 elif kind == "connected":
+                    self._republish_unsent()
                     self._publish_status(force=True)
                     if self.cfg.ha_discovery:
                         self._publish_discovery()
@@ -314,6 +348,7 @@ class Service:
         if self.cfg.ha_discovery and topic == f"{self.cfg.ha_prefix}/status":
             if msg.payload == b"online":
                 self._publish_discovery()
+            self._ack(generation, msg)
             return None
         if self._draining:
             return None  # unacknowledged: the broker sends it again after the restart
@@ -344,7 +379,11 @@ class Service:
             return None
         if q.key in self.flights:
             log.info("%s/%s: asked again while in flight; not queued twice", *q.key)
-            self._ack(generation, msg)
+            flight = self.flights[q.key]
+            if flight.stored:
+                self._ack(generation, msg)
+            else:  # acknowledged only once the first copy is on disk
+                flight.copies.append(Incoming(q, generation, msg.mid, msg.qos))
             return None
         stored = self.store.lookup([q.key]).get(q.key)
         if stored and stored[0] in (ANSWERED, DELIVERED) and stored[1]:
@@ -398,9 +437,16 @@ class Service:
             self.unacked.update((i.q.key, i) for i in incoming)
             return False
         for i in incoming:
-            if i.qos:
-                self._ack_mid(i.generation, i.mid)
-            self._enqueue(i.q.key)
+            flight = self.flights[i.q.key]
+            flight.stored = True
+            for copy in [i, *flight.copies]:
+                if copy.qos:
+                    self._ack_mid(copy.generation, copy.mid)
+            flight.copies = []
+            if flight.cancel_asked:
+                self._answer(flight, self._final(flight.q, p.CANCELLED, error="cancelled while waiting"))
+            else:
+                self._enqueue(i.q.key)
         self.stats["accepted"] += len(incoming)
         return True
 
@@ -409,8 +455,9 @@ class Service:
         if now - self._last_retry < 1.0:
             return
         self._last_retry = now
-        held, self.unacked = list(self.unacked.values()), {}
+        held = list(self.unacked.values())  # left there if refused again: one log line per outage
         if self._accept(held):
+            self.unacked = {}
             log.info("the state directory is writable again: %d question(s) stored", len(held))
 
     def _ack(self, generation: int, msg: mqtt.MQTTMessage) -> None:
@@ -426,12 +473,18 @@ class Service:
     def _cancel(self, device: str, rid: str | None) -> None:
         flight = self.flights.get((device, rid)) if rid else None
         if flight is None:
-            log.info("%s: cancel for %r, which is not in flight", device, rid)
+            # In a share group every member hears every cancel; one holds the question.
+            (log.debug if self.cfg.share_group else log.info)(
+                "%s: cancel for %r, which is not in flight here", device, rid)
             return
         if flight.req is not None:
             flight.req.cancel()  # the engine frees the slot at its next step; on_done follows
+        elif not flight.stored:
+            flight.cancel_asked = True
         else:
             self.waiting[device].remove(flight.q.key)
+            if not self.waiting[device]:
+                self.turn.remove(device)
             self._answer(flight, self._final(flight.q, p.CANCELLED, error="cancelled while waiting"))
 
     def _retry_hint(self) -> float:
@@ -495,8 +548,8 @@ class Service:
         flight = self.flights.get(key)
         if flight is None:
             return
-        if flight.drained:  # stays pending on disk, answered after the restart
-            del self.flights[key]
+        if flight.drained:  # stays pending on disk, answered after the restart, and counted as kept
+            flight.req = None
             return
         self._flush_chunk(flight)
         if result.status == eng.OK:
@@ -537,6 +590,10 @@ class Service:
         """Store the final, then publish it; the flight is over."""
         del self.flights[flight.q.key]
         self.stats[final["status"]] += 1
+        if final["status"] == p.BUSY:  # the engine's queue was full: asking again must run it
+            self._write_quietly(self.store.forget, flight.q.key)
+            self._publish_final(flight.q, final)
+            return
         self._write_quietly(self.store.answer, flight.q.key, p.dumps(final))
         self._publish_final(flight.q, final, stored=True)
 
@@ -564,9 +621,29 @@ class Service:
         info = self.client.publish(q.reply_to, p.dumps(final), qos=1,
                                    properties=self._properties(q, final["status"]))
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            log.error("%s/%s: outgoing queue full; the final is kept on disk for the next start", *q.key)
+            log.error("%s/%s: outgoing queue full; the final is kept on disk and sent at the next "
+                      "connection", *q.key)
+            if stored:
+                self.unsent_finals.add(q.key)
         elif stored:
             self.finals_sent[info.mid] = q.key
+
+    def _published(self, mid: int, reason) -> None:
+        key = self.finals_sent.pop(mid, None)
+        if key is None:
+            return
+        if reason.is_failure:  # e.g. the broker's ACL: sent again at the next start
+            log.error("%s/%s: the broker refused the final answer: %s", *key, reason)
+            return
+        self._write_quietly(self.store.delivered, [key])
+
+    def _republish_unsent(self) -> None:
+        if not self.unsent_finals:
+            return
+        for q, final in self.store.undelivered():
+            if q.key in self.unsent_finals:
+                self.unsent_finals.discard(q.key)
+                self._publish_final(q, json.loads(final), stored=True)
 
     def _flush_chunks(self) -> None:
         for flight in self.flights.values():
@@ -634,12 +711,14 @@ class Service:
     # ---- draining ----
 
     def _begin_drain(self) -> float:
-        # The subscription stays: the broker keeps what devices send for our
-        # persistent session, and messages that arrive now go unacknowledged,
-        # so it sends them again when we are back.
+        # Alone, the subscription stays: the broker keeps what devices send
+        # for our persistent session, and messages that arrive now go
+        # unacknowledged, so it sends them again when we are back.
         log.info("draining: no new questions; finishing %d running (up to %g s)",
                  sum(1 for f in self.flights.values() if f.req), self.cfg.drain_timeout_s)
         self._draining = True
+        if self.cfg.share_group and self._connected:  # the other members take new questions now
+            self.client.unsubscribe(p.subscriptions(self.cfg.share_group))
         return time.monotonic() + self.cfg.drain_timeout_s
 
     def _drained(self, deadline: float) -> bool:

@@ -54,7 +54,15 @@ def _from_json(text: str) -> Question:
     return Question(**d)
 
 
+STORE_FILE = "questions.sqlite3"  # in the service's state directory
+CACHE_KIB = 1024                  # SQLite's page cache
+
+
 class Store:
+    @classmethod
+    def in_folder(cls, state_dir: Path) -> Store:
+        return cls(Path(state_dir) / STORE_FILE)
+
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
@@ -62,9 +70,11 @@ class Store:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")  # bounded: the memory plan counts it
             self.db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as e:
-            raise StoreError(f"{self.path}: {e}") from None
+            hint = " (is the state directory writable?)" if "unable to open" in str(e) else ""
+            raise StoreError(f"{self.path}: {e}{hint}") from None
 
     def close(self) -> None:
         self.db.close()
@@ -76,7 +86,8 @@ class Store:
                 self.db.executemany(sql, rows)
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                if self.db.in_transaction:  # a COMMIT the disk refused has rolled back already
+                    self.db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: {e}") from None
@@ -101,14 +112,21 @@ class Store:
         return found
 
     def accept(self, questions: list[Question]) -> None:
-        """Write new questions in one transaction: on disk when this returns."""
+        """Write new questions in one transaction: on disk when this returns.
+        One still pending (its answer could not be stored) is asked again:
+        its row is kept, with what it asks now."""
         self._write("INSERT INTO questions (device, id, received_at, question, state) "
-                    "VALUES (?, ?, ?, ?, 'pending')",
+                    "VALUES (?, ?, ?, ?, 'pending') ON CONFLICT (device, id) DO UPDATE SET "
+                    "received_at = excluded.received_at, question = excluded.question "
+                    "WHERE state = 'pending'",
                     [(q.device, q.id, q.received_at, _to_json(q)) for q in questions])
 
     def answer(self, key: tuple[str, str], final: bytes) -> None:
         self._write("UPDATE questions SET state = 'answered', final = ?, finished_at = ? "
                     "WHERE device = ? AND id = ?", [(final, time.time(), *key)])
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self._write("DELETE FROM questions WHERE device = ? AND id = ?", [key])
 
     def delivered(self, keys: list[tuple[str, str]]) -> None:
         self._write("UPDATE questions SET state = 'delivered' WHERE device = ? AND id = ? "

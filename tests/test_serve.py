@@ -274,3 +274,22 @@ def test_mqtts_with_a_site_ca(engine, tmp_path):
         finally:
             service.stop()
         assert broker.port != tls_port
+
+
+def test_a_cancel_on_the_heels_of_its_question(service, mosquitto):
+    with device(mosquitto) as d:
+        for i in range(3):  # the question and its cancel often land in one batch of the worker
+            d.send({"id": f"x{i}", "question": "Write a long story about a pump.", "max_tokens": 64})
+            d.cancel(f"x{i}")
+        finals = {m["id"]: m for m, _ in d.messages(30, {"x0", "x1", "x2"}) if m.get("final")}
+        assert {m["status"] for m in finals.values()} == {p.CANCELLED}
+        assert d.ask("hi", max_tokens=4, timeout=20)["status"] == p.OK  # the service is still answering
+
+
+def test_home_assistant_announcements_do_not_use_up_the_receive_maximum(service_factory, mosquitto):
+    service_factory(ha_discovery=True, receive_maximum=3)
+    for _ in range(5):
+        subprocess.run(["mosquitto_pub", "-p", str(mosquitto.port), "-q", "1", "-t", "homeassistant/status",
+                        "-m", "online"], check=True, timeout=10)
+    with device(mosquitto) as d:
+        assert d.ask("hi", max_tokens=4, timeout=20)["status"] == p.OK

@@ -124,3 +124,14 @@ def test_serve_settings_from_the_file_then_the_environment_then_options(tmp_path
     conf.write_text("")
     with pytest.raises(EdgeSlmError, match="device_rate"):
         load_settings(ServiceConfig, "serve", private=("password",))
+
+
+@pytest.mark.parametrize("field, value", [("device_rate", 0), ("device_burst", 2.5), ("receive_maximum", 0),
+                                          ("max_payload", True), ("runtime_id", "a/b"),
+                                          ("reply_scope", "edge-slm/v1/+/answer"), ("ha_discovery", "yes")])
+def test_service_settings_are_range_checked(field, value):
+    from edge_slm.errors import EdgeSlmError
+    from firmware_bridge.service import ServiceConfig
+
+    with pytest.raises(EdgeSlmError, match=field):
+        ServiceConfig(**{field: value})
