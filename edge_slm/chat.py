@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from .engine import Engine, Result
-from .errors import ContextOverflow
+from .engine import ERROR, Engine, Result
+from .errors import ContextOverflow, is_whole
+from .generate import check_stop
 from .sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -20,14 +21,18 @@ class Conversation:
     def __init__(self, engine: Engine, system: str | None = None, keep_turns: int = 0,
                  max_tokens: int | None = None, sampling: SamplingConfig | None = None,
                  stop: tuple[str, ...] = ()):
+        if system is not None and not isinstance(system, str):
+            raise TypeError(f"system must be text, not {type(system).__name__}")
+        if not is_whole(keep_turns, 0):
+            raise ValueError(f"keep_turns must be a whole number >= 0, not {keep_turns!r}")
+        if max_tokens is not None and not is_whole(max_tokens, 1):
+            raise ValueError(f"max_tokens must be a whole number >= 1, not {max_tokens!r}")
         self.engine = engine
         self.system = [{"role": "system", "content": system}] if system else []
         self.keep_turns = keep_turns  # opening exchanges dropped last
-        if max_tokens is not None and max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, not {max_tokens}")
         self.max_tokens = min(max_tokens or engine.cfg.max_tokens, engine.cfg.max_tokens)
         self.sampling = sampling
-        self.stop = stop
+        self.stop = check_stop(stop)
         self.turns: list[dict[str, str]] = []
         self.dropped = 0  # exchanges dropped so far to fit the context
 
@@ -41,7 +46,7 @@ class Conversation:
         tok, limit = self.engine.tokenizer, self.engine.prompt_limit(self.max_tokens)
         ids = None
         if not tok.messages_surely_over(self.system + turns[-1:], limit):
-            while (ids := tok.encode_within(tok.render_chat(self.system + turns), limit)) is None \
+            while (ids := tok.encode_within(tok.chat_prompt(self.system + turns), limit)) is None \
                     and len(turns) > 1:
                 first = 2 * self.keep_turns if len(turns) > 2 * self.keep_turns + 1 else 0
                 if first == 0 and self.keep_turns:
@@ -58,7 +63,12 @@ class Conversation:
         """Ask and wait for the answer, streaming it to `on_text`. An answer
         cut short (timeout) stays in the history as far as it got; a question
         that gets no answer at all leaves the history as it was. If `on_text`
-        raises (or the wait is interrupted), the request is cancelled."""
+        raises (or the wait is interrupted), the request is cancelled. A
+        blank question is an ERROR result, as the engine gives a blank prompt."""
+        if not isinstance(text, str):
+            raise TypeError(f"the question must be text, not {type(text).__name__}")
+        if not text.strip():
+            return Result(ERROR, error="the prompt is empty: the question is blank")
         ids, turns = self._fitting_prompt(self.turns + [{"role": "user", "content": text}])
         req = self.engine.submit(prompt_ids=ids, max_tokens=self.max_tokens, sampling=self.sampling,
                                  stop=self.stop, timeout=timeout)

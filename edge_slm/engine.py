@@ -25,15 +25,17 @@ import queue
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import BadText, EdgeSlmError, is_whole
+from .chat_template import ConversationRejected
+from .errors import BadText, EdgeSlmError, ModelError, is_whole
 from .formats import KV_TYPES
-from .generate import TextStream, check_ids
-from .memory import Fixed, MemoryPlan, current_rss, default_ctx, limit_malloc_arenas, plan_memory
+from .generate import TextStream, check_ids, check_messages, check_stop
+from .memory import (MAX_QUEUE, Fixed, MemoryPlan, current_rss, default_ctx, limit_malloc_arenas,
+                     plan_memory)
 from .model import LoadedModel, RuntimeOptions, load_model
 from .paths import model_or_default
 from .sampler import Sampler, SamplingConfig
@@ -86,10 +88,11 @@ class EngineConfig:
 
         for name in ("slots", "min_ctx", "threads", "max_batch", "prefill_chunk", "max_tokens"):
             whole(name, 1)
-        for name, most in (("threads", MAX_THREADS), ("slots", MAX_SLOTS), ("max_batch", MAX_BATCH)):
+        whole("queue_size", 0)
+        for name, most in (("threads", MAX_THREADS), ("slots", MAX_SLOTS), ("max_batch", MAX_BATCH),
+                           ("queue_size", MAX_QUEUE)):
             if getattr(self, name) > most:
                 raise EdgeSlmError(f"setting {name}: {getattr(self, name)} is more than {most}")
-        whole("queue_size", 0)
         whole("keep_tokens", 0)
         whole("ctx", 1, optional=True)
         whole("memory_budget", 1, optional=True)
@@ -116,6 +119,8 @@ class Result:
     prompt_tokens: int = 0
     finish_reason: str | None = None  # "stop" or "length" when status is OK
     error: str | None = None          # one line, for anything but OK
+    internal: bool = False            # with ERROR: the runtime's fault (a bug, the model's
+                                      # template, a shutdown), not the request's
     retry_after: float | None = None  # seconds, with BUSY
     cached_tokens: int = 0            # prompt tokens found in the slot's cache, not recomputed
     queued_s: float = 0.0
@@ -264,16 +269,27 @@ class Engine:
     # ---- the API ----
 
     def submit(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
-               prompt_ids: list[int] | None = None, max_tokens: int | None = None,
-               sampling: SamplingConfig | None = None, stop: tuple[str, ...] = (),
+               prompt_ids: Sequence[int] | np.ndarray | None = None, max_tokens: int | None = None,
+               sampling: SamplingConfig | None = None, stop: str | Sequence[str] = (),
                ignore_eos: bool = False, timeout: float | None = None,
                on_text: Callable[[str], None] | None = None, request_id: str | None = None,
                on_done: Callable[[Result], None] | None = None) -> Request:
         """Queue a question: raw `prompt` text, chat `messages` rendered with
         the model's template, or token ids. Never blocks: a full queue gives
-        a BUSY result. `on_text` runs on the engine thread; keep it short.
-        `on_done(result)` runs once, on whichever thread finishes the request
-        (the engine's, or the caller's for a refusal at submit)."""
+        a BUSY result; a blank prompt, no messages, a blank last message or a
+        template that fails give an ERROR result.
+
+        Raw `prompt` text is tokenized with special tokens parsed: a written
+        `<|im_start|>` becomes that control token, for callers who write their
+        own markup (never put a user's text there). In `messages` (dicts with
+        `role` and `content`, both text) only the template's own markup makes
+        control tokens: what the messages hold is always plain text. At most
+        MAX_STOPS `stop` strings of at most MAX_STOP_CHARS characters each.
+
+        `on_text` runs on the engine thread; keep it short. `on_done(result)`
+        runs exactly once, after the result is set, on whichever thread
+        finishes the request: the engine's, or the caller's for a refusal
+        at submit."""
         if sum(x is not None for x in (prompt, messages, prompt_ids)) != 1:
             raise ValueError("give exactly one of prompt, messages and prompt_ids")
         max_tokens = self.cfg.max_tokens if max_tokens is None else max_tokens
@@ -287,9 +303,11 @@ class Engine:
                             max_tokens)
                 self._clamp_logged = True
             max_tokens = self.cfg.max_tokens
-        stop = (stop,) if isinstance(stop, str) else tuple(stop)
-        if not all(isinstance(x, str) for x in stop):
-            raise TypeError("stop must be strings")
+        stop = check_stop(stop)
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"prompt must be text (str), not {type(prompt).__name__}")
+        if messages is not None:
+            messages = check_messages(messages)
         sampling = SamplingConfig() if sampling is None else sampling
         if not isinstance(sampling, SamplingConfig):
             raise TypeError(f"sampling must be a SamplingConfig, not {type(sampling).__name__}")
@@ -301,18 +319,20 @@ class Engine:
             req._finish(refused)
             return req
         with self._cond:
-            if self._stopping:
-                req._finish(Result(ERROR, error="engine is shutting down"))
-                return req
             # queue_size counts requests waiting beyond those the free slots take next step
             free = sum(s.req is None for s in self.slots)
-            if len(self._queue) >= self.cfg.queue_size + free:
-                self._stats[BUSY] += 1
-                req._finish(Result(BUSY, prompt_tokens=len(req.prompt), retry_after=self._retry_hint(),
-                                   error="queue full; retry later"))
+            if self._stopping:
+                refused = Result(ERROR, prompt_tokens=len(req.prompt), error="engine is shutting down",
+                                 internal=True)
+            elif len(self._queue) >= self.cfg.queue_size + free:
+                refused = Result(BUSY, prompt_tokens=len(req.prompt), retry_after=self._retry_hint(),
+                                 error="queue full; retry later")
+            else:
+                self._queue.append(req)
+                self._cond.notify()
                 return req
-            self._queue.append(req)
-            self._cond.notify()
+            self._stats[refused.status] += 1
+        req._finish(refused)  # outside the lock: on_done is the caller's code
         return req
 
     def _prompt(self, req: Request, prompt: str | None, messages: list[dict[str, str]] | None,
@@ -333,17 +353,23 @@ class Engine:
                 refusal.prompt_tokens = len(ids)
                 return refusal
         else:
+            blank = _blank(prompt, messages)
+            if blank:
+                return Result(ERROR, error=blank)
             try:
+                chat = None
                 if messages is not None:
                     messages = self._within_reach(messages, limit, truncate)
                     if messages is None:
                         return refusal
-                    prompt = self.tokenizer.render_chat(messages)
-                ids = self.tokenizer.encode_within(prompt, limit)
+                    chat = self.tokenizer.chat_prompt(messages)
+                ids = self.tokenizer.encode_within(chat or prompt, limit)
                 if ids is None and truncate:
-                    ids = self.tokenizer.encode_ends(prompt, keep, limit - keep)
-            except BadText as e:
+                    ids = self.tokenizer.encode_ends(chat or prompt, keep, limit - keep)
+            except (BadText, ConversationRejected) as e:
                 return Result(ERROR, error=str(e))
+            except ModelError as e:  # the template failed on this conversation
+                return Result(ERROR, error=str(e), internal=True)
             if ids is None:
                 return refusal
         if not ids:
@@ -430,7 +456,10 @@ class Engine:
             t0 = time.monotonic()
             try:
                 with self._cond:
-                    self._drop_stale()
+                    stale = self._drop_stale()
+                for req, result in stale:  # outside the lock: on_done is the caller's code
+                    req._finish(result)
+                with self._cond:
                     admitted = self._admit()
                 for slot, shared in admitted:  # outside the lock: may re-rotate a cache
                     self._start(slot, shared)
@@ -439,25 +468,34 @@ class Engine:
                 log.exception("engine step failed")
                 for s in self.slots:
                     if s.req:
-                        self._end(s, Result(ERROR, error=f"internal error: {e}"))
+                        self._end(s, Result(ERROR, error=f"internal error: {e}", internal=True))
                     s.cache = []
             self._busy_time += time.monotonic() - t0
+        # What each request got so far is kept, as cancel() keeps it.
         for s in self.slots:
             if s.req:
-                self._end(s, Result(CANCELLED, error="engine shut down"))
-        while self._queue:
-            self._queue.popleft()._finish(Result(CANCELLED, error="engine shut down"))
-
-    def _drop_stale(self) -> None:
-        """Finish queued requests that were cancelled or ran out of time, at
-        once rather than when a slot frees (the queue is short: queue_size)."""
+                self._end(s, self._partial(s, CANCELLED, "engine shut down"))
         now = time.monotonic()
+        while self._queue:
+            req = self._queue.popleft()
+            self._count(CANCELLED)
+            req._finish(Result(CANCELLED, prompt_tokens=len(req.prompt), queued_s=now - req.created,
+                               error="engine shut down"))
+
+    def _drop_stale(self) -> list[tuple[Request, Result]]:
+        """Take out queued requests that were cancelled or ran out of time, to
+        finish at once rather than when a slot frees (the queue is short:
+        queue_size); returns each with its result."""
+        now = time.monotonic()
+        stale = []
         for req in [r for r in self._queue if r.cancelled or now > r.deadline]:
             self._queue.remove(req)
             status = CANCELLED if req.cancelled else TIMEOUT
             self._stats[status] += 1
-            req._finish(Result(status, prompt_tokens=len(req.prompt), queued_s=now - req.created,
-                               error="cancelled while queued" if req.cancelled else "timed out in queue"))
+            stale.append((req, Result(status, prompt_tokens=len(req.prompt), queued_s=now - req.created,
+                                      error="cancelled while queued" if req.cancelled
+                                      else "timed out in queue")))
+        return stale
 
     def _admit(self) -> list[tuple[Slot, int]]:
         """Move queued requests into free slots, preferring the slot whose
@@ -575,7 +613,9 @@ class Engine:
                 self._next_token(s, row)
             except Exception as e:  # its sampler or on_text callback: that request alone ends
                 log.exception("request %s failed", s.req.id)
-                self._end(s, self._partial(s, ERROR, f"request failed: {e}"))
+                result = self._partial(s, ERROR, f"request failed: {e}")
+                result.internal = True  # its sampler or callback, not its text
+                self._end(s, result)
         if len(tokens) == len(decoding):
             self._decode_time += time.monotonic() - t0
             self._decode_tokens += len(tokens)
@@ -628,6 +668,17 @@ class Engine:
         req._finish(result)
 
 
+def _blank(prompt: str | None, messages: list[dict[str, str]] | None) -> str | None:
+    """Why a prompt or conversation leaves nothing to answer, if it does."""
+    if prompt is not None:
+        return None if prompt.strip() else "the prompt is empty"
+    if not messages:
+        return "the prompt is empty: no messages"
+    if not messages[-1]["content"].strip():
+        return f"the prompt is empty: the last message ({len(messages) - 1}) is blank"
+    return None
+
+
 def load_and_plan(cfg: EngineConfig) -> tuple[LoadedModel, MemoryPlan]:
     """Load the model's metadata and tokenizer, measuring what they cost, and
     make the engine's memory plan: within the budget if there is one, else as
@@ -635,9 +686,11 @@ def load_and_plan(cfg: EngineConfig) -> tuple[LoadedModel, MemoryPlan]:
     limit_malloc_arenas()
     interpreter = current_rss()
     model = load_model(model_or_default(cfg.model))
-    model.tokenizer()
-    # Metadata and vocabulary: all that loading holds besides the weights,
-    # whose mapped pages are not touched until the first token.
+    # A failing or hostile chat template refuses the model here; and Jinja,
+    # which it loads, is measured with the tokenizer.
+    model.tokenizer().check_chat_template()
+    # Metadata, vocabulary and template: all that loading holds besides the
+    # weights, whose mapped pages are not touched until the first token.
     tokenizer = max(0, current_rss() - interpreter)
     fixed = Fixed(model.config, cfg.memory_budget or 0, model.path.stat().st_size, interpreter,
                   tokenizer, cfg.threads, cfg.max_batch, cfg.queue_size, cfg.max_tokens)

@@ -19,15 +19,16 @@ from __future__ import annotations
 import codecs
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Protocol
 
 from gguf import Keys, TokenType
 
-from .chat_template import render_chat
+from .chat_template import ConversationRejected, render_chat
 from .errors import BadText, ModelError, UnsupportedModel
+from .formats import MetaKind, metadata_value
 
 K = Keys.Tokenizer
 
@@ -38,6 +39,8 @@ EOG_TEXTS = frozenset({
     "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
 })
 
+# How a BYTE token's text spells its byte.
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # llama.cpp shows an unknown token as this block character.
 UNKNOWN_PIECE = "\u2585".encode()
 # A long text is measured in spans of about this many characters, so that
@@ -108,12 +111,12 @@ class Vocab:
 
 
 def _token_id(meta: Mapping[str, Any], key: str, n_vocab: int, source: str) -> int | None:
-    value = meta.get(key)
+    value = metadata_value(meta, key, MetaKind.INT, source)
     if value is None:
         return None
-    if not 0 <= int(value) < n_vocab:
+    if not 0 <= value < n_vocab:
         raise ModelError(f"{source}: {key} = {value} is outside the vocabulary (0..{n_vocab - 1})")
-    return int(value)
+    return value
 
 
 def _eog_ids(meta: Mapping[str, Any], tokens: list[str], source: str) -> frozenset[int]:
@@ -124,43 +127,53 @@ def _eog_ids(meta: Mapping[str, Any], tokens: list[str], source: str) -> frozens
 
 
 def parse_vocab(meta: Mapping[str, Any], source: str = "model") -> Vocab:
-    """Check and collect the tokenizer metadata (keys as gguf-py names them)."""
-    model = meta.get(K.MODEL)
+    """Check and collect the tokenizer metadata (keys as gguf-py names them).
+
+    Each value must be of the kind llama.cpp reads it as; arrays' lengths are
+    checked before their items are built (a GGUFFile leaves them in the map)."""
+    def get(key: str, kind: MetaKind, **kw: Any) -> Any:
+        return metadata_value(meta, key, kind, source, **kw)
+
+    model = get(K.MODEL, MetaKind.TEXT)
     if model is None:
         raise ModelError(f"{source}: {K.MODEL} is missing")
     if model not in ("gpt2", "llama"):
         raise UnsupportedModel(f"{source}: tokenizer model {model!r} is not supported "
                                f"(supported: gpt2, llama)")
-    tokens = list(meta.get(K.LIST) or [])
+    tokens = get(K.LIST, MetaKind.TEXTS)
     if not tokens:
         raise ModelError(f"{source}: {K.LIST} is missing or empty")
     n = len(tokens)
-    types = [int(t) for t in meta.get(K.TOKEN_TYPE) or [TokenType.NORMAL] * n]
-    scores = meta.get(K.SCORES)
+    types = get(K.TOKEN_TYPE, MetaKind.INTS)
+    scores = get(K.SCORES, MetaKind.NUMBERS)
     for key, values in ((K.TOKEN_TYPE, types), (K.SCORES, scores)):
         if values is not None and len(values) != n:
             raise ModelError(f"{source}: {key} has {len(values)} entries for {n} tokens")
+    tokens = list(tokens)
+    types = list(types) if types is not None else [TokenType.NORMAL] * n
     valid_types = {int(t) for t in TokenType}
     bad = next((t for t in types if t not in valid_types), None)
     if bad is not None:
         raise ModelError(f"{source}: {K.TOKEN_TYPE} holds {bad}, not a token type")
+    bad = next((t for t, ty in zip(tokens, types) if ty == TokenType.BYTE and not BYTE_TOKEN.fullmatch(t)), None)
+    if bad is not None:
+        raise ModelError(f"{source}: byte token {bad!r} is not written <0xXX>")
     # llama.cpp refuses a gpt2 vocabulary without merges, but gguf-py's writer
     # drops an empty array, so "no merges" (byte-level tokens only) reads as missing.
-    merges = meta.get(K.MERGES)
-    add_bos = meta.get(K.ADD_BOS)
+    merges = get(K.MERGES, MetaKind.TEXTS)
     return Vocab(
         model=model, tokens=tokens, types=types,
         scores=[float(s) for s in scores] if scores is not None else None,
         merges=list(merges) if merges is not None else None,
-        pre=meta.get(K.PRE) or "default",
+        pre=get(K.PRE, MetaKind.TEXT) or "default",
         bos_id=_token_id(meta, K.BOS_ID, n, source),
         eos_id=_token_id(meta, K.EOS_ID, n, source),
         unk_id=_token_id(meta, K.UNK_ID, n, source),
         eog_ids=_eog_ids(meta, tokens, source),
-        add_bos=None if add_bos is None else bool(add_bos),
+        add_bos=get(K.ADD_BOS, MetaKind.BOOL),
         # llama.cpp's default: SentencePiece vocabularies prefix a space.
-        add_space_prefix=bool(meta.get(K.ADD_PREFIX, model == "llama")),
-        chat_template=meta.get(K.CHAT_TEMPLATE) or None,
+        add_space_prefix=get(K.ADD_PREFIX, MetaKind.BOOL, default=model == "llama"),
+        chat_template=get(K.CHAT_TEMPLATE, MetaKind.TEXT) or None,
         source=source,
     )
 
@@ -340,6 +353,37 @@ def _token_bytes(text: str, ttype: int, backend: _Backend) -> bytes:
 
 # ---------------------------------------------------------------- the tokenizer
 
+def _check_utf8(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # surrogates: undecodable bytes from argv or stdin
+        ch = ord(text[e.start])
+        what = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"U+{ch:04X}"
+        raise BadText(f"the text is not valid UTF-8 ({what})") from None
+
+
+# In a rendered chat, a control-token text that came from a message stands as
+# a mark: its index in ChatPrompt.literals between these private-use characters.
+MARK_OPEN, MARK_CLOSE = "\ue000", "\ue001"
+_MARK = re.compile(f"{MARK_OPEN}(\\d{{1,9}}){MARK_CLOSE}")
+# Rendered when a model loads, so that a template that fails or costs too much refuses it then.
+PROBE_CHAT = [{"role": "user", "content": "How do I reset the pump?"},
+              {"role": "assistant", "content": "Switch it off, wait ten seconds, switch it on."},
+              {"role": "user", "content": "And if it still fails?"}]
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation rendered with the chat template, to be tokenized so that
+    only the template's own markup makes control tokens: every control-token
+    text the messages held (a user typing `<|im_end|>`) is marked in `text`
+    and tokenized as the plain text it is, as encode(special=False) would."""
+
+    text: str
+    literals: tuple[str, ...]  # what each mark stands for
+    chars: int                 # the length of the text with the marks' literals in place
+
+
 def _spans(text: str) -> Iterable[tuple[int, int]]:
     """(start, end) of consecutive spans of about SPAN_CHARS, cut before a
     space or newline where there is one, so that words stay whole."""
@@ -374,6 +418,12 @@ class Tokenizer:
         self._strip_run_space = vocab.model == "llama" and vocab.add_space_prefix
         self._run_breaks = frozenset(i for i, t in enumerate(vocab.types)
                                      if t in (TokenType.CONTROL, TokenType.USER_DEFINED))
+        self._control_ids = {vocab.tokens[i]: i for i in sorted(self._controls)}  # a duplicate's last id
+        # Finds the markup's control tokens in a rendered chat; and what a message's
+        # fields have marked: their control-token texts, and the mark character,
+        # so that no text can pass for a mark.
+        self._control_split = _special_splitter(list(self._control_ids))
+        self._to_mark = _special_splitter([*self._control_ids, MARK_OPEN])
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], source: str = "model") -> Tokenizer:
@@ -416,18 +466,42 @@ class Tokenizer:
         """Token ids of `text`. BOS is prepended if the model asks for it, unless
         `add_bos` says otherwise; with special=False, special-token markup such
         as <|im_start|> is tokenized as plain text."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # surrogates: undecodable bytes from argv or stdin
-            ch = ord(text[e.start])
-            what = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"U+{ch:04X}"
-            raise BadText(f"the text is not valid UTF-8 ({what})") from None
-        ids = self._backend.encode(text, special)
+        _check_utf8(text)
+        return self._with_bos(self._backend.encode(text, special), add_bos)
+
+    def _with_bos(self, ids: list[int], add_bos: bool | None) -> list[int]:
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_id is None:
                 raise ModelError(f"{self.vocab.source}: BOS requested but the model has no BOS token")
             ids.insert(0, self.bos_id)
         return ids
+
+    def _encode_chat(self, text: str, literals: tuple[str, ...], add_bos: bool | None = None) -> list[int]:
+        """The ids of a ChatPrompt's text, or of a piece of it: the markup's
+        control tokens, and each run of text between them, marks spelled out,
+        tokenized as plain text (as the run is tokenized by encode())."""
+        if not literals:  # no message held control-token text: exactly encode()
+            return self.encode(text, add_bos)
+        _check_utf8(text)
+
+        def spelled(m: re.Match[str]) -> str:
+            k = int(m[1])
+            return literals[k] if k < len(literals) else m[0]
+
+        ids: list[int] = []
+        parts = self._control_split.split(text) if self._control_split else [text]
+        for i, part in enumerate(parts):  # control tokens at odd indices
+            if i % 2:
+                ids.append(self._control_ids[part])
+            elif part:
+                ids += self._backend.encode(_MARK.sub(spelled, part), special=False)
+        return self._with_bos(ids, add_bos)
+
+    def _encoder(self, prompt: str | ChatPrompt) -> tuple[str, int, Callable[[str, bool | None], list[int]]]:
+        """A prompt's text, the length it is tokenized as, and how to tokenize pieces of it."""
+        if isinstance(prompt, ChatPrompt):
+            return prompt.text, prompt.chars, lambda s, bos: self._encode_chat(s, prompt.literals, bos)
+        return prompt, len(prompt), lambda s, bos: self.encode(s, bos)
 
     @cached_property
     def max_token_bytes(self) -> int | None:
@@ -449,36 +523,39 @@ class Tokenizer:
         return self.surely_over(sum(len(c) for m in messages if isinstance(c := m.get("content"), str)),
                                 limit)
 
-    def encode_within(self, text: str, limit: int) -> list[int] | None:
-        """The ids of `text` (BOS as encode() adds it) if there are at most
+    def encode_within(self, prompt: str | ChatPrompt, limit: int) -> list[int] | None:
+        """The ids of `prompt` (BOS as encode() adds it) if there are at most
         `limit`, else None; a text far over is found so by its length, or
         span by span, without being tokenized whole."""
-        if self.surely_over(len(text), limit):
+        text, chars, encode = self._encoder(prompt)
+        if self.surely_over(chars, limit):
             return None
         if len(text) > SPAN_CHARS:
             n = 0
             for a, b in _spans(text):
-                n += len(self.encode(text[a:b], add_bos=False))
+                n += len(encode(text[a:b], False))
                 if n > 2 * limit:  # far beyond what cuts between spans could add
                     return None
-        ids = self.encode(text)
+        ids = encode(text, None)
         return ids if len(ids) <= limit else None
 
-    def encode_ends(self, text: str, head: int, tail: int) -> list[int]:
-        """The first `head` and the last `tail` ids of a text too long to
+    def encode_ends(self, prompt: str | ChatPrompt, head: int, tail: int) -> list[int]:
+        """The first `head` and the last `tail` ids of a prompt too long to
         keep whole, tokenizing only its two ends."""
-        ids = self.encode(text[:self._reach(text, head, from_end=False)])[:head] if head else []
+        text, _, encode = self._encoder(prompt)
+        ids = encode(text[:self._reach(text, head, False, encode)], None)[:head] if head else []
         if tail:
-            ids += self.encode(text[self._reach(text, tail, from_end=True):], add_bos=False)[-tail:]
+            ids += encode(text[self._reach(text, tail, True, encode):], False)[-tail:]
         return ids
 
-    def _reach(self, text: str, n: int, from_end: bool) -> int:
+    def _reach(self, text: str, n: int, from_end: bool,
+               encode: Callable[[str, bool | None], list[int]]) -> int:
         """Where to cut the text so that its first (or last) whole spans hold
         n tokens and END_MARGIN more."""
         spans = list(_spans(text))
         total = 0
         for a, b in reversed(spans) if from_end else spans:
-            total += len(self.encode(text[a:b], add_bos=False))
+            total += len(encode(text[a:b], False))
             if total >= n + END_MARGIN:
                 return a if from_end else b
         return 0 if from_end else len(text)
@@ -504,6 +581,33 @@ class Tokenizer:
         return render_chat(self.vocab.chat_template, messages, add_generation_prompt,
                            bos_token=tokens[self.bos_id] if self.bos_id is not None else "",
                            eos_token=tokens[self.eos_id] if self.eos_id is not None else "")
+
+    def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> ChatPrompt:
+        """`messages` rendered for encode_within() and encode_ends(): a message
+        (its content, role, any field of text) never makes a control token;
+        only the template's own markup does."""
+        literals: list[str] = []
+
+        def mark(m: re.Match[str]) -> str:
+            literals.append(m[0])
+            return f"{MARK_OPEN}{len(literals) - 1}{MARK_CLOSE}"
+
+        marked = [{k: self._to_mark.sub(mark, v) if isinstance(v, str) else v for k, v in m.items()}
+                  for m in messages]
+        text = self.render_chat(marked, add_generation_prompt)
+        chars = len(text) + sum(len(literals[int(m[1])]) - len(m[0]) for m in _MARK.finditer(text)
+                                if int(m[1]) < len(literals))
+        return ChatPrompt(text, tuple(literals), chars)
+
+    def check_chat_template(self) -> None:
+        """Render PROBE_CHAT: a template that fails, or costs more than a render
+        may, raises ModelError here, when the model loads, not at a question."""
+        try:
+            self.chat_prompt(PROBE_CHAT)
+        except ConversationRejected:
+            pass  # it wants conversations of another shape: real ones will tell
+        except ModelError as e:
+            raise ModelError(f"{self.vocab.source}: {e}") from None
 
     def _piece(self, token_id: int, special: bool, run_start: bool) -> tuple[bytes, bool]:
         """A token's bytes in context, and whether the next token starts a text run.

@@ -202,7 +202,8 @@ def _demo(cfg, stop: threading.Event) -> None:
 @click.option("--device", default="cli", show_default=True, help="The device id to ask as.")
 @click.option("--stream", is_flag=True, help="Print the answer as it is generated.")
 @click.option("--max-tokens", type=click.IntRange(1, p.MAX_TOKENS), default=None)
-@click.option("--temperature", type=click.FloatRange(0, p.MAX_TEMPERATURE), default=None)
+@click.option("--temperature", type=click.FloatRange(0, p.MAX_TEMPERATURE), default=None,
+              help=f"0 (greedy) or {p.MIN_TEMPERATURE:g} to {p.MAX_TEMPERATURE:g}.")
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--mqtt311", is_flag=True, help="Speak MQTT 3.1.1 with the JSON envelope, as small firmware does.")
 @click.option("--timeout", type=click.FloatRange(0.1, 3600), default=120.0, show_default=True)

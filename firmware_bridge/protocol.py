@@ -30,7 +30,7 @@ MAX_DEVICE_ID = 64
 MAX_MESSAGES = 64                # chat messages in one question
 MAX_DEPTH = 4                    # JSON nesting: {"messages": [{"role": ...}]} is 3
 MAX_TOKENS = 4096                # the engine clamps further to its configured max_tokens
-MAX_TEMPERATURE = 5.0
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 5.0  # or 0, greedy; below, sampling is greedy in all but name
 MAX_SEED = 2**63 - 1
 MAX_TTL_S = 7 * 24 * 3600
 MAX_TOPIC = 256                  # characters of a response topic
@@ -256,10 +256,10 @@ def parse_question(payload: bytes, device: str, *, now: float, max_payload: int 
     q.stream = stream
     temperature = obj.get("temperature")
     if temperature is not None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not 0 <= temperature <= MAX_TEMPERATURE:
-            raise BadRequest(f"temperature must be a number from 0 to {MAX_TEMPERATURE}, "
-                             f"not {temperature!r}", rid)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+                temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+            raise BadRequest(f"temperature must be 0 (greedy) or a number from {MIN_TEMPERATURE:g} "
+                             f"to {MAX_TEMPERATURE:g}, not {temperature!r}", rid)
         q.temperature = float(temperature)
     ttl = obj.get("ttl_s")
     if ttl is not None:

@@ -561,8 +561,7 @@ class Service:
         status = {eng.OK: p.OK, eng.BUSY: p.BUSY, eng.TOO_LONG: p.TOO_LONG, eng.TIMEOUT: p.TIMEOUT,
                   eng.CANCELLED: p.CANCELLED}.get(r.status)
         if status is None:  # the engine's ERROR: the question's fault, or ours
-            internal = (r.error or "").startswith(("internal error", "request failed"))
-            status = p.INTERNAL if internal else p.BAD_REQUEST
+            status = p.INTERNAL if r.internal else p.BAD_REQUEST
         if status == p.TIMEOUT and not r.tokens and q.expires_at and time.time() >= q.expires_at:
             status = p.EXPIRED
         waited = flight.submitted - q.received_at  # before the engine saw it

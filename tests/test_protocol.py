@@ -72,6 +72,7 @@ def test_mqtt5_properties_win_and_the_shorter_life_counts():
     ({"id": "a", "question": "x", "stream": "yes"}, "stream"),
     ({"id": "a", "question": "x", "temperature": -1}, "temperature"),
     ({"id": "a", "question": "x", "temperature": 1e9}, "temperature"),
+    ({"id": "a", "question": "x", "temperature": 1e-5}, "temperature"),
     ({"id": "a", "question": "x", "seed": -1}, "seed"),
     ({"id": "a", "question": "x", "ttl_s": 0}, "ttl_s"),
     ({"id": "a", "question": "x", "ttl_s": "soon"}, "ttl_s"),

@@ -1,14 +1,22 @@
-"""The sampler and the text stream: choices, seeds, penalties, stop strings."""
+"""The sampler and the text stream: choices, seeds, penalties, stop strings;
+no valid setting makes NaN, and no stop string makes a token cost more than
+its characters."""
 
 from __future__ import annotations
 
+import re
+import time
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from reference import GenerationConfig, generate
 
 from edge_slm.generate import TextStream
 from edge_slm.model import RuntimeOptions, load_model
-from edge_slm.sampler import Sampler, SamplingConfig
+from edge_slm.sampler import REPEAT_PENALTY_RANGE, TEMPERATURE_RANGE, Sampler, SamplingConfig
 
 
 def logits(*values: float) -> np.ndarray:
@@ -66,6 +74,30 @@ def test_bad_settings_are_refused(bad):
         SamplingConfig(**bad)
 
 
+@pytest.mark.parametrize("bad", [dict(temperature=1e-310), dict(temperature=5e-324), dict(temperature=1e-4),
+                                 dict(temperature=1e6), dict(repeat_penalty=1e-300), dict(repeat_penalty=1e300)])
+def test_absurd_settings_are_refused_in_one_line(bad):
+    (name, value), = bad.items()
+    with pytest.raises(ValueError, match=f"^{name} must be [^\n]*, got {re.escape(f'{value:g}')}$"):
+        SamplingConfig(**bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(config=st.builds(SamplingConfig,
+                        temperature=st.one_of(st.just(0.0), st.floats(*TEMPERATURE_RANGE)),
+                        top_k=st.integers(0, 80), top_p=st.floats(0, 1, exclude_min=True),
+                        repeat_penalty=st.floats(*REPEAT_PENALTY_RANGE), repeat_last_n=st.integers(0, 64),
+                        seed=st.integers(0, 2**32)),
+       values=arrays(np.float32, st.integers(1, 64),
+                     elements=st.floats(width=32, allow_nan=False, allow_infinity=False)),
+       history=st.lists(st.integers(0, 10**6), max_size=80))
+def test_no_valid_setting_and_finite_logits_make_nan(config, values, history):
+    history = [h % len(values) for h in history]
+    with np.errstate(over="raise", invalid="raise"):  # an inf or a NaN anywhere fails
+        token = Sampler(config).sample(values, history)
+    assert 0 <= token < len(values)
+
+
 class Letters:
     """A stand-in tokenizer whose token i is the i-th character of a string."""
 
@@ -98,6 +130,32 @@ def test_stream_releases_a_false_alarm():
     stream = TextStream(Letters(text), stop=["<END>"])
     shown = "".join(stream.feed(i) for i in range(len(text))) + stream.flush()
     assert shown == text and not stream.stopped
+
+
+def test_a_long_stop_string_costs_each_token_its_characters_only():
+    stop = "ab" * 50_000
+    text = "ab" * 300 + "a" * 400  # held back while it may still become the stop string
+    stream = TextStream(Letters(text), stop=[stop, stop[::-1]])
+    start = time.monotonic()
+    shown = "".join(stream.feed(i) for i in range(len(text))) + stream.flush()
+    assert shown == text and not stream.stopped
+    assert time.monotonic() - start < 0.5  # quadratic in the stop string, it took hours
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text("ab", max_size=30), stops=st.lists(st.text("ab", min_size=1, max_size=5), max_size=3))
+def test_stream_ends_where_the_first_stop_string_ends_and_shows_none_of_it(text, stops):
+    stream = TextStream(Letters(text), stop=stops)
+    shown = ""
+    for i in range(len(text)):
+        shown += stream.feed(i)
+        if stream.stopped:
+            break
+    shown += stream.flush()
+    found = [(text.find(s) + len(s), text.find(s)) for s in stops if s in text]
+    # the stop string that ends first; of those ending together, the longest
+    assert shown == (text[:min(found)[1]] if found else text)
+    assert stream.stopped == bool(found)
 
 
 def test_generate_stops_on_stop_string_and_streams_the_same_text(tiny_model):

@@ -44,6 +44,7 @@ class TinySpec:
     arch: str = "llama"
     seed: int = 0
     down_type: str | None = None  # another type for ffn_down, e.g. "Q6_K" (random bytes)
+    chat_template: str = CHATML
 
 
 def write_tiny_model(path: Path, spec: TinySpec = TinySpec()) -> Path:
@@ -69,7 +70,7 @@ def write_tiny_model(path: Path, spec: TinySpec = TinySpec()) -> Path:
     w.add_bos_token_id(256)
     w.add_eos_token_id(256 + SPECIALS.index("<|im_end|>"))
     w.add_add_bos_token(False)
-    w.add_chat_template(CHATML)
+    w.add_chat_template(spec.chat_template)
 
     def matrix(name: str, rows: int, cols: int, qtype: str, scale: float) -> None:
         data = (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
