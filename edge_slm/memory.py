@@ -1,14 +1,36 @@
 """The memory plan: how many conversations (slots) and how much context fit
 in a budget, counting everything the process holds.
 
-Measured, not guessed: the interpreter's own resident size is read from
-/proc when the plan is made, the tokenizer's cost by building it, and the
-C side reports the exact bytes of its KV cache and run state. The weights
-are memory-mapped and counted as resident, because decoding touches every
-page of them for every token."""
+The budget bounds the resident size (VmRSS) of the whole process, and the
+plan counts each part of it:
+
+  interpreter      resident before the model is read: Python, numpy, our
+                   modules and the libraries loaded so far (measured)
+  metadata and     what reading the metadata and building the tokenizer left
+  tokenizer        resident: the metadata, the vocabulary, the tokenizers
+                   library and its tables (measured)
+  weights          the whole mapped file: decoding touches every page of it
+                   for every token
+  run state        activations, quantized copies, logits rows (exact, from C)
+  KV cache         slots x context (exact, from C)
+  requests         each queued or running request: its objects, its prompt's
+                   token ids, its answer and the pieces streamed to its caller
+  callers          up to SUBMITTERS threads submitting at once: each one's
+                   stack and state, and the tokenizer's work memory while it
+                   encodes a prompt on that thread (encodes run in parallel,
+                   outside the GIL)
+  headroom         allocator slack and fragmentation, the engine's own
+                   per-step objects
+
+What it does not cover: memory a caller holds itself (its prompt text
+before submit() returns, results it keeps), and more than SUBMITTERS
+threads submitting at the same moment. Sizes beyond MAX_CTX tokens,
+MAX_QUEUE waiting requests or a plan of MAX_PLAN bytes are refused as
+typos, not planned."""
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import re
 from dataclasses import dataclass
@@ -17,9 +39,20 @@ from .errors import EdgeSlmError
 from .formats import KV_TYPES
 
 MIB = 1024 * 1024
-# Python objects per request, thread stacks touched, allocator slack: kept
-# free so the ceiling holds under traffic, not only at start.
+# Allocator slack and the engine's per-step objects (a logits copy per
+# sampled row, pieces of text): kept free so the ceiling holds under
+# traffic, not only at start. Measured: one caller at a time ends ~10 MiB
+# above the rest of the plan.
 HEADROOM = 16 * MIB
+# Threads the plan holds submitting at once, and what each costs: its stack
+# and state (~25 KiB touched), per-thread allocator caches, and its share of
+# the tokenizer's work memory (~300-900 bytes a character of the text being
+# encoded, 1-4 MiB for one span of tokenizer.SPAN_CHARS). Measured: 50 threads
+# submitting together held ~230 KiB each beyond one thread's use.
+SUBMITTERS = 64
+SUBMITTER_BYTES = 256 * 1024
+# A request's own objects: events, its stream queue, its sampler's generator (~5 KiB).
+REQUEST_BYTES = 8 * 1024
 # Contexts are planned in steps of this many tokens.
 CTX_STEP = 256
 # Token ids held per request: 4 bytes in a queued request's array; in a
@@ -30,6 +63,11 @@ SLOT_ID_BYTES = 44
 # piece in the stream queue until the caller reads it (~70); measured at
 # ~100 for English and ~130 for Chinese, with the result's copy of the ids.
 ANSWER_TOKEN_BYTES = 160
+# Beyond these a setting is a typo on any board: a context (the CLI's --ctx
+# stops here too), waiting requests, a plan's total.
+MAX_CTX = 1 << 20
+MAX_QUEUE = 4096
+MAX_PLAN = 1 << 40
 
 
 class BudgetError(EdgeSlmError):
@@ -105,7 +143,8 @@ class MemoryPlan:
     n_slots: int
     n_ctx: int
     kv_type: str
-    requests: int = 0  # token ids of queued and running requests, and their answers
+    requests: int = 0  # queued and running requests: objects, token ids, answers
+    callers: int = 0   # threads submitting at once, and their tokenizing
 
     @property
     def kv_cache(self) -> int:
@@ -114,12 +153,12 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return (self.interpreter + self.tokenizer + self.weights + self.run_state + self.kv_cache
-                + self.requests + self.headroom)
+                + self.requests + self.callers + self.headroom)
 
     def as_dict(self) -> dict[str, int | str]:
         return {"budget": self.budget, "interpreter": self.interpreter, "tokenizer": self.tokenizer,
                 "weights": self.weights, "run_state": self.run_state, "kv_cache": self.kv_cache,
-                "requests": self.requests,
+                "requests": self.requests, "callers": self.callers,
                 "headroom": self.headroom, "total": self.total, "n_slots": self.n_slots,
                 "n_ctx": self.n_ctx, "kv_type": self.kv_type}
 
@@ -128,6 +167,7 @@ class MemoryPlan:
                 ("weights (mapped)", self.weights), ("run state", self.run_state),
                 (f"KV cache {self.n_slots} x {self.n_ctx} ({self.kv_type})", self.kv_cache),
                 ("requests and their answers", self.requests),
+                (f"callers ({SUBMITTERS} threads submitting)", self.callers),
                 ("headroom", self.headroom), ("total", self.total)]
         if self.budget:
             rows.append(("budget", self.budget))
@@ -144,6 +184,11 @@ DEFAULT_CTX = 2048  # positions per slot unless asked otherwise: room for a manu
 def default_ctx(trained: int, asked: int | None = None) -> int:
     """The context a slot gets: as asked, else DEFAULT_CTX, never past what the model was trained for."""
     return min(asked or DEFAULT_CTX, trained)
+
+
+def check_ctx(n_ctx: int) -> None:
+    if n_ctx > MAX_CTX:
+        raise EdgeSlmError(f"a context of {n_ctx} tokens is more than {MAX_CTX}")
 
 
 @dataclass(frozen=True)
@@ -163,15 +208,27 @@ class Fixed:
     def plan(self, n_slots: int, n_ctx: int, kv_type: str) -> MemoryPlan:
         from . import _core  # here, so reading RSS alone (bench children) loads no extension
 
+        check_ctx(n_ctx)
+        if self.queue_size > MAX_QUEUE:
+            raise EdgeSlmError(f"a queue of {self.queue_size} requests is more than {MAX_QUEUE}")
         kv, state = _core.model_bytes(self.cfg.core(), n_slots=1, n_ctx=n_ctx,
                                       max_batch=self.max_batch, n_threads=self.n_threads,
                                       kv_type=int(KV_TYPES[kv_type]))
         logits = n_slots * self.cfg.vocab * 4  # one row per slot per step
         # the free slots' next requests queue too, beyond queue_size
+        held = self.queue_size + 2 * n_slots
         requests = (n_ctx * ((self.queue_size + n_slots) * QUEUED_ID_BYTES + n_slots * SLOT_ID_BYTES)
-                    + n_slots * self.max_tokens * ANSWER_TOKEN_BYTES)
-        return MemoryPlan(self.budget, self.interpreter, self.tokenizer, self.weights,
-                          state + logits, kv, HEADROOM, n_slots, n_ctx, kv_type, requests)
+                    + n_slots * self.max_tokens * ANSWER_TOKEN_BYTES + held * REQUEST_BYTES)
+        plan = MemoryPlan(self.budget, self.interpreter, self.tokenizer, self.weights,
+                          state + logits, kv, HEADROOM, n_slots, n_ctx, kv_type, requests,
+                          SUBMITTERS * SUBMITTER_BYTES)
+        if plan.total > MAX_PLAN:
+            part, size = max((("KV cache", plan.kv_cache), ("run state", plan.run_state),
+                              ("requests and their answers", plan.requests)), key=lambda p: p[1])
+            raise EdgeSlmError(f"{n_slots} slot(s) x {n_ctx} tokens would need {plan.total / MIB:.0f} MiB "
+                               f"({part} {size / MIB:.0f} MiB), more than any device has; "
+                               f"check slots, ctx, queue_size and max_tokens")
+        return plan
 
 
 def plan_memory(fixed: Fixed, *, kv_type: str = "f16", slots: int | None = None,
@@ -182,16 +239,19 @@ def plan_memory(fixed: Fixed, *, kv_type: str = "f16", slots: int | None = None,
     would need."""
     want_slots = slots or 4
     want_ctx = default_ctx(fixed.cfg.context_length, ctx)
+    check_ctx(want_ctx)  # before listing the contexts below it
     min_ctx = min(min_ctx, want_ctx)
     contexts = [want_ctx] + [c for c in range(want_ctx - want_ctx % CTX_STEP, min_ctx - 1, -CTX_STEP)
                              if min_ctx <= c < want_ctx]
     if contexts[-1] != min_ctx:
         contexts.append(min_ctx)
+    contexts.sort()
     for n_slots in range(want_slots, 0, -1):
-        for n_ctx in contexts:
-            plan = fixed.plan(n_slots, n_ctx, kv_type)
-            if plan.total <= fixed.budget:
-                return plan
+        # a plan grows with its context: the longest that fits, found by bisection
+        fit = bisect.bisect_left(contexts, True,
+                                 key=lambda c, n=n_slots: fixed.plan(n, c, kv_type).total > fixed.budget)
+        if fit:
+            return fixed.plan(n_slots, contexts[fit - 1], kv_type)
     need = fixed.plan(1, min_ctx, kv_type)
     hint = ""
     if kv_type != "q8_0":
@@ -199,7 +259,7 @@ def plan_memory(fixed: Fixed, *, kv_type: str = "f16", slots: int | None = None,
     parts = ", ".join(f"{name} {n / MIB:.0f}" for name, n in (
         ("weights", need.weights), ("interpreter", need.interpreter), ("tokenizer", need.tokenizer),
         ("KV", need.kv_cache), ("run state", need.run_state), ("requests and answers", need.requests),
-        ("headroom", need.headroom)))
+        ("callers", need.callers), ("headroom", need.headroom)))
     answers = fixed.max_tokens * ANSWER_TOKEN_BYTES
     if answers > need.kv_cache:
         hint += f"; answers of up to {fixed.max_tokens} tokens (max_tokens) take {answers / MIB:.0f} MiB a slot"

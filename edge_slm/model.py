@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 
 from . import _core
 from .errors import EdgeSlmError, ModelError, UnsupportedModel
-from .formats import KV_TYPES, WEIGHT_TYPES, TensorType, row_bytes
+from .formats import KV_TYPES, WEIGHT_TYPES, MetaKind, TensorType, metadata_value, row_bytes
 from .memory import release_free_memory
 
 log = logging.getLogger(__name__)
@@ -62,25 +63,81 @@ class TensorView:
         return int(self.data.nbytes)
 
 
+# Beyond these a header's count is a lie, or a file no board could run: a
+# Llama model has 9 tensors a block (the C side takes at most 1024 blocks)
+# and some tens of metadata keys; no key the loader reads is an array of
+# arrays, and the format's own arrays of arrays are shallow.
+MAX_TENSORS = 1 << 14
+MAX_METADATA_KEYS = 1 << 12
+MAX_ARRAY_DEPTH = 4
+# The C side takes sizes and counts as 32-bit ints and epsilons as float32.
+INT32_MAX = (1 << 31) - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class MetadataArray:
+    """A metadata array left in the memory map until it is read.
+
+    Its length and item type are known, and its extent checked against the
+    file, without its items being built: a vocabulary of any size claimed
+    costs nothing until its length has been checked against the tensors."""
+
+    def __init__(self, where: str, item_type: type, count: int, read: Callable[[], list[Any]]):
+        self.where = where          # "file: metadata key", for messages
+        self.item_type = item_type  # str, int, float, bool, or list for an array of arrays
+        self._count = count
+        self._read = read
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.read())
+
+    def read(self) -> list[Any]:
+        """The items, built now as one list."""
+        try:
+            return self._read()
+        except UnicodeDecodeError as e:
+            raise ModelError(f"{self.where} holds a string that is not UTF-8 ({e.reason})") from None
+
+
 @functools.cache
 def _lean_reader_class() -> type:
     import gguf  # imported here so `edge-slm --help` stays fast
 
-    STRING, ARRAY = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
+    V = gguf.GGUFValueType
+    STRING, ARRAY = V.STRING, V.ARRAY
+    ITEM_TYPES = {STRING: str, ARRAY: list, V.BOOL: bool, V.FLOAT32: float, V.FLOAT64: float}
 
     class LeanReader(gguf.GGUFReader):
-        """gguf-py's reader with metadata arrays decoded straight to Python lists.
+        """gguf-py's reader, leaving metadata arrays in the map and checking
+        the header's counts against the file before anything is sized by them.
 
         The stock reader keeps a numpy view per element of every metadata
         array (two per string): ~160 MB for a 49k-token vocabulary and its
-        merges, more than a whole 256 MB budget leaves. Here each array
-        becomes one list as the header is walked; gguf-py still reads the
-        scalars, the tensor descriptions and the tensor data."""
+        merges, more than a whole 256 MB budget leaves. Here an array is
+        walked to find its end and kept as a MetadataArray, built into one
+        list only when read. gguf-py still reads the scalars, the tensor
+        descriptions and the tensor data."""
+
+        def __init__(self, path: Path, mode: str = "r"):
+            self.source = str(path)
+            super().__init__(path, mode)
+
+        def _build_tensor_info(self, offs: int, count: int) -> tuple[int, list[Any]]:
+            if count > MAX_TENSORS:
+                raise ValueError(f"the header counts {count} tensors, more than {MAX_TENSORS}")
+            return super()._build_tensor_info(offs, count)
 
         def _build_fields(self, offs: int, count: int) -> int:
+            if count > MAX_METADATA_KEYS:
+                raise ValueError(f"the header counts {count} metadata keys, more than {MAX_METADATA_KEYS}")
             self.values: dict[str, Any] = {}
-            view = memoryview(self.data)
-            order = sys.byteorder if self.byte_order == "I" else {"little": "big", "big": "little"}[sys.byteorder]
+            # Only the map and these are kept by the arrays' readers, not the reader.
+            data, view = self.data, memoryview(self.data)
+            byte_order, scalars = self.byte_order, self.gguf_scalar_to_np
+            order = sys.byteorder if byte_order == "I" else {"little": "big", "big": "little"}[sys.byteorder]
 
             def u(at: int, size: int) -> int:
                 if at + size > len(view):
@@ -88,35 +145,60 @@ def _lean_reader_class() -> type:
                 return int.from_bytes(view[at:at + size], order)
 
             def string(at: int) -> tuple[str, int]:
-                n = u(at, 8)
-                end = at + 8 + n
+                end = at + 8 + u(at, 8)
                 if end > len(view):
                     raise ValueError("a metadata string runs past the end of the file")
                 return str(view[at + 8:end], "utf-8"), end
 
-            def array(at: int) -> tuple[list[Any], int]:
-                itype, n = gguf.GGUFValueType(u(at, 4)), u(at + 4, 8)
-                at += 12
-                if itype in (STRING, ARRAY):
-                    items = []
+            def item_size(itype: Any) -> int:
+                """Bytes of one item, or the least one can take (a string, an array)."""
+                return {STRING: 8, ARRAY: 12}.get(itype) or np.dtype(scalars[itype]).itemsize
+
+            def skip(itype: Any, n: int, at: int, depth: int) -> int:
+                """Where n items of itype starting at `at` end, building none of them."""
+                if n * item_size(itype) > len(view) - at:
+                    raise ValueError(f"a metadata array of {n} items runs past the end of the file")
+                if itype == STRING:
                     for _ in range(n):
-                        item, at = string(at) if itype == STRING else array(at)
-                        items.append(item)
-                    return items, at
-                values = self._get(at, self.gguf_scalar_to_np[itype], n)
-                if len(values) < n:
-                    raise ValueError("a metadata array runs past the end of the file")
-                return values.tolist(), at + int(values.nbytes)
+                        at += 8 + u(at, 8)
+                elif itype == ARRAY:
+                    if depth >= MAX_ARRAY_DEPTH:
+                        raise ValueError(f"metadata arrays nest more than {MAX_ARRAY_DEPTH} deep")
+                    for _ in range(n):
+                        at = skip(V(u(at, 4)), u(at + 4, 8), at + 12, depth + 1)
+                else:
+                    at += n * item_size(itype)
+                if at > len(view):
+                    raise ValueError("a metadata string runs past the end of the file")
+                return at
+
+            def read(itype: Any, n: int, at: int) -> list[Any]:
+                """The n items of itype starting at `at` (skip() has checked they fit)."""
+                if itype not in (STRING, ARRAY):
+                    dtype = np.dtype(scalars[itype]).newbyteorder(byte_order)
+                    return data[at:at + n * dtype.itemsize].view(dtype).tolist()
+                items = []
+                for _ in range(n):
+                    if itype == STRING:
+                        item, at = string(at)
+                    else:
+                        inner, k = V(u(at, 4)), u(at + 4, 8)
+                        item, at = read(inner, k, at + 12), skip(inner, k, at + 12, 0)
+                    items.append(item)
+                return items
 
             for _ in range(count):
                 start = offs
                 key, offs = string(offs)
                 if key in self.values:  # older gguf-py only warns
                     raise ValueError(f"duplicate metadata key {key}")
-                vtype = gguf.GGUFValueType(u(offs, 4))
+                vtype = V(u(offs, 4))
                 offs += 4
                 if vtype == ARRAY:
-                    value, offs = array(offs)
+                    itype, n = V(u(offs, 4)), u(offs + 4, 8)
+                    value = MetadataArray(f"{self.source}: metadata {key}", ITEM_TYPES.get(itype, int), n,
+                                          functools.partial(read, itype, n, offs + 12))
+                    offs = skip(itype, n, offs + 12, 1)
                     field = gguf.ReaderField(start, key, [], [], [ARRAY])  # no parts: the value is kept here
                 else:
                     size, parts, idxs, types = self._get_field_parts(offs, vtype)
@@ -132,8 +214,9 @@ def _lean_reader_class() -> type:
 
 
 class GGUFFile:
-    """A GGUF file's metadata (as Python values) and tensors (as views of the
-    memory map), read once; only the map stays."""
+    """A GGUF file's metadata (scalars as Python values, arrays as
+    MetadataArray) and tensors (as views of the memory map), read once; only
+    the map stays."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -151,23 +234,23 @@ class GGUFFile:
         del reader
         gc.collect()
         release_free_memory()
-
-    def forget_lists(self, prefix: str) -> None:
-        """Drop the large list values under prefix once they have been used."""
-        for key in [k for k, v in self.metadata.items() if k.startswith(prefix) and isinstance(v, list)]:
-            del self.metadata[key]
-        gc.collect()
-        release_free_memory()
+        # Before anything reads the vocabulary (the tokenizer alone, too): it
+        # has a row of the embedding for each token, so its size is bounded by
+        # the tensor data the file holds.
+        tokens = self.value("tokenizer.ggml.tokens", MetaKind.TEXTS)
+        rows = next((math.prod(ne[1:]) for name, _, ne, _ in self._tensors if name == "token_embd.weight"),
+                    None)
+        if tokens is not None and rows is not None and len(tokens) != rows:
+            raise ModelError(f"{self.path}: tokenizer.ggml.tokens holds {len(tokens)} tokens, "
+                             f"token_embd.weight has {rows} rows")
 
     def get(self, key: str, default: Any = None) -> Any:
         value = self.metadata.get(key)
         return default if value is None else value
 
-    def require(self, key: str) -> Any:
-        value = self.get(key)
-        if value is None:
-            raise ModelError(f"{self.path}: metadata {key} is missing")
-        return value
+    def value(self, key: str, kind: MetaKind, *, required: bool = False, default: Any = None) -> Any:
+        """The metadata value under key, which must be of `kind` (see formats.metadata_value)."""
+        return metadata_value(self.metadata, key, kind, str(self.path), required=required, default=default)
 
     def tensors(self) -> dict[str, TensorView]:
         out: dict[str, TensorView] = {}
@@ -181,8 +264,7 @@ class GGUFFile:
                     f"{self.path}: tensor {name} has type {gtype.name}, "
                     f"supported: {', '.join(x.name for x in WEIGHT_TYPES)}"
                 )
-            cols, rows = ne[0], int(np.prod(ne[1:])) if len(ne) > 1 else 1
-            out[name] = TensorView(data, ttype, rows, cols)
+            out[name] = TensorView(data, ttype, math.prod(ne[1:]), ne[0] if ne else 1)
         return out
 
 
@@ -191,42 +273,43 @@ def _reason(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _number(f: GGUFFile, key: str, kind: type, default: Any = None) -> Any:
-    """A numeric setting, required unless a default is given; must be positive."""
-    raw = f.require(key) if default is None else f.get(key, default)
-    try:
-        value = kind(raw)
-    except (TypeError, ValueError, OverflowError):
-        raise ModelError(f"{f.path}: metadata {key} is {raw!r}, not a number") from None
-    if not value > 0 or (kind is float and not math.isfinite(value)):
-        raise ModelError(f"{f.path}: metadata {key} is {raw!r}; it must be positive")
+def _positive(f: GGUFFile, key: str, kind: MetaKind, default: Any = None) -> Any:
+    """A size or constant of the model, required unless a default is given:
+    positive, and within what the C side takes."""
+    value = f.value(key, kind, required=default is None, default=default)
+    most = INT32_MAX if kind is MetaKind.INT else FLOAT32_MAX
+    if not 0 < value <= most:  # nan fails too
+        raise ModelError(f"{f.path}: metadata {key} is {value!r}; it must be positive "
+                         f"and at most {most if kind is MetaKind.INT else f'{most:.3g}'}")
     return value
 
 
 def read_config(f: GGUFFile) -> ModelConfig:
-    arch = f.require("general.architecture")
+    arch = f.value("general.architecture", MetaKind.TEXT, required=True)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModel(f"{f.path}: architecture {arch!r} is not supported (supported: llama)")
-    scaling = f.get(f"{arch}.rope.scaling.type")
+    scaling = f.value(f"{arch}.rope.scaling.type", MetaKind.TEXT)
     if scaling not in (None, "none"):
         raise UnsupportedModel(f"{f.path}: RoPE scaling {scaling!r} is not supported")
-    n_head = _number(f, f"{arch}.attention.head_count", int)
-    dim = _number(f, f"{arch}.embedding_length", int)
-    tokens = f.get("tokenizer.ggml.tokens")
-    vocab = f.get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None)
-    if vocab is None:
-        raise ModelError(f"{f.path}: vocabulary size is missing")
+    n_head = _positive(f, f"{arch}.attention.head_count", MetaKind.INT)
+    dim = _positive(f, f"{arch}.embedding_length", MetaKind.INT)
+    tokens = f.value("tokenizer.ggml.tokens", MetaKind.TEXTS)
+    n_tokens = None if tokens is None else len(tokens)
+    vocab = _positive(f, f"{arch}.vocab_size", MetaKind.INT, n_tokens or None)
+    if n_tokens is not None and n_tokens != vocab:
+        raise ModelError(f"{f.path}: tokenizer.ggml.tokens holds {n_tokens} tokens, "
+                         f"{arch}.vocab_size says {vocab}")
     cfg = ModelConfig(
-        n_layer=_number(f, f"{arch}.block_count", int),
+        n_layer=_positive(f, f"{arch}.block_count", MetaKind.INT),
         dim=dim,
-        hidden_dim=_number(f, f"{arch}.feed_forward_length", int),
+        hidden_dim=_positive(f, f"{arch}.feed_forward_length", MetaKind.INT),
         n_head=n_head,
-        n_kv_head=_number(f, f"{arch}.attention.head_count_kv", int, n_head),
-        head_dim=_number(f, f"{arch}.attention.key_length", int, max(1, dim // n_head)),
-        vocab=int(vocab),
-        norm_eps=_number(f, f"{arch}.attention.layer_norm_rms_epsilon", float, 1e-5),
-        rope_base=_number(f, f"{arch}.rope.freq_base", float, 10000.0),
-        context_length=_number(f, f"{arch}.context_length", int, 2048),
+        n_kv_head=_positive(f, f"{arch}.attention.head_count_kv", MetaKind.INT, n_head),
+        head_dim=_positive(f, f"{arch}.attention.key_length", MetaKind.INT, max(1, dim // n_head)),
+        vocab=vocab,
+        norm_eps=float(_positive(f, f"{arch}.attention.layer_norm_rms_epsilon", MetaKind.NUMBER, 1e-5)),
+        rope_base=float(_positive(f, f"{arch}.rope.freq_base", MetaKind.NUMBER, 10000.0)),
+        context_length=_positive(f, f"{arch}.context_length", MetaKind.INT, 2048),
     )
     if cfg.n_head % cfg.n_kv_head:
         raise ModelError(f"{f.path}: {cfg.n_head} attention heads cannot share "
@@ -237,7 +320,14 @@ def read_config(f: GGUFFile) -> ModelConfig:
 
 
 def check_tensors(path: Path, cfg: ModelConfig, tensors: dict[str, TensorView]) -> None:
-    """Every tensor the forward pass needs is present with the right shape."""
+    """Every tensor the forward pass needs is present with the right shape.
+
+    The header's sizes are believed only as far as the tensors bear them
+    out: no table is sized by a block count the file has no tensors for."""
+    blocks = {name.split(".")[1] for name in tensors if name.startswith("blk.")}
+    if cfg.n_layer > len(blocks):
+        raise ModelError(f"{path}: metadata block_count is {cfg.n_layer}, but the file holds tensors "
+                         f"for {len(blocks)} blocks")
     q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     shapes = {"attn_norm": (1, cfg.dim), "attn_q": (q_dim, cfg.dim), "attn_k": (kv_dim, cfg.dim),
               "attn_v": (kv_dim, cfg.dim), "attn_output": (cfg.dim, q_dim), "ffn_norm": (1, cfg.dim),
@@ -255,7 +345,11 @@ def check_tensors(path: Path, cfg: ModelConfig, tensors: dict[str, TensorView]) 
             raise ModelError(f"{path}: tensor {name} is missing")
         if (t.rows, t.cols) != shape:
             raise ModelError(f"{path}: tensor {name} is {t.rows}x{t.cols}, expected {shape[0]}x{shape[1]}")
-        if t.data.nbytes != t.rows * row_bytes(t.type, t.cols):
+        try:
+            size = t.rows * row_bytes(t.type, t.cols)
+        except ValueError as e:
+            raise ModelError(f"{path}: tensor {name}: {e}") from None
+        if t.data.nbytes != size:
             raise ModelError(f"{path}: tensor {name} is truncated")
 
 
@@ -381,13 +475,13 @@ class LoadedModel:
             raise ModelError(f"{self.path}: {e}") from None
 
     def tokenizer(self):
-        """Built once; the vocabulary lists it was built from are then
-        dropped from the metadata, as nothing else needs them."""
+        """Built once, from the vocabulary left in the map until now."""
         from .tokenizer import Tokenizer
 
         if self._tokenizer is None:
             self._tokenizer = Tokenizer.from_gguf(self.file)
-            self.file.forget_lists("tokenizer.ggml.")
+            gc.collect()  # what building it left, so that its measured cost is what it keeps
+            release_free_memory()
         return self._tokenizer
 
 

@@ -370,31 +370,48 @@ def test_a_conversation_refuses_a_question_or_system_prompt_too_long_for_its_con
 
 
 CEILING = """
-import json, sys
+import json, sys, threading, time
 from edge_slm.engine import Engine, EngineConfig
 from edge_slm.memory import MIB, peak_rss
-budget = 200 * MIB
+budget, n_clients = 216 * MIB, 48
 manual = "Isolate the unit, relieve the pressure and check that the gauge reads zero. " * 400
-with Engine(EngineConfig(model=sys.argv[1], memory_budget=budget, overflow=sys.argv[2], threads=2)) as e:
-    reqs = [e.submit(p, max_tokens=16) for p in ("Why does a pump lose pressure?", manual,
-                                                   "pump " * 460_000)]
-    statuses = [r.result(timeout=300).status for r in reqs]
-    print(json.dumps({"statuses": statuses, "peak": peak_rss(), "plan": e.plan.total,
-                      "budget": budget}))
+with Engine(EngineConfig(model=sys.argv[1], memory_budget=budget, overflow=sys.argv[2], threads=2,
+                         queue_size=2)) as e:
+    prompts = ("Why does a pump lose pressure?", manual, "pump " * 460_000)
+    statuses = [e.submit(p, max_tokens=16).result(timeout=300).status for p in prompts]
+    # Then client threads submit at once, again and again for a few seconds,
+    # each tokenizing its prompt on its own thread; the short queue turns most
+    # away (busy) after that work, so that prefills do not set the pace.
+    burst, start, end = [], threading.Barrier(n_clients), time.monotonic() + 3
+    def client(i):
+        start.wait()
+        while time.monotonic() < end:
+            burst.append(e.submit(prompts[i % 3], max_tokens=8).result(timeout=300).status)
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(n_clients)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    print(json.dumps({"statuses": statuses, "burst": {s: burst.count(s) for s in set(burst)},
+                      "peak": peak_rss(), "plan": e.plan.total, "budget": budget}))
 """
 
 
 @pytest.mark.parametrize("overflow", ["refuse", "truncate"])
-def test_real_model_holds_a_tight_budget_through_load_and_huge_prompts(real_model, overflow):
+def test_real_model_holds_a_tight_budget_through_load_huge_prompts_and_many_clients(real_model, overflow):
     """At a budget the plan fills to within a few MiB, loading the model
-    (its 49k-token vocabulary) and a 2.3 MB prompt stay under it."""
+    (its 49k-token vocabulary), a 2.3 MB prompt and 48 threads submitting
+    together stay within the plan. (Without its share for callers the plan
+    came within 2 MiB of the peak here, and fell 5 MiB short in a run of
+    minutes.)"""
     proc = subprocess.run([sys.executable, "-c", CEILING, str(real_model), overflow],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["plan"] > out["budget"] - 8 * MIB  # the plan leaves little slack
-    assert out["peak"] <= out["budget"]
+    assert out["peak"] <= out["plan"], f"peak {out['peak'] / MIB:.1f} MiB, plan {out['plan'] / MIB:.1f}"
     assert out["statuses"] == (["ok", "too_long", "too_long"] if overflow == "refuse" else ["ok"] * 3)
+    assert sum(out["burst"].values()) > 48 and out["burst"].get("busy") and out["burst"].get("ok")
 
 
 def test_answers_are_held_to_the_configured_length_and_planned_for(tiny_model, long_model):

@@ -81,7 +81,8 @@ def test_unsupported_tensor_type(tmp_path):
 
 def rewrite(src: Path, dst: Path, metadata: dict | None = None, drop: str | None = None) -> Path:
     """A copy of src with some metadata values replaced or added ({key: (value,
-    GGUFValueType[, sub type of an array])}) or a tensor left out."""
+    GGUFValueType[, sub type of an array])}), or left out ({key: None}), or
+    a tensor left out."""
     metadata = dict(metadata or {})
     r = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(str(dst), "llama")
@@ -89,12 +90,14 @@ def rewrite(src: Path, dst: Path, metadata: dict | None = None, drop: str | None
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
             continue
         if field.name in metadata:
-            w.add_key_value(field.name, *metadata.pop(field.name))
+            if (new := metadata.pop(field.name)) is not None:
+                w.add_key_value(field.name, *new)
             continue
         w.add_key_value(field.name, field.contents(), field.types[0],
                         field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
     for key, value in metadata.items():
-        w.add_key_value(key, *value)
+        if value is not None:
+            w.add_key_value(key, *value)
     for t in r.tensors:
         if t.name != drop:
             w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
@@ -117,7 +120,7 @@ ARRAY = gguf.GGUFValueType.ARRAY
 
 @pytest.mark.parametrize("key,value,vtype,message", [
     ("llama.attention.head_count", 0, U32, "head_count is 0; it must be positive"),
-    ("llama.attention.head_count", "four", STR, "head_count is 'four', not a number"),
+    ("llama.attention.head_count", "four", STR, "head_count is text 'four', expected an integer"),
     ("llama.block_count", 0, U32, "block_count is 0; it must be positive"),
     ("llama.context_length", 0, U32, "context_length is 0; it must be positive"),
     ("llama.attention.layer_norm_rms_epsilon", -1e-5, F32, "must be positive"),
@@ -212,12 +215,13 @@ def test_cli_chat_survives_an_undecodable_line(tiny_model):
 
 
 def test_metadata_read_lean_matches_gguf_py(real_model, tiny_model):
-    from edge_slm.model import GGUFFile
+    from edge_slm.model import GGUFFile, MetadataArray
 
     for path in (tiny_model, real_model):
         stock = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()
                  if not k.startswith("GGUF.")}
-        assert GGUFFile(path).metadata == stock
+        lean = GGUFFile(path).metadata
+        assert {k: v.read() if isinstance(v, MetadataArray) else v for k, v in lean.items()} == stock
 
 
 @pytest.mark.parametrize("n_bytes", [100, 5_000, 1_000_000])  # in the keys, the vocabulary, the merges
