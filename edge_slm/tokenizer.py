@@ -155,7 +155,8 @@ def parse_vocab(meta: Mapping[str, Any], source: str = "model") -> Vocab:
     bad = next((t for t in types if t not in valid_types), None)
     if bad is not None:
         raise ModelError(f"{source}: {K.TOKEN_TYPE} holds {bad}, not a token type")
-    bad = next((t for t, ty in zip(tokens, types) if ty == TokenType.BYTE and not BYTE_TOKEN.fullmatch(t)), None)
+    bad = next((t for t, ty in zip(tokens, types)
+                if ty == TokenType.BYTE and not BYTE_TOKEN.fullmatch(t)), None)
     if bad is not None:
         raise ModelError(f"{source}: byte token {bad!r} is not written <0xXX>")
     # llama.cpp refuses a gpt2 vocabulary without merges, but gguf-py's writer
