@@ -110,4 +110,5 @@ def load_settings(cls: type, table: str, overrides: dict[str, Any] | None = None
 
 def load_engine_config(overrides: dict[str, Any] | None = None, path: Path | None = None) -> EngineConfig:
     """The engine's settings, from [engine] of the settings file, the environment and `overrides`."""
-    return load_settings(EngineConfig, "engine", overrides, path)
+    # front_end_bytes is what a front end measures of itself, not a setting
+    return load_settings(EngineConfig, "engine", overrides, path, private=("front_end_bytes",))

@@ -79,6 +79,8 @@ class EngineConfig:
     overflow: str = "refuse"         # over-long prompts: "refuse" (too_long) or "truncate"
     keep_tokens: int = 64            # start of the conversation kept when the context shifts
     backend: str | None = None       # kernel table; None = best for this CPU
+    front_end_bytes: int = 0         # held by the front ends beside the engine (the MQTT
+                                     # service's buffers): counted in the memory plan
 
     def __post_init__(self) -> None:
         def whole(name: str, least: int, optional: bool = False) -> None:
@@ -89,6 +91,7 @@ class EngineConfig:
         for name in ("slots", "min_ctx", "threads", "max_batch", "prefill_chunk", "max_tokens"):
             whole(name, 1)
         whole("queue_size", 0)
+        whole("front_end_bytes", 0)
         for name, most in (("threads", MAX_THREADS), ("slots", MAX_SLOTS), ("max_batch", MAX_BATCH),
                            ("queue_size", MAX_QUEUE)):
             if getattr(self, name) > most:
@@ -693,7 +696,8 @@ def load_and_plan(cfg: EngineConfig) -> tuple[LoadedModel, MemoryPlan]:
     # weights, whose mapped pages are not touched until the first token.
     tokenizer = max(0, current_rss() - interpreter)
     fixed = Fixed(model.config, cfg.memory_budget or 0, model.path.stat().st_size, interpreter,
-                  tokenizer, cfg.threads, cfg.max_batch, cfg.queue_size, cfg.max_tokens)
+                  tokenizer, cfg.threads, cfg.max_batch, cfg.queue_size, cfg.max_tokens,
+                  cfg.front_end_bytes)
     if cfg.memory_budget is None:
         plan = fixed.plan(cfg.slots, default_ctx(model.config.context_length, cfg.ctx), cfg.kv_type)
     else:

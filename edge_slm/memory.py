@@ -19,6 +19,9 @@ plan counts each part of it:
                    stack and state, and the tokenizer's work memory while it
                    encodes a prompt on that thread (encodes run in parallel,
                    outside the GIL)
+  front ends       what a front end declares it holds beside the engine
+                   (EngineConfig.front_end_bytes): the MQTT service's
+                   questions in flight, its outgoing queue, SQLite's cache
   headroom         allocator slack and fragmentation, the engine's own
                    per-step objects
 
@@ -145,6 +148,7 @@ class MemoryPlan:
     kv_type: str
     requests: int = 0  # queued and running requests: objects, token ids, answers
     callers: int = 0   # threads submitting at once, and their tokenizing
+    front_ends: int = 0  # what front ends hold beside the engine (the MQTT service's buffers)
 
     @property
     def kv_cache(self) -> int:
@@ -153,12 +157,12 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return (self.interpreter + self.tokenizer + self.weights + self.run_state + self.kv_cache
-                + self.requests + self.callers + self.headroom)
+                + self.requests + self.callers + self.front_ends + self.headroom)
 
     def as_dict(self) -> dict[str, int | str]:
         return {"budget": self.budget, "interpreter": self.interpreter, "tokenizer": self.tokenizer,
                 "weights": self.weights, "run_state": self.run_state, "kv_cache": self.kv_cache,
-                "requests": self.requests, "callers": self.callers,
+                "requests": self.requests, "callers": self.callers, "front_ends": self.front_ends,
                 "headroom": self.headroom, "total": self.total, "n_slots": self.n_slots,
                 "n_ctx": self.n_ctx, "kv_type": self.kv_type}
 
@@ -168,6 +172,7 @@ class MemoryPlan:
                 (f"KV cache {self.n_slots} x {self.n_ctx} ({self.kv_type})", self.kv_cache),
                 ("requests and their answers", self.requests),
                 (f"callers ({SUBMITTERS} threads submitting)", self.callers),
+                *([("front ends", self.front_ends)] if self.front_ends else []),
                 ("headroom", self.headroom), ("total", self.total)]
         if self.budget:
             rows.append(("budget", self.budget))
@@ -204,6 +209,7 @@ class Fixed:
     max_batch: int       # tokens per forward call
     queue_size: int = 0  # requests that may wait beyond the slots
     max_tokens: int = 0  # the longest answer a slot may hold
+    front_ends: int = 0  # bytes front ends declare they hold beside the engine
 
     def plan(self, n_slots: int, n_ctx: int, kv_type: str) -> MemoryPlan:
         from . import _core  # here, so reading RSS alone (bench children) loads no extension
@@ -221,7 +227,7 @@ class Fixed:
                     + n_slots * self.max_tokens * ANSWER_TOKEN_BYTES + held * REQUEST_BYTES)
         plan = MemoryPlan(self.budget, self.interpreter, self.tokenizer, self.weights,
                           state + logits, kv, HEADROOM, n_slots, n_ctx, kv_type, requests,
-                          SUBMITTERS * SUBMITTER_BYTES)
+                          SUBMITTERS * SUBMITTER_BYTES, self.front_ends)
         if plan.total > MAX_PLAN:
             part, size = max((("KV cache", plan.kv_cache), ("run state", plan.run_state),
                               ("requests and their answers", plan.requests)), key=lambda p: p[1])

@@ -110,7 +110,7 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
     from edge_slm.paths import home
 
     from .broker import BrokerError, Mosquitto, free_port
-    from .service import Service, ServiceConfig, broker_address
+    from .service import Service, ServiceConfig, broker_address, planned_bytes
     from .store import Store, StoreError
 
     # A service says what it does (connects, refusals, drains) without -v.
@@ -130,6 +130,7 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
     engine_cfg = load_engine_config({"model": model_path, "memory_budget": memory_budget, "slots": slots,
                                      "ctx": n_ctx, "kv_type": kv_type, "threads": threads,
                                      "max_tokens": max_tokens})
+    engine_cfg = replace(engine_cfg, front_end_bytes=planned_bytes(cfg, engine_cfg))
     private = None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

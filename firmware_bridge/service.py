@@ -37,12 +37,13 @@ from paho.mqtt.properties import Properties
 
 from edge_slm import __version__
 from edge_slm import engine as eng
-from edge_slm.engine import Engine, Result
+from edge_slm.engine import Engine, EngineConfig, Result
 from edge_slm.errors import EdgeSlmError
+from edge_slm.memory import MIB
 from edge_slm.sampler import SamplingConfig
 
 from . import protocol as p
-from .store import ANSWERED, DELIVERED, Store, StoreError
+from .store import ANSWERED, CACHE_KIB, DELIVERED, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class ServiceConfig:
     keepalive_s: int = 30
     ha_discovery: bool = False
     ha_prefix: str = "homeassistant"
-    max_outgoing: int = 10_000              # paho's queue of unsent messages
+    max_outgoing: int = 256                 # paho's queue of unsent messages; past it, finals
+                                            # wait on disk for the next connection
 
     def __post_init__(self) -> None:
         """Settings from a file or the environment get the checks the CLI's options have."""
@@ -81,7 +83,7 @@ class ServiceConfig:
                   "device_concurrency": (1, 1000), "max_accepted": (1, 100_000), "receive_maximum": (1, 65_535),
                   "dedup_window_s": (0.0, 30 * 86400.0), "drain_timeout_s": (0.0, 3600.0),
                   "status_interval_s": (0.1, 86400.0), "session_expiry_s": (0, 2**32 - 1),
-                  "keepalive_s": (5, 65_535), "max_outgoing": (16, 10**6)}
+                  "keepalive_s": (5, 65_535), "max_outgoing": (16, 100_000)}
         for name, (least, most) in ranges.items():
             value = getattr(self, name)
             if value is None and name == "max_accepted":
@@ -99,6 +101,19 @@ class ServiceConfig:
             raise EdgeSlmError(f"setting reply_scope: {self.reply_scope!r} must hold {{device}}, the asker's id")
         if not isinstance(self.ha_discovery, bool):
             raise EdgeSlmError(f"setting ha_discovery: {self.ha_discovery!r} is not true or false")
+
+
+def planned_bytes(cfg: ServiceConfig, engine: EngineConfig) -> int:
+    """What the service holds beside the engine, for the memory plan: each
+    question it may hold (accepted, or received and not yet on disk) as
+    payload, parsed text and stored row; each answer as text and JSON;
+    paho's outgoing queue of answers; SQLite's page cache and its own
+    structures; the network and worker threads."""
+    capacity = cfg.max_accepted or engine.slots + engine.queue_size
+    question = 3 * cfg.max_payload + 4096
+    answer = 1024 + 24 * engine.max_tokens  # ~6 bytes of text a token, as str and as JSON
+    return ((capacity + cfg.receive_maximum) * question + (capacity + cfg.max_outgoing) * answer
+            + 2 * CACHE_KIB * 1024 + 1 * MIB)
 
 
 class TokenBucket:
@@ -667,7 +682,8 @@ class Service:
                 "protocol": p.VERSION,
                 "model": {"name": self.model_name, "sha256": self.model_sha256},
                 "slots": st["slots"], "slots_busy": st["slots_busy"], "context": st["n_ctx"],
-                "memory_budget": self.engine.cfg.memory_budget, "queue_depth": len(self.flights),
+                "memory_budget": self.engine.cfg.memory_budget, "memory_plan": st["memory_plan"],
+                "queue_depth": len(self.flights),
                 "capacity": self.capacity, "uptime_s": round(time.monotonic() - self.started),
                 "answers": {k: v for k, v in self.stats.items() if k in p.STATUSES}}
 

@@ -3,6 +3,7 @@ broker, the demo question, SIGTERM, and one-line errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -32,7 +33,8 @@ def one_line_error(proc, code):
 def served(real_model, tmp_path):
     """`edge-slm serve --demo` with its private mosquitto; yields (process, port, stderr so far)."""
     proc = subprocess.Popen([EDGE_SLM, "serve", "--demo", "--model", str(real_model), "--slots", "2",
-                             "--max-tokens", "48", "--state-dir", str(tmp_path / "state")],
+                             "--max-tokens", "48", "--memory-budget", "256M",
+                             "--state-dir", str(tmp_path / "state")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err, port = [], None
     deadline = time.monotonic() + 90
@@ -58,6 +60,15 @@ def test_serve_demo_then_mqtt_ask_then_sigterm(served):
     assert asked.returncode == 0 and asked.stdout.strip(), asked.stderr
     streamed = run("mqtt-ask", "--broker", broker, "--stream", "--mqtt311", "--json", "--max-tokens", "8", "Hi")
     assert streamed.returncode == 0 and '"status": "ok"' in streamed.stdout, streamed.stderr
+    status = json.loads(subprocess.run(
+        ["mosquitto_sub", "-p", str(port), "-t", "edge-slm/v1/_runtime/+/status", "-C", "1", "-W", "5"],
+        capture_output=True, text=True, timeout=10).stdout)
+    plan = status["memory_plan"]
+    assert status["memory_budget"] == plan["budget"] == 256 << 20 and plan["front_ends"] > 1 << 20
+    assert plan["total"] <= plan["budget"]
+    with open(f"/proc/{proc.pid}/status") as f:  # the whole process, broker client and store included
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    assert peak <= plan["budget"], (peak, plan)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=40) == 0
     rest = proc.stderr.read()
