@@ -103,6 +103,10 @@ class ServiceConfig:
             raise EdgeSlmError(f"setting ha_discovery: {self.ha_discovery!r} is not true or false")
 
 
+# A small model decoding greedily falls into loops; as `edge-slm ask` does.
+REPEAT_PENALTY = 1.1
+
+
 def planned_bytes(cfg: ServiceConfig, engine: EngineConfig) -> int:
     """What the service holds beside the engine, for the memory plan: each
     question it may hold (accepted, or received and not yet on disk) as
@@ -550,7 +554,8 @@ class Service:
         key = q.key
         flight.submitted = time.time()
         try:
-            sampling = SamplingConfig(temperature=q.temperature or 0.0, seed=q.seed)
+            sampling = SamplingConfig(temperature=q.temperature or 0.0, seed=q.seed,
+                                      repeat_penalty=REPEAT_PENALTY)
             flight.req = self.engine.submit(
                 messages=messages, max_tokens=q.max_tokens, sampling=sampling, timeout=timeout,
                 request_id=f"{q.device}/{q.id}",

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -52,26 +51,40 @@ class Run:
     peak_mib: float  # the child's own high-water resident size
 
 
+# Runs the CLI as its own child and reports that child's peak. A child forked
+# from pytest directly inherits pytest's high-water mark in its ru_maxrss
+# (the kernel carries the old address space's peak across exec), so in a
+# long test session every child would look as large as the session; forked
+# from this small launcher it starts from the launcher's few MiB instead.
+LAUNCHER = """
+import resource, subprocess, sys
+limit, out, cmd = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+code = subprocess.run(cmd).returncode
+with open(out, "w") as f:
+    f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(code)
+"""
+
+
 def run_cli(*args: str, env: dict | None = None, seconds: float = 60) -> Run:
     """edge-slm in a child process, killed after `seconds`, with its own peak RSS."""
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
-
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r") as peak:
         start = time.monotonic()
-        proc = subprocess.Popen([*EDGE_SLM, *args], stdout=out, stderr=err, preexec_fn=limit,
-                                env={**os.environ, **(env or {})})
-        killer = threading.Timer(seconds, proc.kill)
-        killer.start()
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(ADDRESS_SPACE), peak.name,
+                                 *EDGE_SLM, *args], stdout=out, stderr=err,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
+            code = proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the CLI under it
+            code = proc.wait()
         elapsed = time.monotonic() - start
         out.seek(0)
         err.seek(0)
-        return Run(os.waitstatus_to_exitcode(status), out.read(), err.read(), elapsed,
-                   usage.ru_maxrss / 1024)
+        kib = peak.read()
+        return Run(code, out.read(), err.read(), elapsed, int(kib) / 1024 if kib else float("inf"))
 
 
 def assert_refused(run: Run, *needles: str, seconds: float = 30, mib: float = 250) -> None:
