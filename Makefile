@@ -31,12 +31,12 @@ CORE_SOURCES := CMakeLists.txt pyproject.toml \
 # The peer for `make bench`. Pinned so pip's wheel cache serves the one build.
 # The default native build of llama.cpp enables AMX and crashes on the first
 # decode on the x86 development VMs, so x86-64 gets an explicit AVX2 build.
-LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+LLAMA_CPP_PYTHON := llama-cpp-python[server]==0.3.36
 ifeq ($(ARCH),x86_64)
 PEER_ENV := CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 endif
 
-.PHONY: setup model run test test-slow bench soak arm64 clean distclean
+.PHONY: setup model run test test-slow bench bench-serve soak soak-serve arm64 clean distclean
 
 setup: $(STAMPS)/apt $(STAMPS)/install model
 
@@ -96,13 +96,23 @@ bench: setup $(STAMPS)/peer
 soak: setup
 	$(EDGE_SLM) soak --memory-budget 256M --slots 1,2,4 --requests 2000 --json soak.json
 
+# The MQTT service through a private broker beside llama.cpp's HTTP server
+# and the engine alone, at 1, 2 and 4 slots; then 2,000 questions through the
+# broker with malformed, oversized, expired and cancelled ones mixed in.
+bench-serve: setup $(STAMPS)/peer
+	$(PY) -m firmware_bridge.bench_serve --slots 1,2,4 --json bench-serve.json
+
+soak-serve: setup
+	$(PY) -m firmware_bridge.bench_serve soak --questions 2000 --memory-budget 256M --json soak-serve.json
+
 arm64: setup
 	bash scripts/check-arm64.sh
 
 # Keeps .venv (it holds the slow-to-build peer); `make distclean` removes it.
 clean:
 	if [ -f kernels/tests/Makefile ]; then $(MAKE) -C kernels/tests clean; fi
-	rm -rf build dist .pytest_cache .hypothesis bench.json soak.json edge_slm/_core*.so
+	rm -rf build dist .pytest_cache .hypothesis bench.json soak.json bench-serve.json soak-serve.json \
+		edge_slm/_core*.so
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

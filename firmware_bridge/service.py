@@ -103,6 +103,8 @@ class ServiceConfig:
             raise EdgeSlmError(f"setting ha_discovery: {self.ha_discovery!r} is not true or false")
 
 
+# Streamed text is published at most this often per question.
+CHUNK_INTERVAL_S = 0.05
 # A small model decoding greedily falls into loops; as `edge-slm ask` does.
 REPEAT_PENALTY = 1.1
 
@@ -153,6 +155,7 @@ class Flight:
     req: eng.Request | None = None  # None while it waits for the engine
     submitted: float = 0.0          # wall clock
     seq: int = 0                    # next chunk number
+    chunk_sent: float = 0.0         # monotonic time of the last chunk
     unsent: list[str] = field(default_factory=list)  # text not yet published as a chunk
     drained: bool = False           # cut off by a drain: stays pending on disk
     stored: bool = False            # on disk (and so acknowledged)
@@ -665,8 +668,12 @@ class Service:
                 self._publish_final(q, json.loads(final), stored=True)
 
     def _flush_chunks(self) -> None:
+        """The first chunk at once (time to first text is what a device
+        feels), then at most one per CHUNK_INTERVAL_S per question: a message
+        per token would cost the model threads their cores."""
+        now = time.monotonic()
         for flight in self.flights.values():
-            if flight.unsent:
+            if flight.unsent and (flight.seq == 0 or now - flight.chunk_sent >= CHUNK_INTERVAL_S):
                 self._flush_chunk(flight)
 
     def _flush_chunk(self, flight: Flight) -> None:
@@ -676,6 +683,7 @@ class Service:
             return
         text = "".join(flight.unsent)
         flight.unsent = []
+        flight.chunk_sent = time.monotonic()
         if self._connected:
             self.client.publish(flight.q.reply_to, p.dumps(p.chunk(flight.q.id, flight.seq, text)),
                                 qos=0, properties=self._properties(flight.q, None))
