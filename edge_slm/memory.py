@@ -115,12 +115,16 @@ def limit_malloc_arenas(n: int = 2) -> None:
         pass
 
 
-def status_bytes(field: str) -> int:
-    """A memory figure of this process from /proc/self/status, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
+def status_bytes(field: str, pid: int | str = "self") -> int:
+    """A memory figure from /proc/PID/status (this process by default), in
+    bytes; 0 for a process that is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
     return 0
 
 

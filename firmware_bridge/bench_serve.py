@@ -46,7 +46,7 @@ import paho.mqtt.client as mqtt
 from edge_slm.bench import NOISY_SPREAD, machine_info, spread
 from edge_slm.cli import Group
 from edge_slm.errors import EdgeSlmError
-from edge_slm.memory import MIB, parse_size
+from edge_slm.memory import MIB, parse_size, status_bytes
 from edge_slm.paths import check_writable, model_or_default, output_file
 from edge_slm.soak import parse_slots
 
@@ -94,18 +94,6 @@ def figures(first_ms: list[float], final_ms: list[float], tokens: list[int], wal
             "answer_tokens_mean": statistics.fmean(tokens) if tokens else 0.0}
 
 
-def proc_status_bytes(pid: int, key: str) -> int:
-    """A memory figure of another process from /proc/PID/status (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
 def last_level_cache() -> str | None:
     """The largest cache level's size as /sys gives it, e.g. '32768K'."""
     best: tuple[int, str] | None = None
@@ -144,7 +132,7 @@ class Child:
         return lines[-1] if lines else "no output"
 
     def peak_rss_mb(self) -> float:
-        return proc_status_bytes(self.proc.pid, "VmHWM") / MIB
+        return status_bytes("VmHWM", self.proc.pid) / MIB
 
     def stop(self, timeout: float = 60.0) -> None:
         if self.proc.poll() is None:
@@ -600,7 +588,7 @@ def soak(model_path, n_questions, memory_budget, slots, threads, max_tokens, ask
             now = time.monotonic()
             if not samples or now - t0 - samples[-1]["t_s"] >= 1.0:
                 serve.check()
-                samples.append({"t_s": now - t0, "rss_mb": proc_status_bytes(serve.proc.pid, "VmRSS") / MIB,
+                samples.append({"t_s": now - t0, "rss_mb": status_bytes("VmRSS", serve.proc.pid) / MIB,
                                 "answered": sim.answered})
 
         report = simulate(ServiceConfig(broker=url), cfg, progress=sys.stderr.isatty(), on_tick=sample)

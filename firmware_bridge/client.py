@@ -76,16 +76,21 @@ class DeviceClient:
     def send(self, request: dict[str, Any], expiry_s: int | None = None) -> None:
         """Publish a question (a dict as the protocol describes) without waiting."""
         payload = dict(request)
+        if not self.mqtt5:
+            payload.setdefault("reply_to", self.reply_topic)
+        self.send_raw(str(payload["id"]), json.dumps(payload).encode(), expiry_s)
+
+    def send_raw(self, rid: str, payload: bytes, expiry_s: int | None = None) -> None:
+        """Publish a payload as it is (a malformed one, say), with the MQTT 5
+        properties that reply to this client, correlated by `rid`."""
         props = None
         if self.mqtt5:
             props = Properties(PacketTypes.PUBLISH)
             props.ResponseTopic = self.reply_topic
-            props.CorrelationData = str(payload["id"]).encode()
+            props.CorrelationData = rid.encode()
             if expiry_s is not None:
                 props.MessageExpiryInterval = expiry_s
-        else:
-            payload.setdefault("reply_to", self.reply_topic)
-        self.client.publish(p.ask_topic(self.device), json.dumps(payload), qos=1, properties=props)
+        self.client.publish(p.ask_topic(self.device), payload, qos=1, properties=props)
 
     def cancel(self, rid: str) -> None:
         self.client.publish(p.cancel_topic(self.device), json.dumps({"id": rid}), qos=1)

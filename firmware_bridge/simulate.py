@@ -38,8 +38,6 @@ from typing import Any
 
 import click
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from edge_slm.errors import EdgeSlmError
 from edge_slm.soak import MANUAL
@@ -392,7 +390,7 @@ class Simulator:
         if raw is None:
             device.send(request)
         else:
-            _publish_raw(device, rec.id, raw)
+            device.send_raw(rec.id, raw)
         return rec
 
     def _closed_loop(self, asker: int) -> None:
@@ -469,16 +467,6 @@ class Simulator:
             first_chunk_ms={"p50": percentile(first, 0.5), "p95": percentile(first, 0.95)},
             final_ms={"p50": percentile(final, 0.5), "p95": percentile(final, 0.95)},
             records=[r.as_dict(t0) for r in sorted(recs, key=lambda r: r.id)])
-
-
-def _publish_raw(device: DeviceClient, rid: str, payload: bytes) -> None:
-    """A payload as it is, with the properties DeviceClient.send would give it."""
-    props = None
-    if device.mqtt5:
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = device.reply_topic
-        props.CorrelationData = rid.encode()
-    device.client.publish(p.ask_topic(device.device), payload, qos=1, properties=props)
 
 
 def simulate(connection: ServiceConfig, cfg: SimConfig, progress: bool = False,

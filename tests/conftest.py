@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,33 @@ def mosquitto(tmp_path):
     broker = Mosquitto(tmp_path / "broker").start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def service_factory(engine, mosquitto, tmp_path):
+    """Starts in-process `edge-slm serve`s on the test's broker over the test
+    module's `engine` fixture, each connected and subscribed, each with its
+    own state directory; stops them at the end."""
+    from firmware_bridge.service import Service, ServiceConfig
+
+    made = []
+
+    def make(**settings) -> Service:
+        settings.setdefault("runtime_id", f"rt-{uuid.uuid4().hex[:6]}")
+        settings.setdefault("status_interval_s", 0.5)
+        cfg = ServiceConfig(broker=mosquitto.url, state_dir=tmp_path / f"state-{len(made)}", **settings)
+        service = Service(engine, cfg).start()
+        made.append(service)
+        assert service.wait_connected(10)
+        time.sleep(0.2)  # its subscriptions reach the broker
+        return service
+
+    yield make
+    for service in made:
+        service.stop()
+
+
+@pytest.fixture
+def service(service_factory):
+    """One in-process service with the default settings."""
+    return service_factory()

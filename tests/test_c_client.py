@@ -19,7 +19,6 @@ import pytest
 from edge_slm.engine import Engine, EngineConfig
 from firmware_bridge import protocol as p
 from firmware_bridge.broker import Mosquitto, free_port
-from firmware_bridge.service import Service, ServiceConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "firmware_bridge" / "examples"
 DEVICE = "pump-7"
@@ -40,15 +39,6 @@ def engine(real_model):
     e = Engine(EngineConfig(model=real_model, slots=1, ctx=512, threads=2, max_tokens=16, timeout=60))
     yield e
     e.close()
-
-
-@pytest.fixture
-def service(engine, mosquitto, tmp_path):
-    s = Service(engine, ServiceConfig(broker=mosquitto.url, state_dir=tmp_path / "state")).start()
-    assert s.wait_connected(10)
-    time.sleep(0.2)  # its subscriptions reach the broker
-    yield s
-    s.stop()
 
 
 def ask(build: Path, port: int, *args: str, timeout: float = 20) -> subprocess.CompletedProcess:

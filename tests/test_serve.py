@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import uuid
 
 import pytest
 
@@ -23,29 +22,6 @@ def engine(real_model):
     e = Engine(EngineConfig(model=real_model, slots=2, ctx=512, threads=2, max_tokens=64, timeout=60))
     yield e
     e.close()
-
-
-@pytest.fixture
-def service_factory(engine, mosquitto, tmp_path):
-    made = []
-
-    def make(**kw) -> Service:
-        cfg = ServiceConfig(broker=mosquitto.url, state_dir=tmp_path / f"state-{len(made)}",
-                            runtime_id=f"rt-{uuid.uuid4().hex[:6]}", status_interval_s=0.5, **kw)
-        service = Service(engine, cfg).start()
-        assert service.wait_connected(10)
-        made.append(service)
-        time.sleep(0.2)  # its subscriptions reach the broker
-        return service
-
-    yield make
-    for s in made:
-        s.stop()
-
-
-@pytest.fixture
-def service(service_factory):
-    return service_factory()
 
 
 def device(broker, name="pump-7", mqtt5=True) -> DeviceClient:
@@ -108,7 +84,7 @@ def test_cancel_frees_the_slot_and_keeps_the_text_so_far(service, mosquitto):
 
 
 def test_a_question_that_expires_while_waiting_is_not_run(service_factory, mosquitto):
-    service = service_factory(device_concurrency=8)
+    service_factory(device_concurrency=8)
     with device(mosquitto) as d:
         for i in range(4):  # both slots and the engine's look-ahead busy
             d.send({"id": f"long{i}", "question": "Tell me everything about pumps.", "max_tokens": 64})

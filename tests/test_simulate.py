@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import pytest
 from edge_slm.engine import Engine, EngineConfig
 from edge_slm.errors import EdgeSlmError
 from firmware_bridge import protocol as p
-from firmware_bridge.service import Service, ServiceConfig
+from firmware_bridge.service import ServiceConfig
 from firmware_bridge.simulate import MALFORMED_MIX, SimConfig, parse_mix, percentile, simulate
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "simulate-devices"
@@ -28,30 +26,14 @@ def engine(real_model):
     e.close()
 
 
-@pytest.fixture
-def service_factory(engine, mosquitto, tmp_path):
-    made = []
-
-    def make() -> Service:
-        # Generous per-device limits: the simulator's devices ask faster than
-        # a real pump would, and `busy` would hide what is checked here.
-        cfg = ServiceConfig(broker=mosquitto.url, state_dir=tmp_path / f"state-{len(made)}",
-                            runtime_id=f"rt-{uuid.uuid4().hex[:6]}", device_rate=100, device_burst=100,
-                            device_concurrency=8)
-        s = Service(engine, cfg).start()
-        made.append(s)
-        assert s.wait_connected(10)
-        time.sleep(0.2)  # its subscriptions reach the broker
-        return s
-
-    yield make
-    for s in made:
-        s.stop()
+# Generous per-device limits: the simulator's devices ask faster than a real
+# pump would, and `busy` would hide what is checked here.
+FAST_DEVICES = dict(device_rate=100, device_burst=100, device_concurrency=8)
 
 
 @pytest.fixture
 def service(service_factory):
-    return service_factory()
+    return service_factory(**FAST_DEVICES)
 
 
 def check_adds_up(report, service) -> None:
@@ -110,7 +92,7 @@ def test_a_final_never_sent_is_reported_missing(mosquitto):
 
 def test_a_question_answered_twice_is_reported_duplicated(service_factory, mosquitto):
     # Two runtimes on one broker without a share group both take every question.
-    service_factory(), service_factory()
+    service_factory(**FAST_DEVICES), service_factory(**FAST_DEVICES)
     report = simulate(ServiceConfig(broker=mosquitto.url), SimConfig(devices=1, concurrency=1, count=2,
                                                                     max_tokens=4, timeout=30))
     assert not report.exactly_once and sorted(report.duplicated) == sorted(r["id"] for r in report.records)
