@@ -273,3 +273,20 @@ def test_home_assistant_announcements_do_not_use_up_the_receive_maximum(service_
                         "-m", "online"], check=True, timeout=10)
     with device(mosquitto) as d:
         assert d.ask("hi", max_tokens=4, timeout=20)["status"] == p.OK
+
+
+def test_a_noisy_device_does_not_starve_a_quiet_one(service_factory, mosquitto):
+    service_factory(device_concurrency=12, device_burst=20, device_rate=50)
+    with device(mosquitto, "noisy") as noisy, device(mosquitto, "quiet") as quiet:
+        for i in range(10):
+            noisy.send({"id": f"n{i}", "question": "Tell me about pumps.", "max_tokens": 32})
+        time.sleep(0.3)  # all ten are in before the quiet device asks
+        quiet.send({"id": "q", "question": "Tell me about pumps.", "max_tokens": 32})
+        (_, mine), = [m for m in quiet.messages(60, {"q"}) if m[0].get("final")]
+        theirs = [msg for m, msg in noisy.messages(60, {f"n{i}" for i in range(10)}) if m.get("final")]
+    assert len(theirs) == 10
+    # Waiting questions go to the engine one device at a time: the quiet one
+    # runs after the few already handed over (two slots, two more queued in
+    # the engine), not after all ten, as first come first served would have it.
+    after = sum(msg.timestamp > mine.timestamp for msg in theirs)
+    assert after >= 4, f"only {after} of the noisy device's answers came after the quiet one's"
