@@ -386,3 +386,6 @@ main.add_command(bench)
 from firmware_bridge.commands import mqtt_ask, serve  # noqa: E402
 main.add_command(serve)
 main.add_command(mqtt_ask)
+
+from .grounding.commands import index  # noqa: E402
+main.add_command(index)

@@ -41,12 +41,27 @@ class Name(click.ParamType):
 NAME = Name()
 
 
+class Broker(click.ParamType):
+    """mqtt://HOST:PORT or mqtts://HOST:PORT, refused as a bad option (exit 2)."""
+
+    name = "url"
+
+    def convert(self, value, param, ctx) -> str:
+        from .service import broker_address
+
+        try:
+            broker_address(value)
+        except EdgeSlmError as e:
+            self.fail(str(e), param, ctx)
+        return value
+
+
 def connection_options(f):
     """Where the broker is and how to log in: shared by serve and mqtt-ask."""
     for option in reversed([  # click lists options in the order they are applied, last first
-        click.option("--broker", default=None,
-                     help="mqtt://HOST:PORT or mqtts://HOST:PORT (serve: default a private "
-                          "mosquitto on loopback)."),
+        click.option("--broker", type=Broker(), default=None,
+                     help="mqtt://HOST:PORT or mqtts://HOST:PORT (serve: none starts a private "
+                          "mosquitto on loopback; mqtt-ask: 127.0.0.1:1883)."),
         click.option("--ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="TLS: CA certificates to trust."),
         click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -110,7 +125,7 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
     from edge_slm.paths import home
 
     from .broker import BrokerError, Mosquitto, free_port
-    from .service import Service, ServiceConfig, broker_address, planned_bytes
+    from .service import Service, ServiceConfig, planned_bytes
     from .store import Store, StoreError
 
     # A service says what it does (connects, refusals, drains) without -v.
@@ -122,7 +137,7 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
     cfg = replace(cfg, state_dir=cfg.state_dir or home() / "state")
     # A typo or an unusable state directory is refused before the model loads.
     if cfg.broker is not None:
-        broker_address(cfg.broker)
+        _resolvable(cfg.broker)
     try:
         Store.in_folder(cfg.state_dir).close()
     except StoreError as e:
@@ -150,7 +165,7 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
                 raise EdgeSlmError(str(e)) from None
             log.warning("serving %s as runtime %s on %s", service.model_name, service.runtime_id, cfg.broker)
             if not service.wait_connected(10):
-                log.warning("no broker at %s yet; retrying in the background", cfg.broker)
+                log.warning("no broker answers at %s yet; retrying in the background", cfg.broker)
             elif demo:
                 _demo(cfg, stop)
             try:
@@ -165,14 +180,31 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
 
 
 def _port_free(port: int) -> bool:
+    """Free to listen on; as mosquitto binds (SO_REUSEADDR), so a port whose
+    last connections linger in TIME_WAIT after a restart counts as free."""
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
         except OSError:
             return False
+
+
+def _resolvable(broker: str) -> None:
+    """A broker whose name does not resolve is a typo, not a broker that is
+    down: refused at once instead of retried for ever in silence."""
+    import socket
+
+    from .service import broker_address
+
+    host, port, _ = broker_address(broker)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise EdgeSlmError(f"broker {broker}: {host}: {e.strerror}") from None
 
 
 def _demo(cfg, stop: threading.Event) -> None:

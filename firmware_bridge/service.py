@@ -174,7 +174,8 @@ def file_sha256(path: Path) -> str:
 def broker_address(url: str) -> tuple[str, int, bool]:
     """(host, port, tls) from mqtt://HOST[:PORT] or mqtts://HOST[:PORT]."""
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username:
         raise EdgeSlmError(f"broker {url!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
     try:
         port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
@@ -497,7 +498,8 @@ class Service:
         if flight is None:
             # In a share group every member hears every cancel; one holds the question.
             (log.debug if self.cfg.share_group else log.info)(
-                "%s: cancel for %r, which is not in flight here", device, rid)
+                "%s: cancel for %s, which is not in flight here", device,
+                repr(rid) if rid else "no readable id")
             return
         if flight.req is not None:
             flight.req.cancel()  # the engine frees the slot at its next step; on_done follows
@@ -775,3 +777,4 @@ class Service:
                 pass
         self._connected = False  # our own goodbye is not a lost broker
         self.client.disconnect()
+        log.info("stopped: status offline, %d question(s) kept for the next start", left)

@@ -85,8 +85,10 @@ def test_mqtt_ask_with_no_runtime_times_out_in_one_line(mosquitto):
 
 
 @pytest.mark.parametrize("args, code, words", [
-    (["serve", "--broker", "http://x:1"], 1, "expected mqtt://HOST:PORT"),
-    (["serve", "--broker", "mqtt://x:99999"], 1, "port"),
+    (["serve", "--broker", "http://x:1"], 2, "expected mqtt://HOST:PORT"),
+    (["serve", "--broker", "mqtt://x:99999"], 2, "port"),
+    (["serve", "--broker", "mqtt://x:1883/path"], 2, "expected mqtt://HOST:PORT"),
+    (["serve", "--broker", "mqtt://nowhere.invalid:1883"], 1, "nowhere.invalid"),
     (["serve", "--runtime-id", "a/b"], 2, "--runtime-id"),
     (["serve", "--share-group", "#"], 2, "--share-group"),
     (["serve", "--max-payload", "10"], 2, "--max-payload"),
