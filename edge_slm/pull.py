@@ -137,6 +137,12 @@ def _stamp(path: Path, sha256: str) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
 
 
+def file_sha256(path: Path) -> str:
+    """A model file's sha256; for the pulled reference model, the digest its
+    stamp vouches for, without reading 98 MB again."""
+    return paths.MODEL_SHA256 if is_verified(path, paths.MODEL_SHA256) else sha256_file(path)
+
+
 def sha256_file(path: Path) -> str:
     """The file's sha256, read in chunks."""
     digest = hashlib.sha256()

@@ -144,14 +144,6 @@ class Question:
         return (self.device, self.id)
 
 
-def _depth(value: Any, level: int = 1) -> int:
-    if isinstance(value, dict):
-        return max((_depth(v, level + 1) for v in value.values()), default=level)
-    if isinstance(value, list):
-        return max((_depth(v, level + 1) for v in value), default=level)
-    return level
-
-
 def _nesting_ok(payload: bytes) -> bool:
     """Bracket depth, counted before parsing: a payload of 16 KiB of `[`
     would otherwise reach the parser's recursion limit."""

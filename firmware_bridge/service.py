@@ -20,7 +20,6 @@ how many unacknowledged questions it sends us at once.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import queue
@@ -40,6 +39,7 @@ from edge_slm import engine as eng
 from edge_slm.engine import Engine, EngineConfig, Result
 from edge_slm.errors import EdgeSlmError
 from edge_slm.memory import MIB
+from edge_slm.pull import file_sha256
 from edge_slm.sampler import SamplingConfig
 
 from . import protocol as p
@@ -161,14 +161,6 @@ class Flight:
     stored: bool = False            # on disk (and so acknowledged)
     copies: list[Incoming] = field(default_factory=list)  # resent while not yet stored: acked with it
     cancel_asked: bool = False      # cancelled before it was on disk: answered so once it is
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def broker_address(url: str) -> tuple[str, int, bool]:
@@ -408,7 +400,7 @@ class Service:
             else:  # acknowledged only once the first copy is on disk
                 flight.copies.append(Incoming(q, generation, msg.mid, msg.qos))
             return None
-        stored = self.store.lookup([q.key]).get(q.key)
+        stored = self.store.lookup(q.key)
         if stored and stored[0] in (ANSWERED, DELIVERED) and stored[1]:
             log.info("%s/%s: asked again; its stored answer is sent again", *q.key)
             self._publish_final(q, json.loads(stored[1]), stored=True)

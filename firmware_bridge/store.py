@@ -101,15 +101,10 @@ class Store:
             self._write("INSERT OR REPLACE INTO meta VALUES ('runtime_id', ?)", [(rid,)])
         return rid
 
-    def lookup(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, bytes | None]]:
-        """(state, final) of each key already stored."""
-        found = {}
-        for device, rid in keys:
-            row = self.db.execute("SELECT state, final FROM questions WHERE device = ? AND id = ?",
-                                  (device, rid)).fetchone()
-            if row:
-                found[(device, rid)] = (row[0], row[1])
-        return found
+    def lookup(self, key: tuple[str, str]) -> tuple[str, bytes | None] | None:
+        """(state, final) of a question already stored, else None."""
+        return self.db.execute("SELECT state, final FROM questions WHERE device = ? AND id = ?",
+                               key).fetchone()
 
     def accept(self, questions: list[Question]) -> None:
         """Write new questions in one transaction: on disk when this returns.

@@ -278,9 +278,9 @@ def test_home_assistant_announcements_do_not_use_up_the_receive_maximum(service_
 def test_a_noisy_device_does_not_starve_a_quiet_one(service_factory, mosquitto):
     service_factory(device_concurrency=12, device_burst=20, device_rate=50)
     with device(mosquitto, "noisy") as noisy, device(mosquitto, "quiet") as quiet:
-        for i in range(10):
-            noisy.send({"id": f"n{i}", "question": "Tell me about pumps.", "max_tokens": 32})
-        time.sleep(0.3)  # all ten are in before the quiet device asks
+        for i in range(10):  # long answers: none is done before the quiet device asks
+            noisy.send({"id": f"n{i}", "question": "Write a long story about pumps.", "max_tokens": 64})
+        time.sleep(0.1)  # all ten are in before the quiet device asks
         quiet.send({"id": "q", "question": "Tell me about pumps.", "max_tokens": 32})
         (_, mine), = [m for m in quiet.messages(60, {"q"}) if m[0].get("final")]
         theirs = [msg for m, msg in noisy.messages(60, {f"n{i}" for i in range(10)}) if m.get("final")]
