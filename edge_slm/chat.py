@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from .engine import ERROR, Engine, Result
+from .engine import ERROR, OK, Engine, Result
 from .errors import ContextOverflow, is_whole
 from .generate import check_stop
+from .grounding.ground import GROUNDED, NOT_COVERED_TEXT
 from .sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ class Conversation:
         self.turns: list[dict[str, str]] = []
         self.dropped = 0  # exchanges dropped so far to fit the context
 
-    def _fitting_prompt(self, turns: list[dict[str, str]]) -> tuple[list[int], list[dict[str, str]]]:
-        """The history `turns` (ending with the new question) as ids, the
+    def _fitting_prompt(self, system: list[dict[str, str]],
+                        turns: list[dict[str, str]]) -> tuple[list[int], list[dict[str, str]]]:
+        """`system` and the history `turns` (ending with the new question) as ids, the
         oldest exchanges after the first `keep_turns` dropped until it leaves
         room for the answer, and those too if it still does not; returns the
         ids and the turns kept. The system prompt and question, which are
@@ -45,8 +47,8 @@ class Conversation:
         is never rendered."""
         tok, limit = self.engine.tokenizer, self.engine.prompt_limit(self.max_tokens)
         ids = None
-        if not tok.messages_surely_over(self.system + turns[-1:], limit):
-            while (ids := tok.encode_within(tok.chat_prompt(self.system + turns), limit)) is None \
+        if not tok.messages_surely_over(system + turns[-1:], limit):
+            while (ids := tok.encode_within(tok.chat_prompt(system + turns), limit)) is None \
                     and len(turns) > 1:
                 first = 2 * self.keep_turns if len(turns) > 2 * self.keep_turns + 1 else 0
                 if first == 0 and self.keep_turns:
@@ -59,17 +61,32 @@ class Conversation:
         return ids, turns
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None,
-            timeout: float | None = None) -> Result:
+            timeout: float | None = None, ground: bool | None = None,
+            collection: str | None = None) -> Result:
         """Ask and wait for the answer, streaming it to `on_text`. An answer
         cut short (timeout) stays in the history as far as it got; a question
         that gets no answer at all leaves the history as it was. If `on_text`
         raises (or the wait is interrupted), the request is cancelled. A
-        blank question is an ERROR result, as the engine gives a blank prompt."""
+        blank question is an ERROR result, as the engine gives a blank prompt.
+
+        The question is grounded as the engine grounds chat requests
+        (`ground`, `collection`: see Engine.submit); the passages go with
+        this question only, and the history keeps the question as asked."""
         if not isinstance(text, str):
             raise TypeError(f"the question must be text, not {type(text).__name__}")
         if not text.strip():
             return Result(ERROR, error="the prompt is empty: the question is blank")
-        ids, turns = self._fitting_prompt(self.turns + [{"role": "user", "content": text}])
+        question = {"role": "user", "content": text}
+        g = self.engine.ground(self.system + [question], ground=ground, collection=collection,
+                               max_tokens=self.max_tokens)
+        if g is not None and g.messages is None:  # declined: the manuals do not cover it
+            if on_text:
+                on_text(NOT_COVERED_TEXT)
+            return Result(OK, text=NOT_COVERED_TEXT, finish_reason="not_covered", grounding=g.label)
+        system, asked = self.system, question
+        if g is not None and g.label == GROUNDED:
+            system, asked = g.messages[:1], g.messages[-1]
+        ids, turns = self._fitting_prompt(system, self.turns + [asked])
         req = self.engine.submit(prompt_ids=ids, max_tokens=self.max_tokens, sampling=self.sampling,
                                  stop=self.stop, timeout=timeout)
         try:
@@ -80,7 +97,9 @@ class Conversation:
             req.cancel()
             raise
         result = req.result()
+        if g is not None:
+            result.grounding, result.sources = g.label, list(g.sources)
         if result.tokens:
             self.dropped += (len(self.turns) + 1 - len(turns)) // 2
-            self.turns = turns + [{"role": "assistant", "content": result.text}]
+            self.turns = turns[:-1] + [question, {"role": "assistant", "content": result.text}]
         return result

@@ -17,7 +17,7 @@ import click
 
 from .engine import MAX_SLOTS
 from .errors import ContextOverflow, EdgeSlmError
-from .options import Size, engine_options, model_option, runtime_options
+from .options import Size, engine_options, grounding_options, model_option, runtime_options
 from .paths import check_writable, model_or_default, output_file
 
 INTERRUPTED = 128 + signal.SIGINT  # the exit codes a shell gives a process killed by these
@@ -164,17 +164,40 @@ def pull() -> None:
     click.echo(str(pull_model()))
 
 
-def open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens):
+def open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens, index_path=None,
+                ground=True):
     """One slot: the CLI asks one thing at a time, through the same engine as every front end,
     with the same settings file and environment. No deadline: the person at the terminal can
-    stop it with Ctrl-C."""
+    stop it with Ctrl-C. Without `ground`, no index is opened."""
     from .config import load_engine_config
     from .engine import Engine
 
     return Engine(load_engine_config({
         "model": model_path, "threads": threads, "ctx": n_ctx, "kv_type": kv_type,
         "memory_budget": memory_budget, "max_tokens": max_tokens, "slots": 1,
-        "timeout": math.inf}))
+        "timeout": math.inf, "index": index_path, "grounding": False if not ground else None}))
+
+
+def ground_request(index_path, collection, no_ground) -> dict:
+    """A request's grounding from the options: an index or a collection named
+    on the command line insists on grounding; without them, it is used when there."""
+    if no_ground:
+        return {"ground": False}
+    return {"ground": True if index_path or collection else None, "collection": collection}
+
+
+def print_sources(result) -> None:
+    """Where a grounded answer came from (retrieval's record, not the model's
+    words), or that an answer is not from the manuals."""
+    from .grounding.ground import UNGROUNDED
+    from .grounding.prompt import source_label
+
+    if result.grounding == UNGROUNDED:
+        click.echo("(not from the manuals: no passage in them matched the question)")
+    if result.sources:
+        click.echo("Sources:")
+        for n, hit in enumerate(result.sources, 1):
+            click.echo(f"  [{n}] {hit.collection}/{source_label(hit)}")
 
 
 def check_result(result) -> None:
@@ -189,14 +212,17 @@ def check_result(result) -> None:
 @engine_options
 @sampling_options
 @click.option("--system", default=None, help="System prompt (default: the model's own).")
+@grounding_options
 def ask(question, model_path, threads, n_ctx, kv_type, memory_budget, system, max_tokens, stop,
-        **sampling) -> None:
-    """Answer QUESTION, streamed to stdout."""
+        index_path, collection, no_ground, **sampling) -> None:
+    """Answer QUESTION, streamed to stdout; from the manuals, when they are indexed."""
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": question}]
     how = sampling_config(**sampling, default_temperature=0.2)
-    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens) as engine:
-        req = engine.submit(messages=messages, sampling=how, stop=stop)
+    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens, index_path,
+                     ground=not no_ground) as engine:
+        req = engine.submit(messages=messages, sampling=how, stop=stop,
+                            **ground_request(index_path, collection, no_ground))
         streamed = False
         for piece in req.stream():
             stream_out(piece)
@@ -205,6 +231,7 @@ def ask(question, model_path, threads, n_ctx, kv_type, memory_budget, system, ma
     if streamed:
         stream_out("\n")
     check_result(result)
+    print_sources(result)
 
 
 @main.command()
@@ -315,7 +342,9 @@ def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots, max_to
     ecfg = load_engine_config({"model": path or model_path, "memory_budget": memory_budget,
                                "slots": slots, "ctx": n_ctx, "kv_type": kv_type, "threads": threads,
                                "max_tokens": max_tokens})
-    model, plan = load_and_plan(ecfg)
+    model, grounder, plan = load_and_plan(ecfg)  # the plan counts the index the engine would open
+    if grounder:
+        grounder.close()
     f, cfg, tensors = model.file, model.config, model.tensors
     types = Counter(t.type.name for t in tensors.values())
     type_bytes = Counter()
@@ -345,8 +374,9 @@ def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots, max_to
 @click.option("--keep-turns", type=click.IntRange(0), default=0, show_default=True,
               help="Opening exchanges kept when the oldest make way for new ones "
                    "(while the question fits with them).")
+@grounding_options
 def chat(model_path, threads, n_ctx, kv_type, memory_budget, system, keep_turns, max_tokens, stop,
-         **sampling) -> None:
+         index_path, collection, no_ground, **sampling) -> None:
     """Chat in the terminal; the oldest turns make way when the context fills."""
     from .chat import Conversation
 
@@ -357,7 +387,8 @@ def chat(model_path, threads, n_ctx, kv_type, memory_budget, system, keep_turns,
         # line and the chat goes on, whatever the locale's strictness.
         sys.stdin.reconfigure(errors="surrogateescape")
     how = sampling_config(**sampling, default_temperature=0.2)
-    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens) as engine:
+    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens, index_path,
+                     ground=not no_ground) as engine:
         talk = Conversation(engine, system=system, keep_turns=keep_turns, sampling=how,
                             stop=tuple(stop))
         click.echo("Type a question; an empty line or Ctrl-D ends the chat.")
@@ -369,9 +400,11 @@ def chat(model_path, threads, n_ctx, kv_type, memory_budget, system, keep_turns,
             if not line:
                 break
             try:
-                result = talk.ask(line, on_text=stream_out)
+                result = talk.ask(line, on_text=stream_out,
+                                  **ground_request(index_path, collection, no_ground))
                 stream_out("\n")
                 check_result(result)
+                print_sources(result)
             except EdgeSlmError as e:  # say so and keep the chat going
                 say(f"edge-slm: {e}")
 

@@ -27,6 +27,8 @@ import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +41,9 @@ from .memory import (MAX_QUEUE, Fixed, MemoryPlan, current_rss, default_ctx, lim
 from .model import LoadedModel, RuntimeOptions, load_model
 from .paths import model_or_default
 from .sampler import Sampler, SamplingConfig
+
+if TYPE_CHECKING:
+    from .grounding.ground import Grounded, Grounder
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,14 @@ class EngineConfig:
     backend: str | None = None       # kernel table; None = best for this CPU
     front_end_bytes: int = 0         # held by the front ends beside the engine (the MQTT
                                      # service's buffers): counted in the memory plan
+    # Grounding (edge_slm.grounding): chat requests answered from the site's manuals.
+    index: str | os.PathLike[str] | None = None  # the index; None = $EDGE_SLM_HOME's, if there is one
+    grounding: bool = True           # ground chat requests by default when there is an index
+    ground_threshold: float | None = None  # the best passage's coverage of a question (0-1)
+                                     # below which the manuals do not cover it; None = measured default
+    uncovered: str = "decline"       # then: "decline" to answer, or "answer" labelled ungrounded
+    ground_passages: int = 3         # passages searched for, at most, per question
+    ground_tokens: int = 768         # prompt tokens the passages may take, at most
 
     def __post_init__(self) -> None:
         def whole(name: str, least: int, optional: bool = False) -> None:
@@ -88,7 +101,8 @@ class EngineConfig:
             if not (is_whole(value, least) or optional and value is None):
                 raise EdgeSlmError(f"setting {name}: {value!r} is not a whole number >= {least}")
 
-        for name in ("slots", "min_ctx", "threads", "max_batch", "prefill_chunk", "max_tokens"):
+        for name in ("slots", "min_ctx", "threads", "max_batch", "prefill_chunk", "max_tokens",
+                     "ground_passages", "ground_tokens"):
             whole(name, 1)
         whole("queue_size", 0)
         whole("front_end_bytes", 0)
@@ -106,8 +120,17 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, str) and not (name == "backend" and value is None):
                 raise EdgeSlmError(f"setting {name}: {value!r} is not text")
-        if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
-            raise EdgeSlmError(f"setting model: {self.model!r} is not a file path")
+        for name in ("model", "index"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise EdgeSlmError(f"setting {name}: {value!r} is not a file path")
+        if not isinstance(self.grounding, bool):
+            raise EdgeSlmError(f"setting grounding: {self.grounding!r} is not true or false")
+        t = self.ground_threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1):
+            raise EdgeSlmError(f"setting ground_threshold: {t!r} is not a share from 0 to 1")
+        if self.uncovered not in ("decline", "answer"):
+            raise EdgeSlmError(f"setting uncovered: {self.uncovered!r}, choose 'decline' or 'answer'")
         if self.kv_type not in KV_TYPES:
             raise EdgeSlmError(f"setting kv_type: {self.kv_type!r}, choose from {', '.join(KV_TYPES)}")
         if self.overflow not in ("refuse", "truncate"):
@@ -129,6 +152,10 @@ class Result:
     queued_s: float = 0.0
     ttft_s: float | None = None       # submit to first token
     total_s: float = 0.0
+    grounding: str | None = None      # with grounding: GROUNDED, NOT_COVERED or UNGROUNDED
+                                      # (edge_slm.grounding.ground); None when not grounded
+    sources: list = field(default_factory=list)  # the passages in the prompt (grounding.Hit),
+                                      # from retrieval: what the answer may cite
 
 
 _DONE = object()
@@ -165,6 +192,7 @@ class Request:
         self.deadline = self.created + timeout
         self.on_text = on_text
         self.on_done = on_done
+        self.grounded = None  # grounding.ground.Grounded, when the request was grounded
         self._pieces: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
         self._cancelled = threading.Event()
@@ -206,6 +234,8 @@ class Request:
 
     def _finish(self, result: Result) -> None:
         result.total_s = time.monotonic() - self.created
+        if self.grounded is not None:
+            result.grounding, result.sources = self.grounded.label, list(self.grounded.sources)
         self._result = result
         self._pieces.put(_DONE)
         self._done.set()
@@ -247,7 +277,7 @@ class Engine:
     def __init__(self, cfg: EngineConfig | None = None):
         cfg = EngineConfig() if cfg is None else cfg
         self.cfg = cfg
-        self.model, self.plan = load_and_plan(cfg)
+        self.model, self.grounder, self.plan = load_and_plan(cfg)
         self.tokenizer = self.model.tokenizer()
         log.info("memory plan: %s\n%s", self.plan.summary(), self.plan.describe())
         self.runtime = self.model.runtime(RuntimeOptions(
@@ -276,7 +306,8 @@ class Engine:
                sampling: SamplingConfig | None = None, stop: str | Sequence[str] = (),
                ignore_eos: bool = False, timeout: float | None = None,
                on_text: Callable[[str], None] | None = None, request_id: str | None = None,
-               on_done: Callable[[Result], None] | None = None) -> Request:
+               on_done: Callable[[Result], None] | None = None, ground: bool | None = None,
+               collection: str | None = None) -> Request:
         """Queue a question: raw `prompt` text, chat `messages` rendered with
         the model's template, or token ids. Never blocks: a full queue gives
         a BUSY result; a blank prompt, no messages, a blank last message or a
@@ -288,6 +319,13 @@ class Engine:
         `role` and `content`, both text) only the template's own markup makes
         control tokens: what the messages hold is always plain text. At most
         MAX_STOPS `stop` strings of at most MAX_STOP_CHARS characters each.
+
+        Chat `messages` are grounded in the manuals' index when the engine
+        has one (`ground=False` turns that off; `ground=True` insists, and
+        without an index gives an ERROR result), searched in `collection`
+        (None: all of them): see ground(). The result then carries its
+        `sources` and its `grounding`; a question the manuals do not cover is
+        answered NOT_COVERED_TEXT at once, or, by setting, without passages.
 
         `on_text` runs on the engine thread; keep it short. `on_done(result)`
         runs exactly once, after the result is set, on whichever thread
@@ -316,7 +354,10 @@ class Engine:
             raise TypeError(f"sampling must be a SamplingConfig, not {type(sampling).__name__}")
         req = Request(request_id or f"r{next(self._ids)}", array("i"), max_tokens,
                       Sampler(sampling), stop, ignore_eos, timeout, on_text, on_done)
-        refused = self._prompt(req, prompt, messages, prompt_ids)
+        refused = None
+        if messages is not None:
+            messages, refused = self._grounded(req, messages, ground, collection)
+        refused = refused or self._prompt(req, prompt, messages, prompt_ids)
         if refused:
             self._count(refused.status)
             req._finish(refused)
@@ -337,6 +378,55 @@ class Engine:
             self._stats[refused.status] += 1
         req._finish(refused)  # outside the lock: on_done is the caller's code
         return req
+
+    def ground(self, messages: list[dict[str, str]], *, ground: bool | None = None,
+               collection: str | None = None, max_tokens: int | None = None) -> Grounded | None:
+        """Retrieval for a conversation whose last message is the user's
+        question: the grounded messages within the prompt that leaves room
+        for `max_tokens` of answer, with their sources; or None when it is
+        not to be grounded (`ground` False, or None and no index) or is
+        too long to be answered at all (submit refuses it). Raises
+        EdgeSlmError for grounding asked for without an index and for an
+        unknown collection."""
+        if ground is False:
+            return None
+        if self.grounder is None:
+            if ground or collection is not None:
+                raise EdgeSlmError("grounding asked for, but there is no index of manuals "
+                                   "(`edge-slm index DIR` makes one)")
+            return None
+        limit = self.prompt_limit(min(max_tokens or self.cfg.max_tokens, self.cfg.max_tokens))
+        if messages[-1]["role"] != "user" or self.tokenizer.messages_surely_over(messages, limit):
+            return None
+
+        def count_tokens(text: str) -> int:
+            return len(self.tokenizer.encode(text, add_bos=False, special=False))
+
+        return self.grounder.ground(messages, collection, count_tokens, limit)
+
+    def _grounded(self, req: Request, messages: list[dict[str, str]], ground: bool | None,
+                  collection: str | None) -> tuple[list[dict[str, str]] | None, Result | None]:
+        """The messages to render for `req` after grounding them, or the result
+        that answers it without the model (declined, or refused)."""
+        if self._stopping:  # the index closes with the engine
+            return None, Result(ERROR, error="engine is shutting down", internal=True)
+        try:
+            req.grounded = self.ground(messages, ground=ground, collection=collection,
+                                       max_tokens=req.max_tokens)
+        except EdgeSlmError as e:
+            from .grounding.ground import NoRoom
+            from .grounding.index import IndexFileError
+
+            # an index that went bad under a running engine is the runtime's fault
+            return None, Result(TOO_LONG if isinstance(e, NoRoom) else ERROR, error=str(e),
+                                internal=isinstance(e, IndexFileError))
+        g = req.grounded
+        if g is None or g.messages is not None:
+            return (messages if g is None else g.messages), None
+        from .grounding.ground import NOT_COVERED_TEXT
+
+        req._emit(NOT_COVERED_TEXT)
+        return None, Result(OK, text=NOT_COVERED_TEXT, finish_reason="not_covered")
 
     def _prompt(self, req: Request, prompt: str | None, messages: list[dict[str, str]] | None,
                 prompt_ids: list[int] | None) -> Result | None:
@@ -424,13 +514,16 @@ class Engine:
                 "mean_decode_batch": self._decode_tokens / (self._decode_steps or 1),
                 "context_shifts": stats.get("shifts", 0),
                 "requests": {k: v for k, v in stats.items() if k not in ("tokens", "reused", "shifts")},
-                "backend": self.runtime.backend, "uptime_s": time.monotonic() - self._started}
+                "backend": self.runtime.backend, "uptime_s": time.monotonic() - self._started,
+                "grounding": self.grounder.describe() if self.grounder else None}
 
     def close(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout)
+        if self.grounder:
+            self.grounder.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -682,10 +775,11 @@ def _blank(prompt: str | None, messages: list[dict[str, str]] | None) -> str | N
     return None
 
 
-def load_and_plan(cfg: EngineConfig) -> tuple[LoadedModel, MemoryPlan]:
-    """Load the model's metadata and tokenizer, measuring what they cost, and
-    make the engine's memory plan: within the budget if there is one, else as
-    configured. The weights are mapped, not read."""
+def load_and_plan(cfg: EngineConfig) -> tuple[LoadedModel, Grounder | None, MemoryPlan]:
+    """Load the model's metadata and tokenizer and open the manuals' index
+    (when grounding is on and there is one), measuring what they cost, and
+    make the engine's memory plan: within the budget if there is one, else
+    as configured. The weights are mapped, not read."""
     limit_malloc_arenas()
     interpreter = current_rss()
     model = load_model(model_or_default(cfg.model))
@@ -695,12 +789,31 @@ def load_and_plan(cfg: EngineConfig) -> tuple[LoadedModel, MemoryPlan]:
     # Metadata, vocabulary and template: all that loading holds besides the
     # weights, whose mapped pages are not touched until the first token.
     tokenizer = max(0, current_rss() - interpreter)
-    fixed = Fixed(model.config, cfg.memory_budget or 0, model.path.stat().st_size, interpreter,
-                  tokenizer, cfg.threads, cfg.max_batch, cfg.queue_size, cfg.max_tokens,
-                  cfg.front_end_bytes)
-    if cfg.memory_budget is None:
-        plan = fixed.plan(cfg.slots, default_ctx(model.config.context_length, cfg.ctx), cfg.kv_type)
-    else:
-        plan = plan_memory(fixed, kv_type=cfg.kv_type, slots=cfg.slots, ctx=cfg.ctx,
-                           min_ctx=cfg.min_ctx)
-    return model, plan
+    grounder = open_grounder(cfg)
+    try:
+        fixed = Fixed(model.config, cfg.memory_budget or 0, model.path.stat().st_size, interpreter,
+                      tokenizer, cfg.threads, cfg.max_batch, cfg.queue_size, cfg.max_tokens,
+                      cfg.front_end_bytes, grounder.bytes if grounder else 0)
+        if cfg.memory_budget is None:
+            plan = fixed.plan(cfg.slots, default_ctx(model.config.context_length, cfg.ctx), cfg.kv_type)
+        else:
+            plan = plan_memory(fixed, kv_type=cfg.kv_type, slots=cfg.slots, ctx=cfg.ctx,
+                               min_ctx=cfg.min_ctx)
+    except BaseException:
+        if grounder:
+            grounder.close()
+        raise
+    return model, grounder, plan
+
+
+def open_grounder(cfg: EngineConfig) -> Grounder | None:
+    """The index requests are grounded in: the one configured (which must
+    exist), else the default one if it is there; None with grounding off."""
+    if not cfg.grounding:
+        return None
+    from .grounding.ground import DEFAULT_THRESHOLD, Grounder  # SQLite costs nothing unless used
+
+    threshold = DEFAULT_THRESHOLD if cfg.ground_threshold is None else cfg.ground_threshold
+    return Grounder.open(None if cfg.index is None else Path(cfg.index), required=cfg.index is not None,
+                         threshold=threshold, uncovered=cfg.uncovered, passages=cfg.ground_passages,
+                         max_tokens=cfg.ground_tokens)

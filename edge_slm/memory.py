@@ -19,6 +19,9 @@ plan counts each part of it:
                    stack and state, and the tokenizer's work memory while it
                    encodes a prompt on that thread (encodes run in parallel,
                    outside the GIL)
+  grounding        the manuals' index, when requests are grounded: SQLite and
+                   the open index (measured), its page cache and a query's work
+                   memory
   front ends       what a front end declares it holds beside the engine
                    (EngineConfig.front_end_bytes): the MQTT service's
                    questions in flight, its outgoing queue, SQLite's cache
@@ -153,6 +156,7 @@ class MemoryPlan:
     requests: int = 0  # queued and running requests: objects, token ids, answers
     callers: int = 0   # threads submitting at once, and their tokenizing
     front_ends: int = 0  # what front ends hold beside the engine (the MQTT service's buffers)
+    grounding: int = 0   # the manuals' index: SQLite, its page cache, a query's work memory
 
     @property
     def kv_cache(self) -> int:
@@ -161,13 +165,13 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return (self.interpreter + self.tokenizer + self.weights + self.run_state + self.kv_cache
-                + self.requests + self.callers + self.front_ends + self.headroom)
+                + self.requests + self.callers + self.front_ends + self.grounding + self.headroom)
 
     def as_dict(self) -> dict[str, int | str]:
         return {"budget": self.budget, "interpreter": self.interpreter, "tokenizer": self.tokenizer,
                 "weights": self.weights, "run_state": self.run_state, "kv_cache": self.kv_cache,
                 "requests": self.requests, "callers": self.callers, "front_ends": self.front_ends,
-                "headroom": self.headroom, "total": self.total, "n_slots": self.n_slots,
+                "grounding": self.grounding, "headroom": self.headroom, "total": self.total, "n_slots": self.n_slots,
                 "n_ctx": self.n_ctx, "kv_type": self.kv_type}
 
     def describe(self) -> str:
@@ -176,6 +180,7 @@ class MemoryPlan:
                 (f"KV cache {self.n_slots} x {self.n_ctx} ({self.kv_type})", self.kv_cache),
                 ("requests and their answers", self.requests),
                 (f"callers ({SUBMITTERS} threads submitting)", self.callers),
+                *([("grounding (index of manuals)", self.grounding)] if self.grounding else []),
                 *([("front ends", self.front_ends)] if self.front_ends else []),
                 ("headroom", self.headroom), ("total", self.total)]
         if self.budget:
@@ -214,6 +219,7 @@ class Fixed:
     queue_size: int = 0  # requests that may wait beyond the slots
     max_tokens: int = 0  # the longest answer a slot may hold
     front_ends: int = 0  # bytes front ends declare they hold beside the engine
+    grounding: int = 0   # bytes the manuals' index holds (measured when opened)
 
     def plan(self, n_slots: int, n_ctx: int, kv_type: str) -> MemoryPlan:
         from . import _core  # here, so reading RSS alone (bench children) loads no extension
@@ -231,7 +237,7 @@ class Fixed:
                     + n_slots * self.max_tokens * ANSWER_TOKEN_BYTES + held * REQUEST_BYTES)
         plan = MemoryPlan(self.budget, self.interpreter, self.tokenizer, self.weights,
                           state + logits, kv, HEADROOM, n_slots, n_ctx, kv_type, requests,
-                          SUBMITTERS * SUBMITTER_BYTES, self.front_ends)
+                          SUBMITTERS * SUBMITTER_BYTES, self.front_ends, self.grounding)
         if plan.total > MAX_PLAN:
             part, size = max((("KV cache", plan.kv_cache), ("run state", plan.run_state),
                               ("requests and their answers", plan.requests)), key=lambda p: p[1])
@@ -269,7 +275,8 @@ def plan_memory(fixed: Fixed, *, kv_type: str = "f16", slots: int | None = None,
     parts = ", ".join(f"{name} {n / MIB:.0f}" for name, n in (
         ("weights", need.weights), ("interpreter", need.interpreter), ("tokenizer", need.tokenizer),
         ("KV", need.kv_cache), ("run state", need.run_state), ("requests and answers", need.requests),
-        ("callers", need.callers), ("headroom", need.headroom)))
+        ("callers", need.callers), ("grounding", need.grounding), ("front ends", need.front_ends),
+        ("headroom", need.headroom)) if n)
     answers = fixed.max_tokens * ANSWER_TOKEN_BYTES
     if answers > need.kv_cache:
         hint += f"; answers of up to {fixed.max_tokens} tokens (max_tokens) take {answers / MIB:.0f} MiB a slot"

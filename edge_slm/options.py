@@ -45,3 +45,14 @@ def engine_options(f):
                      help="Ceiling for the whole process, e.g. 256M (default: the configured "
                           "one, else none); the context is sized to fit.")(f)
     return runtime_options(f)
+
+
+def grounding_options(f):
+    """How a chat command grounds its answers in the manuals' index."""
+    f = click.option("--no-ground", "no_ground", is_flag=True,
+                     help="Answer without the manuals, even when there is an index.")(f)
+    f = click.option("--collection", default=None,
+                     help="Search only this collection of manuals (default: all).")(f)
+    return click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path),
+                        default=None, help="Index of manuals (default: $EDGE_SLM_HOME/index.sqlite3, "
+                                           "used when it exists).")(f)

@@ -34,6 +34,7 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 5.0  # or 0, greedy; below, sampling i
 MAX_SEED = 2**63 - 1
 MAX_TTL_S = 7 * 24 * 3600
 MAX_TOPIC = 256                  # characters of a response topic
+MAX_COLLECTION = 64              # characters of a collection name (as `edge-slm index` allows)
 ROLES = ("system", "user", "assistant")
 
 # Status of a final answer. "ok" carries the text; each other is an error code.
@@ -132,6 +133,8 @@ class Question:
     stream: bool = False
     temperature: float | None = None
     seed: int | None = None
+    ground: bool | None = None                  # None: grounded when the runtime has an index
+    collection: str | None = None               # the manuals searched; None = all
     reply_to: str = ""                          # topic for the answers
     correlation: bytes | None = None            # MQTT 5 Correlation Data, echoed
     mqtt5: bool = False                         # the question carried a Response Topic
@@ -246,6 +249,11 @@ def parse_question(payload: bytes, device: str, *, now: float, max_payload: int 
     if not isinstance(stream, bool):
         raise BadRequest(f"stream must be true or false, not {stream!r}", rid)
     q.stream = stream
+    ground = obj.get("ground")
+    if ground is not None and not isinstance(ground, bool):
+        raise BadRequest(f"ground must be true or false, not {ground!r}", rid)
+    q.ground = ground
+    q.collection = _text(obj, "collection", rid, MAX_COLLECTION)
     temperature = obj.get("temperature")
     if temperature is not None:
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
@@ -270,7 +278,7 @@ def parse_question(payload: bytes, device: str, *, now: float, max_payload: int 
 
 
 _KNOWN = {"id", "question", "messages", "system", "max_tokens", "stream", "temperature", "seed",
-          "ttl_s", "reply_to"}
+          "ttl_s", "reply_to", "ground", "collection"}
 
 
 def _reject_constant(name: str) -> None:
@@ -315,6 +323,12 @@ def dumps(message: dict[str, Any]) -> bytes:
 
 def chunk(rid: str, seq: int, text: str) -> dict[str, Any]:
     return {"id": rid, "seq": seq, "text": text}
+
+
+def source(hit: Any) -> dict[str, Any]:
+    """A source of a grounded answer (a grounding.Hit) as the final carries it."""
+    return {"collection": hit.collection, "file": hit.file, "heading": hit.heading or None,
+            "page": hit.page, "passage": hit.text}
 
 
 def final(rid: str, status: str, *, text: str = "", error: str | None = None,

@@ -113,11 +113,13 @@ def planned_bytes(cfg: ServiceConfig, engine: EngineConfig) -> int:
     """What the service holds beside the engine, for the memory plan: each
     question it may hold (accepted, or received and not yet on disk) as
     payload, parsed text and stored row; each answer as text and JSON;
-    paho's outgoing queue of answers; SQLite's page cache and its own
+    paho's outgoing queue of answers (with a grounded answer's sources); SQLite's page cache and its own
     structures; the network and worker threads."""
     capacity = cfg.max_accepted or engine.slots + engine.queue_size
     question = 3 * cfg.max_payload + 4096
-    answer = 1024 + 24 * engine.max_tokens  # ~6 bytes of text a token, as str and as JSON
+    # ~6 bytes of text a token, as str and as JSON; a grounded answer's passages (800 characters
+    # at most, as text and JSON, UTF-8 up to 4 bytes a character)
+    answer = 1024 + 24 * engine.max_tokens + engine.ground_passages * 8 * 800
     return ((capacity + cfg.receive_maximum) * question + (capacity + cfg.max_outgoing) * answer
             + 2 * CACHE_KIB * 1024 + 1 * MIB)
 
@@ -557,7 +559,8 @@ class Service:
                 messages=messages, max_tokens=q.max_tokens, sampling=sampling, timeout=timeout,
                 request_id=f"{q.device}/{q.id}",
                 on_text=(lambda piece: self._inbox.put(("text", (key, piece)))) if q.stream else None,
-                on_done=lambda result: self._inbox.put(("done", (key, result))))
+                on_done=lambda result: self._inbox.put(("done", (key, result))),
+                ground=q.ground, collection=q.collection)
         except (ValueError, TypeError, EdgeSlmError) as e:
             self._answer(flight, self._final(q, p.BAD_REQUEST, error=str(e)))
 
@@ -586,7 +589,8 @@ class Service:
                            finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
                            answer_tokens=len(r.tokens), retry_after_s=r.retry_after,
                            queued=waited + r.queued_s,
-                           first_token=None if r.ttft_s is None else waited + r.ttft_s)
+                           first_token=None if r.ttft_s is None else waited + r.ttft_s,
+                           grounding=r.grounding, sources=[p.source(h) for h in r.sources] or None)
 
     def _final(self, q: p.Question, status: str, *, text: str = "", error: str | None = None,
                prompt_tokens: int = 0, answer_tokens: int = 0, queued: float | None = None,

@@ -113,20 +113,15 @@ def test_answers_are_judged_by_containment_and_decline_phrases():
     assert not evalset.declines("E-417 means dry running.")
 
 
-def test_the_threshold_separates_either_score_direction():
-    class H:
-        def __init__(self, score: float):
-            self.score = score
-
-    def rows(sign: float) -> list[dict]:
-        made = [{"answerable": True, "top_score": sign * s, "hits": [H(sign * s), H(sign * (s - 1))]}
-                for s in (9.0, 8.0, 3.0)]
-        return made + [{"answerable": False, "top_score": sign * s, "hits": [H(sign * s)]} for s in (2.0, 4.0)]
-
-    for sign in (1.0, -1.0):
-        best = evalset.best_threshold(rows(sign))
-        assert best["answerable_kept"] == pytest.approx(2 / 3) and best["unanswerable_declined"] == 1.0
-        assert sign * best["threshold"] == pytest.approx(6.0)
+def test_the_threshold_is_the_coverage_that_best_separates_the_two_sets():
+    rows = [{"answerable": True, "top_coverage": c} for c in (0.9, 0.8, 0.5)] + \
+           [{"answerable": False, "top_coverage": c} for c in (0.2, 0.4, None)]
+    best = evalset.best_threshold(rows)
+    assert best["threshold"] == pytest.approx(0.5)
+    assert best["answerable_kept"] == 1.0 and best["unanswerable_declined"] == 1.0
+    # answering at >= 0.3 declines only the two below it (no hit at all: declined)
+    assert evalset.at_threshold(rows, 0.3) == (1.0, pytest.approx(2 / 3))
+    assert evalset.at_threshold(rows, 0.85) == (pytest.approx(1 / 3), 1.0)
 
 
 @pytest.fixture(scope="module")

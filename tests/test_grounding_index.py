@@ -128,7 +128,7 @@ def test_codes_and_part_numbers_match_exactly(index, manuals):
     assert index.search("6204-2RS")[0].heading == "Pump HP-30 > Parts"
     assert [h.file for h in index.search("HP-300")] == ["notes/filters.txt"]  # not the HP-30 manual
     assert index.search("E-419") == []
-    assert index.passage(hits[0].passage_id) == replace(hits[0], score=0.0)
+    assert index.passage(hits[0].passage_id) == replace(hits[0], score=0.0, coverage=0.0)
     assert index.passage(10**9) is None
 
 
@@ -242,7 +242,7 @@ def test_grounded_messages_hold_the_best_hits_that_fit(index, manuals):
     def words(text: str) -> int:
         return len(text.split())
 
-    question = "What does E-417 mean?"
+    question = [{"role": "user", "content": "What does E-417 mean?"}]
     everything, used = grounded_messages(question, hits, words, budget_tokens=10_000)
     assert used == hits
     full = sum(words(m["content"]) for m in everything)
@@ -252,10 +252,43 @@ def test_grounded_messages_hold_the_best_hits_that_fit(index, manuals):
     assert [m["role"] for m in messages] == ["system", "user"]
     assert "only" in messages[0]["content"] and "do not cover" in messages[0]["content"]
     user = messages[1]["content"]
-    assert "[1]" in user and "[2]" in user and "[3]" not in user and user.endswith(question)
+    assert "[1]" in user and "[2]" in user and "[3]" not in user and user.endswith(question[0]["content"])
     assert hits[0].text in user and hits[2].text not in user
     _, none = grounded_messages(question, hits, words, budget_tokens=5)
     assert none == []
+
+
+def test_grounded_conversations_keep_their_history_and_system_prompt(index, manuals):
+    index.add_folder(manuals)
+    hits = index.search("E-417", limit=1)
+    chat = [{"role": "system", "content": "Answer in one sentence."},
+            {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."},
+            {"role": "user", "content": "What does E-417 mean?"}]
+    messages, used = grounded_messages(chat, hits, lambda t: len(t.split()), budget_tokens=10_000)
+    assert used == hits
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert "do not cover" in messages[0]["content"] and messages[0]["content"].endswith("Answer in one sentence.")
+    assert messages[1:3] == chat[1:3]
+    assert hits[0].text in messages[3]["content"]
+
+
+def test_coverage_is_a_share_that_does_not_grow_with_the_index(tmp_path, manuals):
+    # bm25's scale grows with the number of passages; coverage must not, or one
+    # threshold would decline everything in a small index
+    small = Index.open(tmp_path / "small.sqlite3")
+    small.add_folder(manuals)
+    top_small = small.search("What does E-417 mean?", limit=1)[0]
+    big = Index.open(tmp_path / "big.sqlite3")
+    big.add_folder(manuals)
+    big.add_folder(Path(__file__).parent / "grounding" / "manuals", "evalset")
+    top_big = big.search("What does E-417 mean?", collection="default", limit=1)[0]
+    assert top_small.file == top_big.file
+    assert 0.9 <= top_small.coverage <= 1.0 and 0.9 <= top_big.coverage <= 1.0
+    assert top_small.score != pytest.approx(top_big.score, rel=0.05)  # the reason for coverage
+    unrelated = big.search("What is the capital of France?", limit=1)
+    assert not unrelated or unrelated[0].coverage < 0.2
+    small.close()
+    big.close()
 
 
 INDEX_THEN_STALL = """\

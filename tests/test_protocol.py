@@ -150,10 +150,16 @@ def test_protocol_document_matches_the_code():
         assert f"`{status}`" in doc, status
     for name, value in (("MAX_PAYLOAD", p.MAX_PAYLOAD), ("MAX_ID", p.MAX_ID), ("MAX_MESSAGES", p.MAX_MESSAGES),
                         ("MAX_DEPTH", p.MAX_DEPTH), ("MAX_TOKENS", p.MAX_TOKENS),
-                        ("MAX_DEVICE_ID", p.MAX_DEVICE_ID), ("MAX_TOPIC", p.MAX_TOPIC)):
+                        ("MAX_DEVICE_ID", p.MAX_DEVICE_ID), ("MAX_TOPIC", p.MAX_TOPIC),
+                        ("MAX_COLLECTION", p.MAX_COLLECTION)):
         assert re.search(rf"\b{value}\b", doc.replace(",", "")), f"{name} = {value} is not in PROTOCOL.md"
     for topic in ("edge-slm/v1/<device_id>/ask", "edge-slm/v1/<device_id>/cancel",
                   "edge-slm/v1/<device_id>/answer", "edge-slm/v1/_runtime/<runtime_id>/status"):
         assert topic in doc, topic
     for field in p._KNOWN:
         assert f"`{field}`" in doc, field
+    from edge_slm.grounding import ground
+
+    for label in (ground.GROUNDED, ground.NOT_COVERED, ground.UNGROUNDED):
+        assert f"`{label}`" in doc, label
+    assert ground.NOT_COVERED_TEXT in doc and f"{ground.DEFAULT_THRESHOLD}" in doc

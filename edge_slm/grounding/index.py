@@ -9,7 +9,9 @@ times. Both tables are contentless: the text is stored once, in `passages`."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import os
 import re
 import sqlite3
@@ -21,7 +23,7 @@ from pathlib import Path
 from ..errors import EdgeSlmError, is_whole
 from ..paths import home
 from .passages import Passage, UnparsableFile, split_markdown, split_pdf, split_text
-from .retrieve import exact_text, fts_query
+from .retrieve import exact_text, fts_query, query_terms
 
 SCHEMA_VERSION = "1"
 INDEX_FILE = "index.sqlite3"
@@ -88,6 +90,8 @@ class Hit:
     text: str
     score: float         # higher is better: the summed bm25 of the stemmed and exact matches
     passage_id: int
+    coverage: float = 0.0  # share of the query's words in the passage, each weighted by its
+                           # rarity in the index (idf): how much of the question it speaks to
 
 
 class Index:
@@ -96,9 +100,10 @@ class Index:
         self.path = path
 
     @classmethod
-    def open(cls, path: Path | None = None, *, create: bool = True) -> Index:
+    def open(cls, path: Path | None = None, *, create: bool = True, shared: bool = False) -> Index:
         """The index at `path` (default $EDGE_SLM_HOME/index.sqlite3), made
-        empty if it is absent and `create` is set."""
+        empty if it is absent and `create` is set. A `shared` index may be
+        used from any thread, one at a time (the caller serialises)."""
         path = home() / INDEX_FILE if path is None else Path(path)
         if not path.exists():
             if not create:
@@ -111,7 +116,8 @@ class Index:
             raise IndexFileError(f"{path}: is not a file")
         try:
             # Autocommit: add_folder opens its one transaction itself.
-            db = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None)
+            db = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None,
+                                 check_same_thread=not shared)
         except sqlite3.Error as e:
             raise IndexFileError(f"{path}: cannot open the index ({e})") from None
         try:
@@ -242,7 +248,28 @@ class Index:
                 scores[pid] = scores.get(pid, 0.0) - weight * bm25  # bm25() is lower for better matches
         best = sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:limit]
         # An indexer may commit between these reads: a passage gone since is left out.
-        return [hit for pid, score in best if (hit := self._hit(pid, score)) is not None]
+        hits = [hit for pid, score in best if (hit := self._hit(pid, score)) is not None]
+        return self._with_coverage(query, hits)
+
+    def _with_coverage(self, query: str, hits: list[Hit]) -> list[Hit]:
+        """`hits` with their coverage of `query`. Unlike bm25, whose scale
+        grows with the number of passages indexed, coverage is a share (0 to
+        1), so one threshold on it holds for one manual or a thousand: a
+        question about something the manuals never name (its rarest words
+        found nowhere) stays low however many passages share its common words."""
+        if not hits:
+            return hits
+        terms = query_terms(query)
+        (n_passages,) = self._read("SELECT count(*) FROM passages")[0]
+        idf = {}
+        for t in terms:
+            (n,) = self._read("SELECT count(*) FROM fts_stem WHERE fts_stem MATCH ?", (f'"{t}"',))[0]
+            idf[t] = math.log((n_passages - n + 0.5) / (n + 0.5) + 1)  # bm25's, never negative
+        total = sum(idf.values()) or 1.0
+        return [dataclasses.replace(hit, coverage=sum(
+            w for t, w in idf.items()
+            if self._read("SELECT 1 FROM fts_stem WHERE fts_stem MATCH ? AND rowid = ?",
+                          (f'"{t}"', hit.passage_id))) / total) for hit in hits]
 
     def passage(self, passage_id: int) -> Hit | None:
         """A passage by its id (a source a front end opens again), with score 0."""

@@ -22,15 +22,22 @@ def source_label(hit: Hit) -> str:
     return ", ".join(where)
 
 
-def grounded_messages(question: str, hits: list[Hit], count_tokens: Callable[[str], int],
-                      budget_tokens: int, system: str | None = None) -> tuple[list[dict], list[Hit]]:
-    """Chat messages holding the question and as many of `hits` (best first)
-    as fit in `budget_tokens`, counted by `count_tokens` over the messages'
-    text (the chat template's few tokens per message are the caller's margin),
-    and the hits used. The hits used are always a prefix of `hits`, so
-    passage [n] in the prompt is used[n-1]."""
-    system = DEFAULT_SYSTEM if system is None else system
-    room = budget_tokens - count_tokens(system)
+def grounded_messages(messages: list[dict[str, str]], hits: list[Hit], count_tokens: Callable[[str], int],
+                      budget_tokens: int) -> tuple[list[dict[str, str]], list[Hit]]:
+    """A conversation (ending with the user's question) grounded: the
+    instruction put first in its system message, and as many of `hits` (best
+    first) as fit in `budget_tokens` put before the question in its last
+    message. `count_tokens` counts the messages' text (the chat template's
+    few tokens per message are the caller's margin). Returns the messages
+    and the hits used, always a prefix of `hits`, so passage [n] in the
+    prompt is used[n-1]. Earlier turns are left as they were."""
+    *history, last = messages
+    system = DEFAULT_SYSTEM
+    if history and history[0]["role"] == "system":
+        # the caller's instruction (answer briefly, say) still holds, after ours
+        system = f"{DEFAULT_SYSTEM}\n\n{history.pop(0)['content']}"
+    question = last["content"]
+    room = budget_tokens - sum(count_tokens(m["content"]) for m in history) - count_tokens(system)
     used: list[Hit] = []
     blocks: list[str] = []
     for hit in hits:
@@ -40,7 +47,7 @@ def grounded_messages(question: str, hits: list[Hit], count_tokens: Callable[[st
             break
         blocks.append(block)
         used.append(hit)
-    return [{"role": "system", "content": system},
+    return [{"role": "system", "content": system}, *history,
             {"role": "user", "content": _user_text(question, blocks)}], used
 
 
