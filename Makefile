@@ -18,10 +18,11 @@ ARCH := $(shell uname -m)
 
 # mosquitto: the broker `edge-slm serve` starts when given none, and every
 # MQTT test's; its clients for the pasteable example; libmosquitto-dev for the
-# C client in firmware_bridge/examples.
+# C client in firmware_bridge/examples; chromium for the kiosk's browser tests
+# (driven by Playwright's Python package, which never downloads a browser here).
 APT_PACKAGES := build-essential python3-dev python3-venv \
 	gcc-aarch64-linux-gnu qemu-user-static \
-	mosquitto mosquitto-clients libmosquitto-dev
+	mosquitto mosquitto-clients libmosquitto-dev chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 # Everything the extension is built from (the C tests have their own Makefile).

@@ -422,3 +422,6 @@ main.add_command(mqtt_ask)
 
 from .grounding.commands import index  # noqa: E402
 main.add_command(index)
+
+from .kiosk.commands import kiosk  # noqa: E402
+main.add_command(kiosk)

@@ -3,6 +3,7 @@ joined to edge-slm's own (edge_slm/cli.py adds these commands)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -114,8 +115,17 @@ def password(password_file: Path | None) -> str | None:
               help="On SIGTERM, seconds to finish what is running (default 30).")
 @click.option("--ha-discovery", is_flag=True, default=None, help="Announce the runtime to Home Assistant.")
 @click.option("--demo", is_flag=True, help="Once up, ask one question as a device would and print the answer.")
+@click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Index of manuals to ground answers in (default: $EDGE_SLM_HOME/index.sqlite3, "
+                   "used when it exists).")
+@click.option("--kiosk", "with_kiosk", is_flag=True,
+              help="Also serve the technician's page, on the same engine and budget.")
+@click.option("--kiosk-host", default=None, help="The page's address (default 127.0.0.1; another needs a PIN).")
+@click.option("--kiosk-port", type=click.IntRange(1, 65535), default=None, help="The page's port (default 8080).")
+@click.option("--kiosk-pin-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="File holding the PIN browsers off this board must enter (or EDGE_SLM_KIOSK_PIN).")
 def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens, password_file, demo,
-          **service_options) -> None:
+          index_path, with_kiosk, kiosk_host, kiosk_port, kiosk_pin_file, **service_options) -> None:
     """Answer devices' questions over MQTT (protocol: firmware_bridge/PROTOCOL.md).
 
     Settings also come from the [serve] table of the settings file and
@@ -123,6 +133,14 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
     from edge_slm.config import load_engine_config, load_settings
     from edge_slm.engine import Engine
     from edge_slm.paths import home
+
+    kiosk_cfg = None
+    if with_kiosk:
+        from edge_slm.kiosk.commands import kiosk_settings
+        from edge_slm.kiosk.server import Kiosk  # before the engine plans: measured in its interpreter row
+        from edge_slm.kiosk.server import planned_bytes as kiosk_bytes
+
+        kiosk_cfg = kiosk_settings(kiosk_host, kiosk_port, kiosk_pin_file)
 
     from .broker import BrokerError, Mosquitto, free_port
     from .service import Service, ServiceConfig, planned_bytes
@@ -144,8 +162,9 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
         raise EdgeSlmError(str(e)) from None
     engine_cfg = load_engine_config({"model": model_path, "memory_budget": memory_budget, "slots": slots,
                                      "ctx": n_ctx, "kv_type": kv_type, "threads": threads,
-                                     "max_tokens": max_tokens})
-    engine_cfg = replace(engine_cfg, front_end_bytes=planned_bytes(cfg, engine_cfg))
+                                     "max_tokens": max_tokens, "index": index_path})
+    engine_cfg = replace(engine_cfg, front_end_bytes=planned_bytes(cfg, engine_cfg)
+                         + (kiosk_bytes() if with_kiosk else 0))
     private = None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -158,22 +177,22 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
             except BrokerError as e:
                 raise EdgeSlmError(str(e)) from None
             cfg = replace(cfg, broker=private.url)
-        with Engine(engine_cfg) as engine:
+        with Engine(engine_cfg) as engine, contextlib.ExitStack() as front_ends:
             try:
-                service = Service(engine, cfg).start()
+                service = Service(engine, cfg, shared=with_kiosk).start()
             except StoreError as e:
                 raise EdgeSlmError(str(e)) from None
+            front_ends.callback(service.stop)
+            if kiosk_cfg is not None:
+                front_ends.enter_context(Kiosk(engine, kiosk_cfg).start())
             log.warning("serving %s as runtime %s on %s", service.model_name, service.runtime_id, cfg.broker)
             if not service.wait_connected(10):
                 log.warning("no broker answers at %s yet; retrying in the background", cfg.broker)
             elif demo:
                 _demo(cfg, stop)
-            try:
-                while not stop.wait(1.0):
-                    pass
-            finally:
-                log.warning("stopping: draining questions in flight")
-                service.stop()
+            while not stop.wait(1.0):
+                pass
+            log.warning("stopping: draining questions in flight")
     finally:
         if private is not None:
             private.stop()

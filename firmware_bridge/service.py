@@ -198,9 +198,13 @@ def make_client(client_id: str, cfg: ServiceConfig) -> mqtt.Client:
 
 
 class Service:
-    def __init__(self, engine: Engine, cfg: ServiceConfig):
+    def __init__(self, engine: Engine, cfg: ServiceConfig, shared: bool = False):
+        """`shared`: another front end (the kiosk) asks the same engine, so
+        no question of ours waits inside it beyond its slots: the other's
+        waits for one slot at most, while ours wait here, fairly."""
         self.engine = engine
         self.cfg = cfg
+        self.engine_depth = (1 if shared else 2) * len(engine.slots)  # ours in the engine at most
         self.store = Store.in_folder(cfg.state_dir)
         self.runtime_id = self.store.runtime_id(cfg.runtime_id)
         st = engine.status()
@@ -524,11 +528,11 @@ class Service:
 
     def _dispatch(self) -> None:
         """Hand waiting questions to the engine, one device at a time in
-        turn, keeping at most a slot's worth queued inside the engine: its
-        queue is first come, first served, ours is fair."""
+        turn, keeping at most a slot's worth queued inside the engine (none,
+        when it is shared): its queue is first come, first served, ours is fair."""
         if self._draining:
             return
-        room = 2 * len(self.engine.slots) - sum(1 for f in self.flights.values()
+        room = self.engine_depth - sum(1 for f in self.flights.values()
                                                 if f.req is not None and not f.req.done())
         while room > 0 and self.turn:
             device = self.turn.popleft()
