@@ -27,6 +27,7 @@ from typing import Any
 
 import click
 
+from . import bench_grounding as bg
 from .bench_worker import OURS, PEER, RoundResult, Workload
 from .engine import common_prefix
 from .errors import EdgeSlmError
@@ -144,11 +145,19 @@ def measure_bandwidth(threads: list[int]) -> dict[int, float]:
 def run_child(runtime: str, model_path: Path, threads: int, ctx: int, workload: Path,
               backend: str | None = None) -> tuple[RoundResult, float]:
     """One round in a fresh interpreter: its result and the CPU seconds it used."""
-    cmd = [sys.executable, "-m", "edge_slm.bench_worker", "--runtime", runtime,
-           "--model", str(model_path), "--threads", str(threads), "--ctx", str(ctx),
-           "--workload", str(workload)]
+    args = ["--runtime", runtime, "--model", str(model_path), "--threads", str(threads),
+            "--ctx", str(ctx), "--workload", str(workload)]
     if backend is not None and runtime == OURS:
-        cmd += ["--backend", backend]
+        args += ["--backend", backend]
+    d, cpu_s = run_process("edge_slm.bench_worker", args, f"the {runtime} benchmark round")
+    d["prefill_tps"] = {int(n): v for n, v in d["prefill_tps"].items()}
+    return RoundResult(**d), cpu_s
+
+
+def run_process(module: str, args: list[str], what: str) -> tuple[dict[str, Any], float]:
+    """`python -m module args` in a fresh interpreter: the JSON of the last
+    line it printed, and the CPU seconds it used. `what` names it in errors."""
+    cmd = [sys.executable, "-m", module, *args]
     log.info("round: %s", " ".join(cmd[2:]))
     with tempfile.TemporaryFile() as err:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
@@ -165,14 +174,12 @@ def run_child(runtime: str, model_path: Path, threads: int, ctx: int, workload: 
         err.seek(0)
         stderr = err.read().decode(errors="replace").strip()
     if p.returncode != 0:
-        log.error("%s round failed (exit %d):\n%s", runtime, p.returncode, stderr)
+        log.error("%s failed (exit %d):\n%s", what, p.returncode, stderr)
         last = stderr.splitlines()[-1] if stderr else "no output"
-        raise EdgeSlmError(f"the {runtime} benchmark round failed (exit {p.returncode}): {last}")
+        raise EdgeSlmError(f"{what} failed (exit {p.returncode}): {last}")
     if stderr:
-        log.debug("%s round stderr:\n%s", runtime, stderr)
-    d = json.loads(out.decode().strip().splitlines()[-1])
-    d["prefill_tps"] = {int(n): v for n, v in d["prefill_tps"].items()}
-    return RoundResult(**d), usage.ru_utime + usage.ru_stime
+        log.debug("%s: stderr:\n%s", what, stderr)
+    return json.loads(out.decode().strip().splitlines()[-1]), usage.ru_utime + usage.ru_stime
 
 
 def summarize(rounds: list[RoundResult], cpu_s: list[float], bandwidth_gbs: float,
@@ -303,6 +310,69 @@ def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
     return "\n".join(lines).rstrip()
 
 
+# ---- grounding: what it costs ----
+
+def measure_grounding(model_path: Path, thread_counts: list[int], n_ctx: int, pairs: int,
+                      backend: str | None, workdir: Path) -> dict[str, Any]:
+    """The bench's grounding section (see edge_slm.bench_grounding): a
+    synthetic library indexed, retrieval timed alone, and the first token of
+    `pairs` questions asked grounded and ungrounded, in a fresh process per
+    thread count."""
+    corpus = bg.write_corpus(workdir / "manuals")
+    index_path = workdir / "index.sqlite3"
+    indexed = bg.index_corpus(corpus, index_path)
+    retrieval = bg.measure_retrieval(index_path, corpus.queries)
+    questions = workdir / "questions.json"
+    questions.write_text(json.dumps(bg.ttft_questions(corpus, pairs)))
+    ttft = {}
+    for t in thread_counts:
+        click.echo(f"grounding: {pairs} question{'s' * (pairs > 1)} grounded and ungrounded, "
+                   f"{t} thread{'s' * (t > 1)}", err=True)
+        args = ["--model", str(model_path), "--index", str(index_path), "--threads", str(t),
+                "--ctx", str(n_ctx), "--questions", str(questions)]
+        if backend is not None:
+            args += ["--backend", backend]
+        d, _ = run_process("edge_slm.bench_grounding", args, "the grounding round")
+        ttft[str(t)] = {**bg.summarize_ttft(d["samples"]), "load_s": d["load_s"],
+                        "backend": d["backend"]}
+    return {"corpus": {"seed": bg.CORPUS_SEED, "pages": corpus.pages, "manuals": corpus.manuals,
+                       "bulletins": corpus.bulletins, "words": corpus.words, "bytes": corpus.bytes},
+            "index": indexed, "retrieval": retrieval, "ttft_by_threads": ttft,
+            "settings": {"slots": 1, "answer_tokens": 1,
+                         "ttft": "submit to first token: retrieval, prompt and prefill",
+                         "prompt_cache": "emptied before every timed request"}}
+
+
+def format_grounding(g: dict[str, Any]) -> str:
+    c, ix, r = g["corpus"], g["index"], g["retrieval"]
+    lines = [f"grounding: {c['pages']:,} pages ({c['manuals']} manuals, {c['bulletins']} bulletins) "
+             f"-> {ix['passages']:,} passages, indexed in {ix['seconds']:.1f} s, "
+             f"index file {ix['bytes'] / MIB:.1f} MiB",
+             f"  retrieval alone, ms: median {r['median_ms']:.1f}, p95 {r['p95_ms']:.1f} "
+             f"({r['queries']} queries x {r['reps']}; the right manual first for "
+             f"{r['top_hit_in_manual']}/{r['queries']})",
+             f"{'':28}{'ungrounded':>12}{'grounded':>12}{'grounded/ungrounded':>21}"]
+    noisy = False
+    by_threads = sorted(g["ttft_by_threads"].items(), key=lambda item: int(item[0]))
+    for t, s in by_threads:
+        row = f"  {f'first token, {t} thread' + 's' * (t != '1') + ', ms':26}"
+        for grounded, key in ((False, "ungrounded_ms"), (True, "grounded_ms")):
+            mark = "*" if spread([x["ttft_ms"] for x in s["samples"] if x["grounded"] == grounded]) \
+                > NOISY_SPREAD else " "
+            noisy |= mark == "*"
+            row += f"{_fmt(s[key]):>11}{mark}"
+        lines.append(row + f"{s['ratio']:>21.2f}")
+    s = by_threads[0][1]  # the prompts are the same at every thread count
+    u, gr = s["ungrounded_prompt_tokens"], s["grounded_prompt_tokens"]
+    lines.append(f"  {'prompt tokens':26}{u:>11.0f} {gr:>11.0f} {gr / u:>21.2f}")
+    lines.append(f"  median of {s['pairs']} question{'s' * (s['pairs'] > 1)}, each asked both ways, "
+                 "one slot, a cold prompt cache; grounded includes retrieval")
+    if noisy:
+        lines.append(f"* samples differ by more than {NOISY_SPREAD:g}x: the machine was busy; "
+                     "see the raw samples")
+    return "\n".join(lines)
+
+
 @contextlib.contextmanager
 def spinners(n: int) -> Iterator[list[subprocess.Popen]]:
     """n processes that spin on a CPU each until the block ends."""
@@ -333,8 +403,13 @@ def spinners(n: int) -> Iterator[list[subprocess.Popen]]:
 @click.option("--busy-cores", type=click.IntRange(0), default=0, show_default=True,
               help="Keep this many other processes spinning throughout, as other programs "
                    "on a shared board would.")
+@click.option("--grounding/--no-grounding", default=True, show_default=True,
+              help="Also measure what grounding costs: retrieval alone on a corpus of "
+                   f"{bg.CORPUS_PAGES:,} pages, and the first token of the same questions "
+                   "grounded and ungrounded (one each per --reps).")
 def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: int,
-          json_path: Path | None, no_peer: bool, backend: str | None, busy_cores: int) -> None:
+          json_path: Path | None, no_peer: bool, backend: str | None, busy_cores: int,
+          grounding: bool) -> None:
     """Measure speed and memory against llama.cpp (llama-cpp-python) on the same model."""
     path = model_or_default(model_path)
     check_writable(json_path)
@@ -366,6 +441,10 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
     cpu: dict[tuple[str, int], list[float]] = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edge-slm-bench-") as tmp, spinners(busy_cores):
+        # First: it takes a fraction of the rounds' time, and a model it
+        # cannot ground with fails the bench before they run.
+        grounding_doc = measure_grounding(path, thread_counts, n_ctx, reps, backend, Path(tmp)) \
+            if grounding else None
         wpath = Path(tmp) / "workload.json"
         wpath.write_text(workload.to_json())
         for rep in range(reps):
@@ -392,6 +471,8 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
     kernels = {s.runtime: s.backend for s in summaries}
     click.echo("kernels: " + "; ".join(f"{rt} {name}" for rt, name in kernels.items()))
     click.echo(format_table(summaries, bandwidth, agreement))
+    if grounding_doc is not None:
+        click.echo("\n" + format_grounding(grounding_doc))
     if len(ours_ids) > 1:
         click.echo(f"note: edge-slm's greedy tokens differ between rounds or thread counts "
                    f"({len(ours_ids)} distinct sequences)")
@@ -411,6 +492,7 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
                 "edge_slm_consistent": len(ours_ids) == 1,
                 "greedy_ids": {f"{s.runtime}/{s.threads}": s.greedy_ids for s in summaries},
             },
+            "grounding": grounding_doc,
             "model": {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size,
                       "weight_bytes_per_token": bytes_per_token,
                       "weight_bytes_per_token_parts": byte_parts},

@@ -77,7 +77,9 @@ class Conversation:
         if not text.strip():
             return Result(ERROR, error="the prompt is empty: the question is blank")
         question = {"role": "user", "content": text}
-        g = self.engine.ground(self.system + [question], ground=ground, collection=collection,
+        # the question before goes too, so a follow-up ("and how do I fix it?") is searched with it
+        before = [t for t in self.turns if t["role"] == "user"][-1:]
+        g = self.engine.ground(self.system + before + [question], ground=ground, collection=collection,
                                max_tokens=self.max_tokens)
         if g is not None and g.messages is None:  # declined: the manuals do not cover it
             if on_text:

@@ -27,7 +27,7 @@ def test_bench_json_layout(long_model, tmp_path):
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(main, ["bench", "--model", str(long_model), "--no-peer", "--reps", "1",
                                     "--threads", "1", "--threads", "2", "--ctx", "1024",
-                                    "--backend", "ref",
+                                    "--backend", "ref", "--no-grounding",
                                     "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert "prefill 512 tok" in res.output
@@ -44,6 +44,7 @@ def test_bench_json_layout(long_model, tmp_path):
     assert len(doc["greedy_agreement"]["greedy_ids"][f"{OURS}/1"]) == 129
     assert doc["settings"]["n_ctx"] == 1024 and doc["settings"]["busy_cores"] == 0
     assert {r["backend"] for r in doc["runs"]} == {"ref"}
+    assert doc["grounding"] is None
 
 
 def test_bench_refuses_a_context_too_small(long_model):
@@ -127,3 +128,57 @@ def test_table_shows_ratios_ours_over_peer():
     assert "the first 7 of 129" in next(line for line in table if "greedy decode" in line)
     assert "50/60" in next(line for line in table if "fixed text" in line)
     assert table[-1].startswith("* rounds differ")
+
+
+def corpus_bytes(root) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_grounding_corpus_is_a_thousand_pages_and_the_same_every_time(tmp_path):
+    from edge_slm.bench_grounding import PAGE_WORDS, write_corpus
+
+    a, b = write_corpus(tmp_path / "a"), write_corpus(tmp_path / "b")
+    assert a.pages >= 1000 and (a.pages, a.queries) == (b.pages, b.queries)
+    files = corpus_bytes(a.root)
+    assert files == corpus_bytes(b.root) and len(files) == a.manuals + a.bulletins
+    # a page is a section of a manual or a whole bulletin, and is a page long
+    sections = sum(text.count(b"\n## ") for rel, text in files.items() if rel.endswith(".md"))
+    assert sections + sum(rel.endswith(".txt") for rel in files) == a.pages
+    assert PAGE_WORDS[0] <= a.words / a.pages <= PAGE_WORDS[1]
+    assert len(a.queries) == 50 and {q.code for q in a.queries} == {True, False}
+    # another seed, another corpus
+    assert corpus_bytes(write_corpus(tmp_path / "c", seed=1).root) != files
+
+
+def test_retrieval_is_timed_on_real_searches(tmp_path):
+    from edge_slm.bench_grounding import index_corpus, measure_retrieval, write_corpus
+
+    corpus = write_corpus(tmp_path / "manuals", manuals=4, bulletins=4, queries=20)
+    indexed = index_corpus(corpus, tmp_path / "index.sqlite3")
+    assert indexed["passages"] > corpus.pages and indexed["seconds"] > 0
+    assert indexed["bytes"] == (tmp_path / "index.sqlite3").stat().st_size > 0
+    r = measure_retrieval(tmp_path / "index.sqlite3", corpus.queries, reps=2)
+    assert (r["queries"], r["reps"], r["limit"]) == (20, 2, 3)
+    assert 0 < r["median_ms"] <= r["p95_ms"] <= r["max_ms"] < 1000
+    # the searches found what the corpus states, not nothing quickly
+    assert r["top_hit_in_manual"] >= 18 and r["covered"] == 20
+
+
+def test_grounding_section_end_to_end(real_model, tmp_path):
+    g = bench_mod.measure_grounding(real_model, [1], 2048, 1, None, tmp_path)
+    assert g["corpus"]["pages"] >= 1000 and g["index"]["passages"] > g["corpus"]["pages"]
+    t = g["ttft_by_threads"]["1"]
+    grounded, ungrounded = (next(s for s in t["samples"] if s["grounded"] == k) for k in (True, False))
+    assert grounded["question"] == ungrounded["question"]
+    assert (grounded["label"], ungrounded["label"]) == ("grounded", None)
+    assert grounded["passages"] >= 1 and ungrounded["passages"] == 0
+    assert grounded["cached_tokens"] == ungrounded["cached_tokens"] == 0
+    # the passages are the cost: a prompt several times longer, a later first token
+    assert t["grounded_prompt_tokens"] > 3 * t["ungrounded_prompt_tokens"]
+    assert t["ratio"] == t["grounded_ms"] / t["ungrounded_ms"] > 1
+    table = bench_mod.format_grounding(g).splitlines()
+    assert table[0].startswith("grounding: 1,040 pages")
+    row = next(line for line in table if line.strip().startswith("first token, 1 thread"))
+    assert row.split()[-1] == f"{t['ratio']:.2f}"
+    tokens = next(line for line in table if line.strip().startswith("prompt tokens")).split()
+    assert tokens[2:4] == [f"{t['ungrounded_prompt_tokens']:.0f}", f"{t['grounded_prompt_tokens']:.0f}"]

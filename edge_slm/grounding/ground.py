@@ -8,6 +8,7 @@ configured, answered without passages and labelled UNGROUNDED."""
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -28,10 +29,10 @@ NOT_COVERED = "not_covered"  # nothing relevant found: declined, the model did n
 UNGROUNDED = "ungrounded"    # nothing relevant found: answered without passages, by setting
 NOT_COVERED_TEXT = "The manuals do not cover this question."
 
-# The top hit's coverage (Hit.coverage: the share of the question's words,
-# weighted by rarity, that the passage holds) below which the manuals are
-# taken not to cover a question. Measured on tests/grounding by
-# scripts/eval-grounding: 0.36 keeps 98.0 % of the answerable questions and
+# The coverage (Hit.coverage: the share of the question's words, weighted by
+# rarity, that a passage holds) which none of the passages found reaching
+# means the manuals do not cover a question. Measured on tests/grounding by
+# scripts/eval-grounding: 0.36 keeps 100 % of the answerable questions and
 # declines 91.7 % of the unanswerable ones. A share, unlike bm25's score, so
 # it holds for an index of one manual as for one of thousands.
 DEFAULT_THRESHOLD = 0.36
@@ -39,6 +40,8 @@ UNCOVERED = ("decline", "answer")  # what a request below the threshold gets
 # ChatML's markup around each message, with room to spare: the passages'
 # budget is counted over the messages' text alone.
 TEMPLATE_TOKENS_PER_MESSAGE = 8
+# Words by which a question points back at the one before.
+FOLLOW_UP_WORDS = frozenset("it its this that these those they them there".split())
 # SQLite's FTS5 work memory for one query (its doclists for 64 terms), beside the page cache.
 QUERY_BYTES = 1 * MIB
 
@@ -115,20 +118,21 @@ class Grounder:
         prompt of `prompt_tokens`. Raises EdgeSlmError for an unknown
         collection."""
         question = messages[-1]["content"]
-        # A follow-up ("and how do I fix it?") is searched with the question before it too.
+        # A follow-up ("and how do I fix it?": it points back) is searched with the question before it.
         asked = [m["content"] for m in messages if m["role"] == "user"]
-        queries = [question] + ([f"{asked[-2]}\n{question}"] if len(asked) > 1 else [])
+        follow_up = len(asked) > 1 and not FOLLOW_UP_WORDS.isdisjoint(re.findall(r"\w+", question.lower()))
+        queries = [question] + ([f"{asked[-2]}\n{question}"] if follow_up else [])
         t0 = time.monotonic()
         for query in queries:
             with self._lock:
                 if self._closed:
                     raise EdgeSlmError("engine is shutting down")
                 hits = self.index.search(query, collection, self.passages)
-            if hits and hits[0].coverage >= self.threshold:
+            if hits and max(h.coverage for h in hits) >= self.threshold:
                 break
         spent = time.monotonic() - t0
         terms = query_terms(query)
-        top = hits[0].coverage if hits else None
+        top = max((h.coverage for h in hits), default=None)
         if top is None or top < self.threshold:
             label = NOT_COVERED if self.uncovered == "decline" else UNGROUNDED
             return Grounded(None if label == NOT_COVERED else messages, [], label, terms, top, spent)

@@ -15,12 +15,16 @@ MAX_QUERY_TERMS = 64  # a 100 KB question costs no more to search than a long se
 # the same characters inside tokens, so these are its tokens exactly.
 _EXACT_TOKEN = re.compile(r"\w+(?:[-./_]\w+)*")
 
-# Words a question is made of that say nothing about the manual it needs;
-# kept only when a query holds nothing else.
+# Words a question is made of that say nothing about the manual it needs
+# (nor the ways of asking: "explain in detail, step by step"); kept only when
+# a query holds nothing else. A word no manual holds lowers a question's
+# coverage, so these must not count against it.
 _STOPWORDS = frozenset("""
 a an and are as at be by can could do does did for from has have how i if in into is it its me my
 of on or our should so than that the their then there these this to was we were what when where which
 who why will with would you your
+about all any each every explain describe detail detailed details tell list show give please step
+steps also just need want know way ways thing things one some
 """.split())
 
 

@@ -1,0 +1,292 @@
+"""The technician's kiosk, end to end: the real model and index behind the
+page, driven in Debian's headless Chromium through Playwright (never a
+downloaded browser), and the HTTP rules checked on the wire.
+
+Screenshots at 800x480 and 720x1280 are written to build/test-artifacts/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from playwright import sync_api as playwright
+from playwright.sync_api import expect
+
+from edge_slm.engine import Engine, EngineConfig
+from edge_slm.errors import EdgeSlmError
+from edge_slm.grounding.index import Index
+from edge_slm.kiosk.auth import FREE_TRIES, Gate
+from edge_slm.kiosk.server import MAX_QUESTION, Kiosk, KioskConfig
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "build" / "test-artifacts"
+EVAL_MANUALS = Path(__file__).parent / "grounding" / "manuals"
+HOSTILE = "<img src=x onerror=\"window.pwned=1\"><script>window.pwned=1</script>"
+LONG_QUESTION = "Write a long story about a pump, a press and a conveyor, in many chapters."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def index_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("kiosk") / "index.sqlite3"
+    hostile = tmp_path_factory.mktemp("hostile")
+    (hostile / "hostile.md").write_text(f"# Valve V-9 reset {HOSTILE}\n\nTo reset valve V-9, hold the "
+                                        f"red button for 5 s. {HOSTILE}\n")
+    with Index.open(path) as idx:
+        idx.add_folder(EVAL_MANUALS / "hp-30", "hp-30")
+        idx.add_folder(EVAL_MANUALS / "px-200", "px-200")
+        idx.add_folder(hostile, "hostile")
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(real_model, index_path):
+    with Engine(EngineConfig(model=real_model, index=index_path, slots=1, ctx=1024, max_tokens=160,
+                             threads=2)) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def kiosk(engine):
+    with Kiosk(engine, KioskConfig(kiosk_port=free_port())).start() as k:
+        yield k
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is missing: run `make setup` (it installs Debian's chromium)")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, kiosk):
+    """A fresh page on the kiosk, recording every request it makes."""
+    context = browser.new_context(viewport={"width": 800, "height": 480})
+    pg = context.new_page()
+    pg.requests = []
+    pg.on("request", lambda r: pg.requests.append(r.url))
+    pg.goto(kiosk.url)
+    yield pg
+    context.close()
+
+
+def wait_until(check, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def post(kiosk, path: str, body: bytes, content_type: str = "application/json",
+         headers: dict | None = None) -> tuple[int, dict | str]:
+    req = urllib.request.Request(kiosk.url.rstrip("/") + path, data=body, method="POST",
+                                 headers={"Content-Type": content_type, **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            text = r.read().decode()
+            return r.status, json.loads(text) if r.headers.get_content_type() == "application/json" else text
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode())
+
+
+# ---- in the browser ----
+
+def test_a_grounded_answer_streams_with_its_sources(page, kiosk, engine):
+    page.fill("#question", "The HP-30 shows E-417. What does it mean?")
+    page.click("#send")
+    page.wait_for_selector("#sources li", timeout=20_000)
+    assert page.text_content("#label") == "From the manuals"
+    first = page.text_content("#sources li button")
+    assert "hp-30-service.md" in first and "Error codes" in first
+    # the stop button shows while the answer streams, and the text grows
+    expect(page.locator("#text")).not_to_be_empty(timeout=20_000)
+    page.wait_for_selector("#stop", state="hidden", timeout=60_000)
+    assert page.text_content("#text").strip()
+    assert "tokens in" in page.text_content("#meta")
+    # a source opens to its passage, the question's code highlighted
+    page.click("#sources li button")
+    passage = page.locator("#sources li .passage").first
+    assert "Dry running" in passage.text_content()
+    marks = [m.lower() for m in passage.locator("mark").all_text_contents()]
+    assert "e-417" in marks
+    assert page.get_attribute("#sources li button", "aria-expanded") == "true"
+    # the session's history holds it
+    assert "E-417" in page.text_content("#history")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "kiosk-800x480.png"), full_page=False)
+    page.set_viewport_size({"width": 720, "height": 1280})
+    page.screenshot(path=str(ARTIFACTS / "kiosk-720x1280.png"), full_page=False)
+    # nothing was asked of anywhere but the kiosk
+    assert page.requests and all(u.startswith(kiosk.url) for u in page.requests), page.requests
+
+
+def test_a_question_the_manuals_do_not_cover_is_declined(page):
+    page.fill("#question", "What is the capital of France?")
+    page.click("#send")
+    page.wait_for_selector("#stop", state="hidden", timeout=20_000)
+    assert page.text_content("#label") == "Not in the manuals"
+    assert page.text_content("#text") == "The manuals do not cover this question."
+    assert page.locator("#sources li").count() == 0
+
+
+def test_stop_cancels_the_request_in_the_engine(page, engine):
+    cancelled = engine.status()["requests"].get("cancelled", 0)
+    # a question the manuals cover, so the model answers it at length
+    page.fill("#question", "Describe every step of servicing the HP-30 pump bearings and the seal, in detail.")
+    page.click("#send")
+    expect(page.locator("#text")).not_to_be_empty(timeout=30_000)
+    assert engine.status()["slots_busy"] == 1
+    page.click("#stop")
+    assert wait_until(lambda: engine.status()["slots_busy"] == 0, 5), engine.status()
+    assert engine.status()["requests"].get("cancelled", 0) == cancelled + 1
+    page.wait_for_selector("#stop", state="hidden", timeout=5_000)
+    assert page.is_enabled("#send")
+
+
+def test_the_page_says_when_the_board_is_busy(page, engine):
+    # the equipment's questions fill the engine (one slot here)
+    other = engine.submit(LONG_QUESTION, max_tokens=160, ignore_eos=True, timeout=60)
+    try:
+        assert wait_until(lambda: engine.status()["slots_busy"] == 1, 10)
+        page.wait_for_selector("#busy", state="visible", timeout=10_000)
+        assert "busy" in page.text_content("#busy")
+        assert "1 of 1 answering" in page.text_content("#board")
+    finally:
+        other.cancel()
+    page.wait_for_selector("#busy", state="hidden", timeout=10_000)
+
+
+def test_markup_in_questions_and_manuals_is_shown_as_text(page):
+    page.fill("#question", f"How do I reset valve V-9? {HOSTILE}")
+    page.click("#send")
+    page.wait_for_selector("#sources li", timeout=20_000)
+    page.wait_for_selector("#stop", state="hidden", timeout=60_000)
+    page.click("#sources li button")
+    passage = page.locator("#sources li .passage").first.text_content()
+    assert "<script>window.pwned=1</script>" in passage
+    assert "<script>" in page.text_content("#history")
+    assert page.evaluate("window.pwned") is None
+    assert page.locator("#sources img, #sources script, #history script").count() == 0
+
+
+# ---- on the wire ----
+
+def test_every_response_forbids_loading_from_elsewhere(kiosk):
+    for path in ("/", "/static/kiosk.js", "/api/status", "/healthz"):
+        with urllib.request.urlopen(kiosk.url.rstrip("/") + path, timeout=5) as r:
+            csp = r.headers["Content-Security-Policy"]
+            assert "default-src 'none'" in csp and "connect-src 'self'" in csp, path
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
+    page = urllib.request.urlopen(kiosk.url, timeout=5).read().decode()
+    assert "http://" not in page and "https://" not in page  # nothing from a CDN
+
+
+def test_only_loopback_host_names_are_answered_on_loopback(kiosk):
+    req = urllib.request.Request(kiosk.url + "healthz", headers={"Host": "attacker.example"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=5)
+    assert e.value.code == 400
+
+
+def test_bad_questions_get_one_clear_message(kiosk, engine):
+    asked = sum(engine.status()["requests"].values())
+    status, body = post(kiosk, "/api/ask", json.dumps({"question": "   "}).encode())
+    assert status == 400 and "question" in body["message"]
+    status, body = post(kiosk, "/api/ask", json.dumps({"question": "x" * (MAX_QUESTION + 1)}).encode())
+    assert status == 400 and str(MAX_QUESTION) in body["message"]
+    status, body = post(kiosk, "/api/ask", json.dumps({"question": "x" * 100_000}).encode())
+    assert status == 413 and "KiB" in body["message"]
+    status, body = post(kiosk, "/api/ask", b"question=hi", "application/x-www-form-urlencoded")
+    assert status == 415
+    status, body = post(kiosk, "/api/ask", b"{not json")
+    assert status == 400 and "not JSON" in body["message"]
+    status, body = post(kiosk, "/api/ask", json.dumps({"question": "hi", "collection": 5}).encode())
+    assert status == 400
+    status, body = post(kiosk, "/api/ask", json.dumps({"question": "hi"}).encode(),
+                        headers={"Origin": "http://attacker.example"})
+    assert status == 403
+    assert sum(engine.status()["requests"].values()) == asked  # none reached the engine
+
+
+def test_an_unknown_collection_is_answered_as_an_error(kiosk):
+    status, text = post(kiosk, "/api/ask", json.dumps({"question": "E-417?", "collection": "nope"}).encode())
+    assert status == 200
+    done = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")][-1]
+    assert done["status"] == "error" and "nope" in done["error"]
+
+
+def test_the_network_needs_a_pin():
+    with pytest.raises(EdgeSlmError, match="PIN"):
+        KioskConfig(kiosk_host="0.0.0.0")
+    with pytest.raises(EdgeSlmError, match="kiosk_pin"):
+        KioskConfig(kiosk_host="0.0.0.0", kiosk_pin="12")
+    KioskConfig(kiosk_host="0.0.0.0", kiosk_pin="2468")
+
+
+def test_the_pin_grants_a_session_and_guessing_is_slowed():
+    gate = Gate("2468")
+    assert gate.allows("127.0.0.1", None)             # the board's own screen
+    assert not gate.allows("192.0.2.7", None)
+    token, wait = gate.login("192.0.2.7", "2468")
+    assert token and wait == 0 and gate.allows("192.0.2.7", token)
+    assert not gate.allows("192.0.2.7", token + "x")
+    for _ in range(FREE_TRIES):
+        assert gate.login("192.0.2.8", "0000")[0] is None
+    token, wait = gate.login("192.0.2.8", "2468")     # even the right PIN waits now
+    assert token is None and wait > 0
+    assert gate.login("192.0.2.9", "2468")[0]         # another address is not held up
+
+
+def test_a_pin_protected_kiosk_over_the_network(engine):
+    """Served on a non-loopback address of this machine, reached through it,
+    so the client is not loopback: the API needs the PIN, then the cookie."""
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        addr = "127.0.0.1"
+    if addr.startswith("127."):
+        pytest.skip("this machine has no non-loopback address")
+    k = Kiosk(engine, KioskConfig(kiosk_host=addr, kiosk_port=free_port(), kiosk_pin="2468")).start()
+    try:
+        base = k.url.rstrip("/")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + "/api/status", timeout=5)
+        assert e.value.code == 401
+        assert urllib.request.urlopen(base + "/", timeout=5).status == 200  # the page, to log in on
+        status, body = post(k, "/api/login", json.dumps({"pin": "1111"}).encode())
+        assert status == 403
+        req = urllib.request.Request(base + "/api/login", data=json.dumps({"pin": "2468"}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            cookie = r.headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie
+        req = urllib.request.Request(base + "/api/status", headers={"Cookie": cookie.split(";")[0]})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert json.load(r)["slots"] == 1
+    finally:
+        k.stop()
+
+
+def test_a_port_in_use_is_refused_in_one_line(engine, kiosk):
+    port = int(kiosk.url.rsplit(":", 1)[1].strip("/"))
+    with pytest.raises(EdgeSlmError, match="cannot listen"):
+        Kiosk(engine, KioskConfig(kiosk_port=port)).start()
