@@ -21,8 +21,12 @@ ARCH := $(shell uname -m)
 # C client in firmware_bridge/examples; chromium for the kiosk's browser tests
 # (driven by Playwright's Python package, which never downloads a browser here).
 APT_PACKAGES := build-essential python3-dev python3-venv \
-	gcc-aarch64-linux-gnu qemu-user-static \
 	mosquitto mosquitto-clients libmosquitto-dev chromium
+# The NEON kernels are checked on x86 development machines through a cross
+# compiler and qemu; on an ARM board they run natively.
+ifeq ($(ARCH),x86_64)
+APT_PACKAGES += gcc-aarch64-linux-gnu qemu-user-static
+endif
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 # Everything the extension is built from (the C tests have their own Makefile).

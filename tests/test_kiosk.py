@@ -290,3 +290,79 @@ def test_a_port_in_use_is_refused_in_one_line(engine, kiosk):
     port = int(kiosk.url.rsplit(":", 1)[1].strip("/"))
     with pytest.raises(EdgeSlmError, match="cannot listen"):
         Kiosk(engine, KioskConfig(kiosk_port=port)).start()
+
+
+# ---- the kiosk beside the MQTT service: one process, one engine, one budget ----
+
+def test_serve_with_the_kiosk_answers_both_within_one_budget(real_model, index_path, mosquitto, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from edge_slm.kiosk.server import planned_bytes, wait_healthy
+    from firmware_bridge.client import DeviceClient
+    from firmware_bridge.service import ServiceConfig
+
+    port = free_port()
+    budget = 320 << 20
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("edge-slm")), "serve", "--broker", mosquitto.url, "--kiosk",
+         "--kiosk-port", str(port), "--model", str(real_model), "--index", str(index_path), "--slots", "2",
+         "--max-tokens", "24", "--memory-budget", str(budget), "--state-dir", str(tmp_path / "state")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        assert wait_healthy(url, 60), proc.stderr.read() if proc.poll() is not None else "no answer"
+        kiosk_answer: dict = {}
+
+        def ask_the_kiosk() -> None:
+            req = urllib.request.Request(url + "api/ask", method="POST",
+                                         data=json.dumps({"question": "The PX-200 shows E-417. What is it?"}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                lines = r.read().decode().splitlines()
+            kiosk_answer.update(json.loads([x for x in lines if x.startswith("data: ")][-1][6:]))
+
+        technician = threading.Thread(target=ask_the_kiosk)
+        technician.start()
+        with DeviceClient(ServiceConfig(broker=mosquitto.url), "pump-7") as device:
+            final = device.ask("The HP-30 pump shows E-417. What does it mean?", collection="hp-30",
+                               max_tokens=24, timeout=60)
+        technician.join(60)
+        assert final["status"] == "ok" and final["grounding"] == "grounded", final
+        assert final["sources"][0]["file"] == "hp-30-service.md"
+        assert kiosk_answer.get("status") == "ok" and kiosk_answer["grounding"] == "grounded", kiosk_answer
+        with urllib.request.urlopen(url + "api/status", timeout=5) as r:
+            status = json.load(r)
+        assert status["slots"] == 2 and status["memory"]["budget"] == budget
+        assert status["memory"]["plan"] <= budget
+        with open(f"/proc/{proc.pid}/status") as f:  # the whole process: engine, MQTT, kiosk, index
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        assert peak <= budget, (peak, status)
+        retained = json.loads(subprocess.run(
+            ["mosquitto_sub", "-p", str(mosquitto.port), "-t", "edge-slm/v1/_runtime/+/status", "-C", "1",
+             "-W", "5"], capture_output=True, text=True, timeout=10).stdout)
+        plan = retained["memory_plan"]
+        assert plan["front_ends"] > planned_bytes() and plan["grounding"] > 0 and plan["total"] <= budget
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--host", "0.0.0.0"], "set a PIN"),
+    (["--port", "0"], "--port"),
+])
+def test_kiosk_command_mistakes_are_one_line(args, words):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([str(Path(sys.executable).with_name("edge-slm")), "kiosk", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+    assert words in proc.stderr and len(lines) <= 3, proc.stderr  # click's usage error is its 3 lines

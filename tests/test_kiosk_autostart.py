@@ -11,6 +11,7 @@ import configparser
 import os
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -22,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from firmware_bridge.broker import free_port
+
+EDGE_SLM = str(Path(sys.executable).with_name("edge-slm"))
 KIOSK = Path(__file__).resolve().parent.parent / "scripts" / "kiosk"
 OPEN_KIOSK = KIOSK / "open-kiosk"
 INSTALL = KIOSK / "install-autostart"
@@ -66,7 +70,7 @@ def health():
 
     def start(not_ready: int) -> Health:
         server = Health(not_ready)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
         return server
 
@@ -100,10 +104,16 @@ def browser(bin_dir: Path, name: str = "chromium-browser") -> Path:
 
 
 def open_kiosk(tmp_path: Path, bin_dir: Path, **env: str) -> tuple[int, int, str]:
-    """(pid, exit status, stderr) of one run of open-kiosk."""
-    started = subprocess.Popen([str(OPEN_KIOSK)], env={"PATH": str(bin_dir), "HOME": str(tmp_path / "home"), **env},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, err = started.communicate(timeout=30)
+    """(pid, exit status, stderr) of one run of open-kiosk, which has 10 s
+    to see the server ready unless `env` says otherwise."""
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path / "home"), "EDGE_SLM_KIOSK_WAIT_S": "10", **env}
+    with subprocess.Popen([str(OPEN_KIOSK)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as started:
+        try:
+            _, err = started.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            started.kill()
+            raise
     return started.pid, started.returncode, err
 
 
@@ -145,10 +155,7 @@ def test_gives_up_after_the_wait_with_one_clear_line(tmp_path, health, listening
     if listening:
         url = health(not_ready=10**9).url
     else:
-        server = health(not_ready=0)
-        url = server.url
-        server.shutdown()
-        server.server_close()
+        url = f"http://127.0.0.1:{free_port()}/"  # nothing listens there
     bin_dir = tools(tmp_path, "curl")
     record = browser(bin_dir)
     t0 = time.monotonic()
@@ -157,6 +164,25 @@ def test_gives_up_after_the_wait_with_one_clear_line(tmp_path, health, listening
     assert time.monotonic() - t0 < 6
     assert err.splitlines()[-1].startswith(f"open-kiosk: {url}healthz did not answer 200 within 1 s")
     assert not record.exists()
+
+
+def test_waits_for_the_real_kiosk(tmp_path, real_model):
+    """The contract with edge-slm kiosk itself: /healthz on the page's origin."""
+    port = free_port()
+    kiosk = subprocess.Popen([EDGE_SLM, "kiosk", "--model", str(real_model), "--port", str(port),
+                              "--slots", "1", "--ctx", "256"],
+                             env={**os.environ, "EDGE_SLM_HOME": str(tmp_path / "state")},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        bin_dir = tools(tmp_path, "curl")
+        record = browser(bin_dir)
+        url = f"http://127.0.0.1:{port}/"
+        _, code, err = open_kiosk(tmp_path, bin_dir, EDGE_SLM_KIOSK_URL=url, EDGE_SLM_KIOSK_WAIT_S="60")
+        assert code == 0, err
+        assert record.read_text().splitlines()[-1] == url
+    finally:
+        kiosk.send_signal(signal.SIGTERM)
+        kiosk.communicate(timeout=30)
 
 
 def test_without_a_browser_it_fails_at_once(tmp_path, health):
@@ -229,8 +255,8 @@ def wayfire(home: Path) -> configparser.ConfigParser:
 
 def check_installed(home: Path) -> None:
     lines = labwc_lines(home)
-    assert sum(line.startswith(MARK) for line in lines) == 1
-    assert lines[[line.startswith(MARK) for line in lines].index(True) + 1] == f"{OPEN_KIOSK} &"
+    marks = [i for i, line in enumerate(lines) if line.startswith(MARK)]
+    assert len(marks) == 1 and lines[marks[0] + 1] == f"{OPEN_KIOSK} &"
     assert wayfire(home)["autostart"]["edge_slm_kiosk"] == str(OPEN_KIOSK)
     assert (home / ".config" / "wayfire.ini").read_text().count(MARK) == 1
 
@@ -262,7 +288,8 @@ def test_fresh_desktop_install_twice_then_uninstall(home):
 # (labwc autostart, wayfire.ini) as a board may have them; None: no such file
 EXISTING = {
     "pi-os-like": ("/usr/bin/kanshi &\n",
-                   "[core]\nplugins = autostart\n\n[autostart]\npanel = wfrespawn wf-panel-pi\n\n[input]\nxkb_layout = gb\n"),
+                   "[core]\nplugins = autostart\n\n[autostart]\npanel = wfrespawn wf-panel-pi\n\n"
+                   "[input]\nxkb_layout = gb\n"),
     "no-final-newline": ("/usr/bin/kanshi &", "[input]\nxkb_layout = gb"),
     "header-last-no-newline": ("\n", "[core]\nplugins = autostart\n[autostart]"),
     "empty-files": ("", ""),
@@ -280,7 +307,8 @@ def test_existing_configuration_comes_back_byte_for_byte(home, labwc, ini):
     (config / "wayfire.ini").write_text(ini)
     (config / "wayfire.ini").chmod(0o640)
     before = snapshot(home)
-    others = {s: dict(wayfire(home)[s]) for s in wayfire(home).sections()}
+    theirs = wayfire(home)
+    others = {section: dict(theirs[section]) for section in theirs.sections()}
 
     assert install(home).returncode == 0
     check_installed(home)
