@@ -23,6 +23,8 @@ MANUALS = ROOT / "tests" / "grounding" / "manuals"
 HIT_AT_3_FLOOR = 0.95
 HIT_AT_1_FLOOR = 0.90
 FACT_GROUNDED_FLOOR = 0.15
+KEPT_FLOOR = 0.95      # answerable questions the engine's threshold lets through
+DECLINED_FLOOR = 0.85  # unanswerable ones it declines
 
 
 def load_script():
@@ -138,6 +140,13 @@ def test_retrieval_finds_the_expected_passage(retrieval, parity_report):
     hit1, hit3 = evalset.hit_at(retrieval, 1), evalset.hit_at(retrieval, 3)
     parity_report.append(f"grounding retrieval: hit@1 {100 * hit1:.1f} %, hit@3 {100 * hit3:.1f} %")
     assert hit3 >= HIT_AT_3_FLOOR and hit1 >= HIT_AT_1_FLOOR, (hit1, hit3)
+
+
+def test_the_engines_threshold_keeps_answerable_and_declines_unanswerable(retrieval, parity_report):
+    s = evalset.summarize(QUESTIONS, retrieval)["engine_threshold"]
+    parity_report.append(f"grounding threshold {s['threshold']}: keeps {100 * s['answerable_kept']:.1f} % "
+                         f"of answerable, declines {100 * s['unanswerable_declined']:.1f} % of unanswerable")
+    assert s["answerable_kept"] >= KEPT_FLOOR and s["unanswerable_declined"] >= DECLINED_FLOOR, s
 
 
 @pytest.mark.slow

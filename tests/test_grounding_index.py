@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -190,6 +191,19 @@ def test_a_file_that_stops_parsing_keeps_what_was_indexed_from_it(index, manuals
     report = index.add_folder(manuals)
     assert report.skipped == [("pump.md", "not UTF-8 (byte 6 is 0xff)")] and report.removed == 0
     assert index.search("E-417")[0].text.startswith("E-417 means the motor is too hot")
+
+
+def test_a_folder_of_thousands_of_files_is_indexed_in_one_go(index, tmp_path):
+    folder = tmp_path / "many"
+    for n in range(3000):
+        write(folder / f"part-{n // 100}" / f"note-{n}.txt", f"Spare part SP-{n}: order it by its number.\n")
+    started = time.monotonic()
+    report = index.add_folder(folder)
+    assert report.added == 3000 and not report.skipped
+    assert time.monotonic() - started < 30
+    assert index.search("SP-2718")[0].file == "part-27/note-2718.txt"
+    again = index.add_folder(folder)  # nothing changed: nothing is read into the index again
+    assert (again.added, again.changed, again.unchanged) == (0, 0, 3000)
 
 
 def test_reindexing_touches_only_changed_files_and_drops_deleted_ones(index, manuals):

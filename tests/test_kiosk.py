@@ -163,15 +163,16 @@ def test_stop_cancels_the_request_in_the_engine(page, engine):
 
 
 def test_the_page_says_when_the_board_is_busy(page, engine):
-    # the equipment's questions fill the engine (one slot here)
-    other = engine.submit(LONG_QUESTION, max_tokens=160, ignore_eos=True, timeout=60)
+    # the equipment's questions fill the engine (one slot here) for longer than the page's poll
+    others = [engine.submit(LONG_QUESTION, ignore_eos=True, timeout=60) for _ in range(10)]
     try:
         assert wait_until(lambda: engine.status()["slots_busy"] == 1, 10)
         page.wait_for_selector("#busy", state="visible", timeout=10_000)
         assert "busy" in page.text_content("#busy")
-        assert "1 of 1 answering" in page.text_content("#board")
+        assert "1 of 1 answering" in page.text_content("#board") and "waiting" in page.text_content("#board")
     finally:
-        other.cancel()
+        for other in others:
+            other.cancel()
     page.wait_for_selector("#busy", state="hidden", timeout=10_000)
 
 
@@ -259,8 +260,10 @@ def test_the_pin_grants_a_session_and_guessing_is_slowed():
 def test_a_pin_protected_kiosk_over_the_network(engine):
     """Served on a non-loopback address of this machine, reached through it,
     so the client is not loopback: the API needs the PIN, then the cookie."""
-    try:
-        addr = socket.gethostbyname(socket.gethostname())
+    try:  # the address a packet would leave by (a datagram socket's connect sends nothing)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            addr = s.getsockname()[0]
     except OSError:
         addr = "127.0.0.1"
     if addr.startswith("127."):
@@ -366,3 +369,38 @@ def test_kiosk_command_mistakes_are_one_line(args, words):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
     assert words in proc.stderr and len(lines) <= 3, proc.stderr  # click's usage error is its 3 lines
+
+
+def test_the_technician_waits_for_one_slot_at_most_behind_the_equipment(engine, kiosk, mosquitto, tmp_path):
+    """The service keeps none of its questions queued inside a shared engine:
+    with the equipment's questions waiting, the kiosk's question takes the
+    next free slot, ahead of all of them."""
+    from firmware_bridge.client import DeviceClient
+    from firmware_bridge.service import Service, ServiceConfig
+
+    cfg = ServiceConfig(broker=mosquitto.url, state_dir=tmp_path / "state", runtime_id="fair")
+    service = Service(engine, cfg, shared=True).start()
+    try:
+        assert service.wait_connected(10)
+        time.sleep(0.2)
+        with DeviceClient(cfg, "press-1") as d1, DeviceClient(cfg, "press-2") as d2:
+            ids = []
+            for n in range(3):
+                for d in (d1, d2):
+                    rid = f"{d.device}-{n}"
+                    d.send({"id": rid, "question": LONG_QUESTION, "ground": False, "max_tokens": 160})
+                    ids.append((d, rid))
+            assert wait_until(lambda: engine.status()["slots_busy"] == 1, 10)
+            time.sleep(0.3)
+            assert engine.status()["queue_depth"] == 0  # the rest wait in the service, not the engine
+            status, text = post(kiosk, "/api/ask", json.dumps(
+                {"question": "The HP-30 shows E-417. What does it mean?"}).encode())
+            done = json.loads([x for x in text.splitlines() if x.startswith("data: ")][-1][6:])
+            assert status == 200 and done["status"] == "ok", done
+            finals = [d.wait_final(rid, 120) for d, rid in ids]
+        assert all(f["status"] == "ok" for f in finals), finals
+        # only the answer running when the technician asked was ahead of the question
+        longest = max(f["latency_ms"]["total"] - f["latency_ms"]["queued"] for f in finals)
+        assert done["queued_ms"] < 1.3 * longest, (done, longest)
+    finally:
+        service.stop()
