@@ -116,12 +116,16 @@ class Group(click.Group):
             ctx.exit(INTERRUPTED)
 
 
+def setup_logging(verbose: int) -> None:
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
 @click.group(cls=Group)
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def main(verbose: int) -> None:
     """Run a small language model on this device, offline."""
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(verbose)
 
 
 def sampling_options(f):
@@ -425,3 +429,17 @@ main.add_command(index)
 
 from .kiosk.commands import kiosk  # noqa: E402
 main.add_command(kiosk)
+
+from .fleet.commands import flash, install, keygen, pack, rollback_command, status, verify  # noqa: E402
+main.add_command(install)
+
+
+@click.group(cls=Group)
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+def fleet(verbose: int) -> None:
+    """Sign models into bundles and flash them onto boards: the operator's side."""
+    setup_logging(verbose)
+
+
+for command in (keygen, pack, verify, flash, status, rollback_command):
+    fleet.add_command(command)

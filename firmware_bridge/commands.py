@@ -96,8 +96,8 @@ def password(password_file: Path | None) -> str | None:
               help="Longest answer, and the default length.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where accepted questions are kept (default: $EDGE_SLM_HOME/state).")
-@click.option("--runtime-id", type=NAME, default=None,
-              help="This runtime's name on the broker (kept in the state dir).")
+@click.option("--runtime-id", "--device-id", "runtime_id", type=NAME, default=None,
+              help="This runtime's (board's) name on the broker (kept in the state dir).")
 @click.option("--share-group", type=NAME, default=None,
               help="Split questions with other runtimes (MQTT 5 shared subscription).")
 @click.option("--max-payload", type=click.IntRange(256, 1 << 20), default=None,
@@ -118,6 +118,11 @@ def password(password_file: Path | None) -> str | None:
 @click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Index of manuals to ground answers in (default: $EDGE_SLM_HOME/index.sqlite3, "
                    "used when it exists).")
+@click.option("--trusted-keys", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Take fleet updates (edge-fleet flash) signed by the public keys in this folder.")
+@click.option("--group", default=None, type=NAME, help="The board's group, for edge-fleet --group.")
+@click.option("--fleet-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The board's two model slots (default: $EDGE_SLM_HOME/fleet).")
 @click.option("--kiosk", "with_kiosk", is_flag=True,
               help="Also serve the technician's page, on the same engine and budget.")
 @click.option("--kiosk-host", default=None, help="The page's address (default 127.0.0.1; another needs a PIN).")
@@ -125,7 +130,8 @@ def password(password_file: Path | None) -> str | None:
 @click.option("--kiosk-pin-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="File holding the PIN browsers off this board must enter (or EDGE_SLM_KIOSK_PIN).")
 def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens, password_file, demo,
-          index_path, with_kiosk, kiosk_host, kiosk_port, kiosk_pin_file, **service_options) -> None:
+          index_path, trusted_keys, group, fleet_dir, with_kiosk, kiosk_host, kiosk_port, kiosk_pin_file,
+          **service_options) -> None:
     """Answer devices' questions over MQTT (protocol: firmware_bridge/PROTOCOL.md).
 
     Settings also come from the [serve] table of the settings file and
@@ -165,10 +171,22 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
                                      "max_tokens": max_tokens, "index": index_path})
     engine_cfg = replace(engine_cfg, front_end_bytes=planned_bytes(cfg, engine_cfg)
                          + (kiosk_bytes() if with_kiosk else 0))
+    board, trusted, link = None, None, None
+    if trusted_keys is not None:  # this board takes fleet updates
+        from edge_slm.fleet.board import Board
+        from edge_slm.fleet.keys import trusted_keys as load_trusted
+
+        trusted = load_trusted(trusted_keys)
+        board = Board(fleet_dir or home() / "fleet")
+        store = Store.in_folder(cfg.state_dir)
+        cfg = replace(cfg, runtime_id=store.runtime_id(cfg.runtime_id))  # the board's name, kept
+        store.close()
     private = None
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())  # `edge-slm install` asks for a restart
+    running: dict[str, Engine] = {}
     try:
         if cfg.broker is None:
             port = 1883 if _port_free(1883) else free_port()
@@ -177,9 +195,23 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
             except BrokerError as e:
                 raise EdgeSlmError(str(e)) from None
             cfg = replace(cfg, broker=private.url)
-        with Engine(engine_cfg) as engine, contextlib.ExitStack() as front_ends:
+        if board is not None:
+            from .fleet_link import FleetLink
+
+            link = FleetLink(board, cfg, cfg.runtime_id, trusted, engine_cfg.memory_budget,
+                             on_switch=reload.set,
+                             busy=lambda: bool(running) and running["engine"].status()["slots_busy"] > 0,
+                             group=group).start()
+            _write_pid(board.root)
+        engine = _open_engine(engine_cfg, board, link)
+        if engine is None:  # a new model failed to load: the board went back to the old one
+            reload.set()
+            return
+        running["engine"] = engine
+        with engine, contextlib.ExitStack() as front_ends:
             try:
-                service = Service(engine, cfg, shared=with_kiosk).start()
+                service = Service(engine, cfg, shared=with_kiosk,
+                                  extra_status=lambda: _fleet_status(board, group)).start()
             except StoreError as e:
                 raise EdgeSlmError(str(e)) from None
             front_ends.callback(service.stop)
@@ -190,12 +222,77 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
                 log.warning("no broker answers at %s yet; retrying in the background", cfg.broker)
             elif demo:
                 _demo(cfg, stop)
-            while not stop.wait(1.0):
+            if board is not None and board.pointer().trial:
+                threading.Thread(target=_trial, args=(engine, board, link, reload), daemon=True).start()
+            while not stop.wait(1.0) and not reload.is_set():
                 pass
-            log.warning("stopping: draining questions in flight")
+            running.clear()
+            log.warning("stopping: draining questions in flight" if stop.is_set()
+                        else "restarting on the model the fleet update chose")
     finally:
+        if link is not None:
+            link.stop()
+        if board is not None:
+            with contextlib.suppress(OSError):
+                (board.root / "serve.pid").unlink()
+            board.close()
         if private is not None:
             private.stop()
+        if reload.is_set() and not stop.is_set():
+            _restart()
+
+
+def _restart() -> None:
+    """Start this service again in this process's place (its pid, which
+    systemd watches, stays): a fresh interpreter, so the memory plan measures
+    the new model and not what the old one left behind."""
+    args = [a for a in sys.argv[1:] if a != "--demo"]
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "edge_slm", *args])
+
+
+def _open_engine(engine_cfg, board, link):
+    """The engine on the board's active slot (or the configured model). A
+    slot on trial that fails to load is given up for the previous one: None,
+    so the caller starts again."""
+    from edge_slm.engine import Engine
+
+    model = board.start() if board is not None else None
+    try:
+        return Engine(replace(engine_cfg, model=model) if model else engine_cfg)
+    except EdgeSlmError as e:
+        if board is None or not board.pointer().trial:
+            raise
+        board.roll_back(f"the new model failed to load: {e}")
+        link.report(p.ROLLED_BACK, f"the new model failed to load: {e}")
+        return None
+
+
+def _trial(engine, board, link, reload: threading.Event) -> None:
+    """The slot on trial asks its golden prompts through the running service's
+    engine: commit it, or go back to the previous slot and restart."""
+    from edge_slm.fleet.golden import failures
+
+    m = board.manifest(board.pointer().active)
+    failed = failures(engine, m.golden) if m else []
+    if failed:
+        reason = f"{len(failed)} golden prompts failed in service; first: {failed[0]}"
+        board.roll_back(reason)
+        link.report(p.ROLLED_BACK, reason)
+        reload.set()
+    else:
+        board.commit()
+        link.report(p.COMMITTED, f"{m.name} v{m.version} answers its golden prompts" if m else "")
+
+
+def _fleet_status(board, group: str | None) -> dict:
+    return {"group": group, "fleet": board.describe() if board is not None else None}
+
+
+def _write_pid(root: Path) -> None:
+    (root / "serve.pid").write_text(f"{os.getpid()}\n")
 
 
 def _port_free(port: int) -> bool:

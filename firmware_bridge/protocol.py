@@ -7,6 +7,12 @@ tests/test_protocol.py holds the two together.
     edge-slm/v1/<device_id>/cancel    device -> runtime   {"id": "..."}
     edge-slm/v1/<device_id>/answer    runtime -> device   chunks and the final (default reply topic)
     edge-slm/v1/_runtime/<runtime_id>/status              retained: online / offline
+    edge-slm/v1/_fleet/<board>/offer    operator -> board   a signed bundle's manifest (JSON)
+    edge-slm/v1/_fleet/<board>/need     board -> operator   the chunks it wants next (JSON)
+    edge-slm/v1/_fleet/<board>/chunk    operator -> board   one chunk of the model (binary)
+    edge-slm/v1/_fleet/<board>/result   board -> operator   how the update goes (JSON)
+    edge-slm/v1/_fleet/<board>/command  operator -> board   a signed rollback (JSON)
+    edge-slm/v1/_fleet/<board>/state    retained: its slots, models, last update result
 """
 
 from __future__ import annotations
@@ -68,6 +74,23 @@ def answer_topic(device: str) -> str:
 
 def status_topic(runtime_id: str) -> str:
     return f"{ROOT}/{RUNTIME_SEGMENT}/{runtime_id}/{STATUS}"
+
+
+# Fleet updates (edge_slm/fleet, firmware_bridge/fleet_link.py): a board is a runtime,
+# named by its runtime id. Chunks are MQTT 5 binary payloads with User Properties.
+FLEET_SEGMENT = "_fleet"
+OFFER, NEED, CHUNK, RESULT, COMMAND, STATE = "offer", "need", "chunk", "result", "command", "state"
+FLEET_CHUNK = 128 * 1024         # bytes of model per chunk message
+FLEET_WINDOW = 8                 # chunks a board asks for at once: what is in flight
+MAX_OFFER = 128 * 1024           # bytes of an offer or command (a manifest is at most 64 KiB)
+# A board's update, as its result messages report it.
+ACCEPTED, RECEIVING, CHECKING, SWITCHED, COMMITTED, REFUSED, ROLLED_BACK = (
+    "accepted", "receiving", "checking", "switched", "committed", "refused", "rolled_back")
+FLEET_STATES = (ACCEPTED, RECEIVING, CHECKING, SWITCHED, COMMITTED, REFUSED, ROLLED_BACK)
+
+
+def fleet_topic(board: str, kind: str) -> str:
+    return f"{ROOT}/{FLEET_SEGMENT}/{board}/{kind}"
 
 
 def subscriptions(share_group: str | None = None) -> list[str]:

@@ -25,6 +25,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,12 +199,15 @@ def make_client(client_id: str, cfg: ServiceConfig) -> mqtt.Client:
 
 
 class Service:
-    def __init__(self, engine: Engine, cfg: ServiceConfig, shared: bool = False):
+    def __init__(self, engine: Engine, cfg: ServiceConfig, shared: bool = False,
+                 extra_status: Callable[[], dict[str, Any]] | None = None):
         """`shared`: another front end (the kiosk) asks the same engine, so
         no question of ours waits inside it beyond its slots: the other's
-        waits for one slot at most, while ours wait here, fairly."""
+        waits for one slot at most, while ours wait here, fairly.
+        `extra_status`: more fields for the retained status (the fleet's)."""
         self.engine = engine
         self.cfg = cfg
+        self.extra_status = extra_status
         self.engine_depth = (1 if shared else 2) * len(engine.slots)  # ours in the engine at most
         self.store = Store.in_folder(cfg.state_dir)
         self.runtime_id = self.store.runtime_id(cfg.runtime_id)
@@ -693,14 +697,15 @@ class Service:
 
     def status(self) -> dict[str, Any]:
         st = self.engine.status()
-        return {"state": "online", "runtime_id": self.runtime_id, "version": __version__,
+        return {"state": "online", "runtime_id": self.runtime_id, "version": __version__, "at": time.time(),
                 "protocol": p.VERSION,
                 "model": {"name": self.model_name, "sha256": self.model_sha256},
                 "slots": st["slots"], "slots_busy": st["slots_busy"], "context": st["n_ctx"],
                 "memory_budget": self.engine.cfg.memory_budget, "memory_plan": st["memory_plan"],
                 "queue_depth": len(self.flights),
                 "capacity": self.capacity, "uptime_s": round(time.monotonic() - self.started),
-                "answers": {k: v for k, v in self.stats.items() if k in p.STATUSES}}
+                "answers": {k: v for k, v in self.stats.items() if k in p.STATUSES},
+                **(self.extra_status() if self.extra_status else {})}
 
     def _publish_status(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -767,7 +772,7 @@ class Service:
         left = len(self.flights)
         if left:
             log.info("%d question(s) kept on disk, answered at the next start", left)
-        info = self.client.publish(self.status_topic, p.dumps({"state": "offline",
+        info = self.client.publish(self.status_topic, p.dumps({"state": "offline", "at": time.time(),
                                                                "runtime_id": self.runtime_id}),
                                    qos=1, retain=True)
         if self._connected:
