@@ -153,9 +153,10 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
     from .store import Store, StoreError
 
     # A service says what it does (connects, refusals, drains) without -v.
-    service_log = logging.getLogger("firmware_bridge")
-    if service_log.getEffectiveLevel() > logging.INFO:
-        service_log.setLevel(logging.INFO)
+    for name in ("firmware_bridge", "edge_slm.fleet"):  # and a board its updates
+        service_log = logging.getLogger(name)
+        if service_log.getEffectiveLevel() > logging.INFO:
+            service_log.setLevel(logging.INFO)
     cfg = load_settings(ServiceConfig, "serve", {**service_options, "password": password(password_file)},
                         private=("password",))
     cfg = replace(cfg, state_dir=cfg.state_dir or home() / "state")

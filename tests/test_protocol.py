@@ -163,3 +163,8 @@ def test_protocol_document_matches_the_code():
     for label in (ground.GROUNDED, ground.NOT_COVERED, ground.UNGROUNDED):
         assert f"`{label}`" in doc, label
     assert ground.NOT_COVERED_TEXT in doc and f"{ground.DEFAULT_THRESHOLD}" in doc
+    for kind in (p.OFFER, p.NEED, p.CHUNK, p.RESULT, p.COMMAND, p.STATE):
+        assert f"`edge-slm/v1/_fleet/<board>/{kind}`" in doc, kind
+    for state in p.FLEET_STATES:
+        assert f"| `{state}` |" in doc, state
+    assert f"{p.FLEET_CHUNK}" in doc and f"{p.MAX_OFFER}" in doc

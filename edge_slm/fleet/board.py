@@ -112,7 +112,11 @@ class Board:
         except (OSError, ValueError, TypeError) as e:  # a pointer we cannot read: keep to the stock model
             log.error("%s: unreadable (%s); using the stock model", self.root / POINTER, e)
             return Pointer()
-        return p if p.active in (*SLOTS, None) and p.previous in (*SLOTS, None) else Pointer()
+        typed = (p.active in (*SLOTS, None) and p.previous in (*SLOTS, None) and isinstance(p.trial, bool)
+                 and isinstance(p.starts, int) and not isinstance(p.starts, bool) and isinstance(p.reason, str))
+        if not typed:
+            log.error("%s: not a slot pointer; using the stock model", self.root / POINTER)
+        return p if typed else Pointer()
 
     def _set_pointer(self, p: Pointer, event: str) -> None:
         path = self.root / POINTER
@@ -169,7 +173,7 @@ class Board:
     @_locked
     def log(self, event: str, detail: str = "") -> None:
         self.db.execute("INSERT INTO history (at, event, detail) VALUES (?, ?, ?)", (time.time(), event, detail))
-        log.warning("fleet: %s%s", event, f": {detail}" if detail else "")
+        log.info("fleet: %s%s", event, f": {detail}" if detail else "")
 
     @_locked
     def last_result(self) -> tuple[str, str] | None:
@@ -181,6 +185,13 @@ class Board:
     @_locked
     def check_manifest(self, m: Manifest, memory_budget: int | None) -> None:
         """Everything a manifest must pass before a byte of its model is stored."""
+        p = self.pointer()
+        running = self.manifest(p.active)
+        if running and running.name == m.name and running.version == m.version and running.sha256 == m.sha256:
+            raise BundleError(f"{m.name} v{m.version} is already running")
+        if p.trial:  # its fallback is the slot a new model would fill
+            raise BundleError(f"slot {p.active} is on trial; install again once it is committed or "
+                              "rolled back")
         now = self.trusted_time()
         if now > m.expires:
             raise BundleError(f"{m.name} v{m.version} expired on "
@@ -189,9 +200,6 @@ class Board:
         if m.version < floor and not m.rollback:
             raise BundleError(f"{m.name} v{m.version} is older than v{floor}, installed before: a "
                               "downgrade needs a bundle packed with --rollback")
-        running = self.manifest(self.pointer().active)
-        if running and running.name == m.name and running.version == m.version and running.sha256 == m.sha256:
-            raise BundleError(f"{m.name} v{m.version} is already running")
         if runtime_tuple(m.min_runtime) > runtime_tuple(__version__):
             raise BundleError(f"{m.name} v{m.version} needs edge-slm {m.min_runtime}; this is {__version__}")
         if memory_budget and m.memory_bytes > memory_budget:
@@ -462,12 +470,14 @@ def install(board: Board, bundle: Path, trusted: dict[str, object], memory_budge
             progress: Callable[[int], None] | None = None) -> Manifest:
     """The whole update from a local file, short of the trial: verify,
     receive into the inactive slot, check the candidate, switch."""
-    from .bundle import open_bundle
+    from .bundle import open_bundle, verify_model
 
     try:
         opened = open_bundle(bundle, trusted)
         board.check_manifest(opened.manifest, memory_budget)
-        slot = board.receive(opened, progress)
+        # the whole file first: the inactive slot holds the fallback until a good model replaces it
+        verify_model(opened, progress)
+        slot = board.receive(opened)
     except BundleError as e:
         board.log("refused", str(e))
         raise

@@ -80,7 +80,7 @@ class Manifest:
             raise BundleError("manifest.json is not JSON") from None
         if not isinstance(obj, dict):
             raise BundleError("manifest.json is not a JSON object")
-        if obj.get("format") != FORMAT:
+        if type(obj.get("format")) is not int or obj["format"] != FORMAT:
             raise BundleError(f"manifest format {obj.get('format')!r}; this edge-slm reads {FORMAT}")
         names = {f for f in cls.__dataclass_fields__}
         missing = names - set(obj) - {"rollback", "golden"}

@@ -147,7 +147,7 @@ def install(bundle, trusted_keys, slots_dir, memory_budget) -> None:
     try:
         trusted = load_trusted(trusted_dir(trusted_keys))
         size = bundle.stat().st_size if bundle.is_file() else 0
-        with progress_bar(size, "installing") as progress:
+        with progress_bar(size, "verifying") as progress:
             m = install_bundle(board, bundle, trusted, budget, progress)
         click.echo(f"{m.name} v{m.version} is in slot {board.pointer().active}, on trial")
         if not _tell_service(board.root):
