@@ -704,3 +704,13 @@ def test_cli_install_refuses_in_one_line(cli, tmp_path):
     generate(stranger)
     assert_one_line(run("edge-slm", "install", cli.bundle, "--trusted-keys", stranger, "--fleet-dir",
                         tmp_path / "board", home=tmp_path), 1, "does not trust")
+
+
+def test_the_release_script_parses_and_says_how_to_use_it():
+    script = Path(__file__).resolve().parent.parent / "scripts" / "fleet-release"
+    assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+    usage = subprocess.run([str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    unset = subprocess.run([str(script), "m.gguf", "pump", "1", "hall"], capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if not k.startswith("EDGE_FLEET")})
+    assert unset.returncode != 0 and "EDGE_FLEET_KEYS" in unset.stderr
