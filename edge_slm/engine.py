@@ -402,6 +402,8 @@ class Engine:
         def count_tokens(text: str) -> int:
             return len(self.tokenizer.encode(text, add_bos=False, special=False))
 
+        if count_tokens(messages[-1]["content"]) > limit:  # the question alone: too long, not uncovered
+            return None
         return self.grounder.ground(messages, collection, count_tokens, limit)
 
     def _grounded(self, req: Request, messages: list[dict[str, str]], ground: bool | None,
@@ -410,6 +412,9 @@ class Engine:
         that answers it without the model (declined, or refused)."""
         if self._stopping:  # the index closes with the engine
             return None, Result(ERROR, error="engine is shutting down", internal=True)
+        blank = _blank(None, messages)
+        if blank:  # nothing to search for either
+            return None, Result(ERROR, error=blank)
         try:
             req.grounded = self.ground(messages, ground=ground, collection=collection,
                                        max_tokens=req.max_tokens)
@@ -771,7 +776,8 @@ def _blank(prompt: str | None, messages: list[dict[str, str]] | None) -> str | N
     if not messages:
         return "the prompt is empty: no messages"
     if not messages[-1]["content"].strip():
-        return f"the prompt is empty: the last message ({len(messages) - 1}) is blank"
+        return ("the question is blank" if len(messages) == 1
+                else f"the prompt is empty: the last message ({len(messages) - 1}) is blank")
     return None
 
 

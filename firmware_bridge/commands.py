@@ -170,8 +170,13 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
     engine_cfg = load_engine_config({"model": model_path, "memory_budget": memory_budget, "slots": slots,
                                      "ctx": n_ctx, "kv_type": kv_type, "threads": threads,
                                      "max_tokens": max_tokens, "index": index_path})
+    fleet_bytes = 0
+    if trusted_keys is not None:
+        from .fleet_link import planned_bytes as fleet_bytes_planned
+
+        fleet_bytes = fleet_bytes_planned()
     engine_cfg = replace(engine_cfg, front_end_bytes=planned_bytes(cfg, engine_cfg)
-                         + (kiosk_bytes() if with_kiosk else 0))
+                         + (kiosk_bytes() if with_kiosk else 0) + fleet_bytes)
     board, trusted, link = None, None, None
     if trusted_keys is not None:  # this board takes fleet updates
         from edge_slm.fleet.board import Board
@@ -358,8 +363,10 @@ def _demo(cfg, stop: threading.Event) -> None:
 @click.option("--mqtt311", is_flag=True, help="Speak MQTT 3.1.1 with the JSON envelope, as small firmware does.")
 @click.option("--timeout", type=click.FloatRange(0.1, 3600), default=120.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final answer message as JSON.")
+@click.option("--collection", default=None, help="Search only this collection of manuals.")
+@click.option("--no-ground", "no_ground", is_flag=True, help="Answer without the manuals.")
 def mqtt_ask(question, broker, ca, cert, key, username, password_file, device, stream, max_tokens,
-             temperature, system, mqtt311, timeout, as_json) -> None:
+             temperature, system, mqtt311, timeout, as_json, collection, no_ground) -> None:
     """Ask QUESTION through the broker as a device would, and print the answer."""
     import json
 
@@ -369,7 +376,8 @@ def mqtt_ask(question, broker, ca, cert, key, username, password_file, device, s
     cfg = ServiceConfig(broker=broker or "mqtt://127.0.0.1:1883", ca=ca, cert=cert, key=key,
                         username=username, password=password(password_file))
     fields = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature),
-                                ("system", system)) if v is not None}
+                                ("system", system), ("collection", collection),
+                                ("ground", False if no_ground else None)) if v is not None}
     printed = False
 
     def show(c):
@@ -385,5 +393,11 @@ def mqtt_ask(question, broker, ca, cert, key, username, password_file, device, s
         click.echo(json.dumps(final, ensure_ascii=False))
     elif final["status"] == p.OK:
         click.echo("" if printed else final["text"])  # streamed text is already out: end its line
+        if final.get("sources"):
+            click.echo("Sources:")
+        for n, source in enumerate(final.get("sources", []), 1):
+            where = ", ".join(str(x) for x in (source["file"], source["heading"],
+                                               source["page"] and f"page {source['page']}") if x)
+            click.echo(f"  [{n}] {source['collection']}/{where}")
     if final["status"] != p.OK:
         raise EdgeSlmError(f"{final['status']}: {final.get('error', '')}")

@@ -34,11 +34,19 @@ from .service import ServiceConfig, broker_address, make_client
 
 log = logging.getLogger(__name__)
 
-INBOX = 64               # messages waiting for the worker; chunks beyond are asked for again
+INBOX = 2 * p.FLEET_WINDOW  # messages waiting for the worker; chunks beyond are asked for again
 ASK_AGAIN_S = 5.0        # a window not filled by then is asked for again (the operator may be gone)
 BUSY_RATE = 4 << 20      # bytes/s the download takes while the engine is answering
 IDLE_RATE = 64 << 20     # and while it is idle
 COMMAND_MAX_AGE_S = 3600.0  # a signed command older than this is refused (a replay)
+
+
+def planned_bytes() -> int:
+    """What a board's fleet link holds, for the memory plan: its inbox and the
+    window being gathered, in chunks, and paho's buffers for one more.
+    (cryptography, for the signatures, is imported before the engine plans:
+    it is in the measured interpreter row.)"""
+    return (INBOX + 2 * p.FLEET_WINDOW) * p.FLEET_CHUNK
 
 
 class FleetLink:

@@ -287,3 +287,9 @@ def test_cli_chat_grounds_in_the_default_index(cli_home, tmp_path):
         proc = edge_slm("chat", "--max-tokens", "8", stdin=stdin, env=cli_home, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "Sources:" in proc.stdout and "hp-30-service.md" in proc.stdout
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\n\t"])
+def test_a_blank_question_is_refused_before_any_search(engine, blank):
+    r = engine.submit(messages=[{"role": "user", "content": blank}]).result(10)
+    assert r.status == ERROR and r.error == "the question is blank" and r.grounding is None

@@ -206,6 +206,18 @@ def test_a_folder_of_thousands_of_files_is_indexed_in_one_go(index, tmp_path):
     assert (again.added, again.changed, again.unchanged) == (0, 0, 3000)
 
 
+def test_another_folder_does_not_silently_replace_a_collection(index, manuals, tmp_path):
+    index.add_folder(manuals)
+    other = tmp_path / "other"
+    write(other / "press.md", "# Press\n\nThe press P-9 needs 200 bar.\n")
+    with pytest.raises(EdgeSlmError, match="holds the manuals of .*--replace"):
+        index.add_folder(other)
+    assert index.collections()[0].files == 3  # nothing lost
+    index.add_folder(other, "press")          # a collection of its own
+    report = index.add_folder(other, replace=True)
+    assert report.added == 1 and report.removed == 3
+
+
 def test_reindexing_touches_only_changed_files_and_drops_deleted_ones(index, manuals):
     index.add_folder(manuals)
     pump_ids = {h.passage_id for h in index.search("E-417 E-418 bearing", limit=20) if h.file == "pump.md"}

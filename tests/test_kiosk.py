@@ -114,7 +114,7 @@ def test_a_grounded_answer_streams_with_its_sources(page, kiosk, engine):
     page.fill("#question", "The HP-30 shows E-417. What does it mean?")
     page.click("#send")
     page.wait_for_selector("#sources li", timeout=20_000)
-    assert page.text_content("#label") == "From the manuals"
+    assert page.text_content("#label").startswith("Based on the manual passages below")
     first = page.text_content("#sources li button")
     assert "hp-30-service.md" in first and "Error codes" in first
     # the stop button shows while the answer streams, and the text grows
@@ -122,9 +122,12 @@ def test_a_grounded_answer_streams_with_its_sources(page, kiosk, engine):
     page.wait_for_selector("#stop", state="hidden", timeout=60_000)
     assert page.text_content("#text").strip()
     assert "tokens in" in page.text_content("#meta")
-    # a source opens to its passage, the question's code highlighted
-    page.click("#sources li button")
+    # the best source is open on its passage, the question's code highlighted; it closes and opens
     passage = page.locator("#sources li .passage").first
+    assert passage.is_visible()
+    page.click("#sources li button")
+    assert not passage.is_visible() and page.get_attribute("#sources li button", "aria-expanded") == "false"
+    page.click("#sources li button")
     assert "Dry running" in passage.text_content()
     marks = [m.lower() for m in passage.locator("mark").all_text_contents()]
     assert "e-417" in marks
@@ -176,12 +179,27 @@ def test_the_page_says_when_the_board_is_busy(page, engine):
     page.wait_for_selector("#busy", state="hidden", timeout=10_000)
 
 
+def test_the_page_says_when_the_kiosks_own_share_is_taken(page, kiosk, engine):
+    from edge_slm.kiosk.server import MAX_REQUESTS
+
+    # other kiosk browsers hold every kiosk place: a question now would be refused
+    kiosk.running.update({f"other-{n}": None for n in range(MAX_REQUESTS)})
+    try:
+        page.wait_for_selector("#busy", state="visible", timeout=10_000)
+        assert "ask again in a moment" in page.text_content("#busy")
+        assert not page.is_enabled("#send")
+    finally:
+        for n in range(MAX_REQUESTS):
+            kiosk.running.pop(f"other-{n}", None)
+    page.wait_for_selector("#busy", state="hidden", timeout=10_000)
+    assert page.is_enabled("#send")
+
+
 def test_markup_in_questions_and_manuals_is_shown_as_text(page):
     page.fill("#question", f"How do I reset valve V-9? {HOSTILE}")
     page.click("#send")
     page.wait_for_selector("#sources li", timeout=20_000)
     page.wait_for_selector("#stop", state="hidden", timeout=60_000)
-    page.click("#sources li button")
     passage = page.locator("#sources li .passage").first.text_content()
     assert "<script>window.pwned=1</script>" in passage
     assert "<script>" in page.text_content("#history")
@@ -238,23 +256,41 @@ def test_an_unknown_collection_is_answered_as_an_error(kiosk):
 def test_the_network_needs_a_pin():
     with pytest.raises(EdgeSlmError, match="PIN"):
         KioskConfig(kiosk_host="0.0.0.0")
-    with pytest.raises(EdgeSlmError, match="kiosk_pin"):
-        KioskConfig(kiosk_host="0.0.0.0", kiosk_pin="12")
-    KioskConfig(kiosk_host="0.0.0.0", kiosk_pin="2468")
+    with pytest.raises(EdgeSlmError, match="PIN: 6 to 64"):
+        KioskConfig(kiosk_host="0.0.0.0", kiosk_pin="1234")
+    KioskConfig(kiosk_host="0.0.0.0", kiosk_pin="246813")
 
 
 def test_the_pin_grants_a_session_and_guessing_is_slowed():
-    gate = Gate("2468")
-    assert gate.allows("127.0.0.1", None)             # the board's own screen
+    gate = Gate("246813")
+    assert gate.allows("127.0.0.1", None, "127.0.0.1:8080")  # the board's own screen
     assert not gate.allows("192.0.2.7", None)
-    token, wait = gate.login("192.0.2.7", "2468")
+    token, wait = gate.login("192.0.2.7", "246813")
     assert token and wait == 0 and gate.allows("192.0.2.7", token)
     assert not gate.allows("192.0.2.7", token + "x")
     for _ in range(FREE_TRIES):
-        assert gate.login("192.0.2.8", "0000")[0] is None
-    token, wait = gate.login("192.0.2.8", "2468")     # even the right PIN waits now
+        assert gate.login("192.0.2.8", "000000")[0] is None
+    token, wait = gate.login("192.0.2.8", "246813")     # even the right PIN waits now
     assert token is None and wait > 0
-    assert gate.login("192.0.2.9", "2468")[0]         # another address is not held up
+    assert gate.login("192.0.2.9", "246813")[0]         # another address is not held up
+
+
+def test_many_addresses_cannot_share_out_the_guessing():
+    from edge_slm.kiosk.auth import GLOBAL_TRIES
+
+    gate = Gate("246813")
+    for n in range(GLOBAL_TRIES):
+        assert gate.login(f"192.0.2.{n + 10}", "000000")[0] is None
+    token, wait = gate.login("198.51.100.1", "246813")  # a fresh address, the right PIN: it waits too
+    assert token is None and wait > 0
+
+
+def test_the_board_itself_is_let_in_only_under_its_own_name():
+    gate = Gate("246813")
+    assert gate.allows("127.0.0.1", None, "127.0.0.1:8080") and gate.allows("::1", None, "[::1]:8080")
+    assert gate.allows("127.0.0.1", None, "localhost")
+    # a page elsewhere whose name was rebound to 127.0.0.1: not the board's own screen
+    assert not gate.allows("127.0.0.1", None, "evil.example:8080")
 
 
 def test_a_pin_protected_kiosk_over_the_network(engine):
@@ -268,16 +304,16 @@ def test_a_pin_protected_kiosk_over_the_network(engine):
         addr = "127.0.0.1"
     if addr.startswith("127."):
         pytest.skip("this machine has no non-loopback address")
-    k = Kiosk(engine, KioskConfig(kiosk_host=addr, kiosk_port=free_port(), kiosk_pin="2468")).start()
+    k = Kiosk(engine, KioskConfig(kiosk_host=addr, kiosk_port=free_port(), kiosk_pin="246813")).start()
     try:
         base = k.url.rstrip("/")
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(base + "/api/status", timeout=5)
         assert e.value.code == 401
         assert urllib.request.urlopen(base + "/", timeout=5).status == 200  # the page, to log in on
-        status, body = post(k, "/api/login", json.dumps({"pin": "1111"}).encode())
+        status, body = post(k, "/api/login", json.dumps({"pin": "111111"}).encode())
         assert status == 403
-        req = urllib.request.Request(base + "/api/login", data=json.dumps({"pin": "2468"}).encode(),
+        req = urllib.request.Request(base + "/api/login", data=json.dumps({"pin": "246813"}).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
         with urllib.request.urlopen(req, timeout=5) as r:
             cookie = r.headers["Set-Cookie"]

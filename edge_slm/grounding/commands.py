@@ -22,8 +22,9 @@ from .prompt import source_label
 @click.option("--search", "query", metavar="QUERY", help="Show the passages that best match QUERY.")
 @click.option("--limit", type=click.IntRange(1, 100), default=5, show_default=True,
               help="How many passages --search shows.")
+@click.option("--replace", is_flag=True, help="Let FOLDER's manuals replace a collection made from another folder.")
 def index(folder: Path | None, collection: str | None, index_path: Path | None, list_only: bool,
-          query: str | None, limit: int) -> None:
+          query: str | None, limit: int, replace: bool) -> None:
     """Index the manuals in FOLDER (Markdown, text, PDF) for grounded answers.
 
     Run again after the folder changes: only changed files are read again,
@@ -32,7 +33,7 @@ def index(folder: Path | None, collection: str | None, index_path: Path | None, 
         raise click.UsageError("give exactly one of FOLDER, --list or --search QUERY")
     if folder is not None:
         with Index.open(index_path) as idx:
-            report = _add_with_progress(idx, folder, collection or "default")
+            report = _add_with_progress(idx, folder, collection or "default", replace)
         for rel, reason in report.skipped:
             click.echo(f"edge-slm: skipped {rel}: {reason}", err=True)
         click.echo(f"{collection or 'default'}: {report.added} added, {report.changed} changed, "
@@ -55,11 +56,11 @@ def index(folder: Path | None, collection: str | None, index_path: Path | None, 
             click.echo("    " + hit.text.replace("\n", "\n    "))
 
 
-def _add_with_progress(idx: Index, folder: Path, collection: str) -> IndexReport:
+def _add_with_progress(idx: Index, folder: Path, collection: str, replace: bool) -> IndexReport:
     """add_folder, with a progress bar on a terminal (the count of files is
     known only once the folder has been walked, so the bar starts then)."""
     if not sys.stderr.isatty():
-        return idx.add_folder(folder, collection)
+        return idx.add_folder(folder, collection, replace=replace)
     with contextlib.ExitStack() as stack:
         bar = None
 
@@ -70,4 +71,4 @@ def _add_with_progress(idx: Index, folder: Path, collection: str) -> IndexReport
                                                             item_show_func=lambda item: item))
             bar.update(1, rel)
 
-        return idx.add_folder(folder, collection, progress)
+        return idx.add_folder(folder, collection, progress, replace=replace)

@@ -136,6 +136,8 @@ class Grounder:
         if top is None or top < self.threshold:
             label = NOT_COVERED if self.uncovered == "decline" else UNGROUNDED
             return Grounded(None if label == NOT_COVERED else messages, [], label, terms, top, spent)
+        # a passage that covers too little of the question only misleads a small model
+        hits = [h for h in hits if h.coverage >= self.threshold]
         margin = TEMPLATE_TOKENS_PER_MESSAGE * (len(messages) + 1)
         conversation = sum(count_tokens(m["content"]) for m in messages)
         budget = min(conversation + self.max_tokens, prompt_tokens - margin)

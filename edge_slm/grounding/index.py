@@ -137,15 +137,22 @@ class Index:
         self.close()
 
     def add_folder(self, folder: Path, collection: str = "default",
-                   progress: Callable[[int, int, str], None] | None = None) -> IndexReport:
+                   progress: Callable[[int, int, str], None] | None = None,
+                   replace: bool = False) -> IndexReport:
         """Make `collection` mirror the manuals in `folder`: files whose
         content changed are re-read, files gone are dropped, and the whole run
-        is one transaction, so an interrupted run leaves the previous index."""
+        is one transaction, so an interrupted run leaves the previous index.
+        A collection made from another folder is refused unless `replace`:
+        mirroring this one would drop every manual of the other."""
         folder = Path(folder)
         if not _COLLECTION_NAME.fullmatch(collection):
             raise EdgeSlmError(f"{collection!r}: a collection name is 1-64 letters, digits, '_', '.' or '-'")
         if not folder.is_dir():
             raise EdgeSlmError(f"{folder}: not a folder")
+        root = self._read("SELECT root FROM collections WHERE name = ?", (collection,))
+        if root and root[0][0] != str(folder.resolve()) and not replace:
+            raise EdgeSlmError(f"collection {collection!r} holds the manuals of {root[0][0]}; name another "
+                               "with --collection, or replace them with --replace")
         files, skipped = _manual_files(folder)
         db = self._db
         added = changed = unchanged = 0
@@ -232,7 +239,8 @@ class Index:
         if not is_whole(limit, 1):
             raise EdgeSlmError(f"limit {limit!r}: must be a whole number >= 1")
         if collection is not None and not self._read("SELECT 1 FROM collections WHERE name = ?", (collection,)):
-            raise EdgeSlmError(f"no collection {collection!r} in {self.path}")
+            names = [name for (name,) in self._read("SELECT name FROM collections ORDER BY name")]
+            raise EdgeSlmError(f"no collection {collection!r}; there are: {', '.join(names) or 'none'}")
         scores: dict[int, float] = {}
         where = "" if collection is None else " AND f.collection = ?"
         for table, match, weight in (("fts_stem", fts_query(query), 1.0),

@@ -40,7 +40,7 @@ from starlette.staticfiles import StaticFiles
 from ..engine import BUSY, Engine, Result
 from ..errors import EdgeSlmError, is_whole
 from ..memory import MIB
-from .auth import COOKIE, SESSION_S, Gate, is_loopback
+from .auth import COOKIE, MIN_PIN, SESSION_S, Gate, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,12 @@ class KioskConfig:
         if not isinstance(self.kiosk_host, str) or not self.kiosk_host:
             raise EdgeSlmError(f"setting kiosk_host: {self.kiosk_host!r} is not a host address")
         pin = self.kiosk_pin
-        if pin is not None and not (isinstance(pin, str) and 4 <= len(pin) <= 64 and pin.isprintable()):
-            raise EdgeSlmError("setting kiosk_pin: 4 to 64 printable characters")
+        if pin is not None and not (isinstance(pin, str) and MIN_PIN <= len(pin) <= 64 and pin.isprintable()):
+            raise EdgeSlmError(f"the kiosk's PIN: {MIN_PIN} to 64 printable characters")
         if pin is None and not is_loopback(self.kiosk_host):
-            raise EdgeSlmError(f"the kiosk on {self.kiosk_host} would be open to the network: "
-                               "set a PIN (--kiosk-pin-file, or kiosk_pin in [kiosk])")
+            raise EdgeSlmError(f"the kiosk on {self.kiosk_host} would be open to the network: set a PIN "
+                               "(in a file given to --pin-file, or to serve's --kiosk-pin-file; or "
+                               "EDGE_SLM_KIOSK_PIN)")
 
 
 def planned_bytes() -> int:
@@ -164,7 +165,7 @@ class Kiosk:
 
     def _allowed(self, request: Request) -> bool:
         client = request.client.host if request.client else None
-        return self.gate.allows(client, request.cookies.get(COOKIE))
+        return self.gate.allows(client, request.cookies.get(COOKIE), request.headers.get("host"))
 
     async def status(self, request: Request) -> Response:
         if not self._allowed(request):

@@ -6,7 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const STATUS_EVERY_MS = 2000;
 const LABELS = {
-  grounded: "From the manuals",
+  grounded: "Based on the manual passages below: check them before you act",
   not_covered: "Not in the manuals",
   ungrounded: "Not from the manuals: the model's own answer, unchecked",
 };
@@ -44,10 +44,13 @@ async function refreshStatus() {
     const load = `${s.slots_busy} of ${s.slots} answering` + (s.queue_depth ? `, ${s.queue_depth} waiting` : "");
     $("board").textContent = `${s.model} · memory ${memory} · ${load}`;
     showCollections(s.collections);
-    const full = s.slots_busy >= s.slots || s.kiosk_busy;
     if (!current) {
-      $("busy").hidden = !full;
-      $("busy").textContent = full ? "The board is busy answering others; your question will wait its turn." : "";
+      // the kiosk's own share taken: a question now is refused, so say so and wait
+      $("send").disabled = s.kiosk_busy;
+      const message = s.kiosk_busy ? "The kiosk is answering other questions; ask again in a moment."
+        : s.slots_busy >= s.slots ? "The board is busy answering others; your question will wait its turn." : "";
+      $("busy").hidden = !message;
+      $("busy").textContent = message;
     }
   } catch (e) {
     $("board").textContent = "The board does not answer.";
@@ -126,6 +129,7 @@ function showSources(sources, terms) {
     });
     item.append(button, passage);
     list.append(item);
+    if (i === 0) button.click();  // the best passage, open: what the answer should say
   });
 }
 
@@ -183,13 +187,12 @@ async function ask(event) {
     const r = await fetch("/api/ask", {method: "POST", signal: controller.signal,
                                        headers: {"Content-Type": "application/json"},
                                        body: JSON.stringify(body)});
-    if (!r.ok) {
+    if (!r.ok) {  // refused before it reached the model: not part of the history
       if (r.status === 401) showLogin();
       const refusal = await r.json();
-      $("busy").hidden = refusal.error !== "busy";
+      $("answer").hidden = true;
+      $("busy").hidden = false;
       $("busy").textContent = refusal.message;
-      $("meta").textContent = refusal.message;
-      entry.status = refusal.error;
       return;
     }
     for await (const [name, data] of events(r)) {
@@ -199,7 +202,7 @@ async function ask(event) {
         $("busy").hidden = !waiting;
         $("busy").textContent = waiting
           ? `The board is answering ${data.slots_busy} other question(s); yours is next in line.` : "";
-        $("meta").textContent = "Thinking…";
+        $("text").textContent = "Looking in the manuals and thinking…";
       } else if (name === "sources") {
         entry.grounding = data.grounding;
         entry.sources = data.sources;
@@ -209,6 +212,7 @@ async function ask(event) {
       } else if (name === "text") {
         $("busy").hidden = true;
         entry.text += data.text;
+        entry.status = entry.status || "answering";
         $("text").textContent = entry.text;
       } else if (name === "done") {
         entry.status = data.status;
@@ -226,10 +230,12 @@ async function ask(event) {
   } catch (e) {
     if (e.name !== "AbortError") $("meta").textContent = "The connection to the board was lost.";
     else $("meta").textContent = FAILURES.cancelled;
+    entry.status = entry.status || "cancelled";
   } finally {
     current = null;
     setAnswering(false);
     if (entry.status) remember(entry);
+    if ($("text").textContent === "Looking in the manuals and thinking…") $("text").textContent = "";
     refreshStatus();
   }
 }
