@@ -776,7 +776,7 @@ def _blank(prompt: str | None, messages: list[dict[str, str]] | None) -> str | N
     if not messages:
         return "the prompt is empty: no messages"
     if not messages[-1]["content"].strip():
-        return ("the question is blank" if len(messages) == 1
+        return ("the prompt is empty: the question is blank" if len(messages) == 1
                 else f"the prompt is empty: the last message ({len(messages) - 1}) is blank")
     return None
 

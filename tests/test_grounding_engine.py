@@ -292,4 +292,4 @@ def test_cli_chat_grounds_in_the_default_index(cli_home, tmp_path):
 @pytest.mark.parametrize("blank", ["", "   ", "\n\t"])
 def test_a_blank_question_is_refused_before_any_search(engine, blank):
     r = engine.submit(messages=[{"role": "user", "content": blank}]).result(10)
-    assert r.status == ERROR and r.error == "the question is blank" and r.grounding is None
+    assert r.status == ERROR and r.error == "the prompt is empty: the question is blank" and r.grounding is None
