@@ -23,6 +23,43 @@ from . import protocol as p
 from .service import ServiceConfig, broker_address, make_client
 
 
+def subscribed_client(cfg: ServiceConfig, client_id: str, topics: list[str],
+                      on_message: Callable[[mqtt.MQTTMessage], None], *, mqtt5: bool = True,
+                      timeout: float = 10.0) -> mqtt.Client:
+    """A client connected to `cfg`'s broker, its network loop running, once
+    the broker has granted each of `topics` (QoS 1): messages go to
+    `on_message` (on the network thread: keep it to a queue put)."""
+    if mqtt5:
+        client = make_client(client_id, cfg)
+        client.manual_ack_set(False)
+    else:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+        if cfg.username:
+            client.username_pw_set(cfg.username, cfg.password)
+    client.on_message = lambda c, u, msg: on_message(msg)
+    subscribed: queue.Queue = queue.Queue()
+    client.on_subscribe = lambda c, u, mid, codes, props: subscribed.put(codes)
+    host, port, _ = broker_address(cfg.broker)
+    try:
+        client.connect(host, port, keepalive=30)
+    except OSError as e:
+        raise EdgeSlmError(f"broker {cfg.broker}: {e}") from None
+    client.loop_start()
+    for topic in topics:
+        client.subscribe(topic, qos=1)
+        try:
+            codes = subscribed.get(timeout=timeout)
+        except queue.Empty:
+            client.loop_stop()
+            client.disconnect()
+            raise EdgeSlmError(f"broker {cfg.broker}: no answer to our subscription in {timeout:g} s") from None
+        if any(getattr(c, "is_failure", False) or c == 0x80 for c in codes):
+            client.loop_stop()
+            client.disconnect()
+            raise EdgeSlmError(f"broker {cfg.broker}: not allowed to read {topic}")
+    return client
+
+
 class DeviceClient:
     """One device's connection. `ask()` publishes a question and returns its
     final answer, passing streamed chunks to `on_chunk` on the way."""
@@ -35,33 +72,8 @@ class DeviceClient:
         self.mqtt5 = mqtt5
         self.reply_topic = f"{p.answer_topic(device)}/{uuid.uuid4().hex[:8]}"
         self._inbox: queue.Queue = queue.Queue()
-        client_id = f"{device}-{uuid.uuid4().hex[:6]}"
-        if mqtt5:
-            self.client = make_client(client_id, cfg)
-            self.client.manual_ack_set(False)
-        else:
-            self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                      protocol=mqtt.MQTTv311)
-            if cfg.username:
-                self.client.username_pw_set(cfg.username, cfg.password)
-        self.client.on_message = lambda c, u, msg: self._inbox.put(msg)
-        subscribed = queue.Queue()
-        self.client.on_subscribe = lambda c, u, mid, codes, props: subscribed.put(codes)
-        host, port, _ = broker_address(cfg.broker)
-        try:
-            self.client.connect(host, port, keepalive=30)
-        except OSError as e:
-            raise EdgeSlmError(f"broker {cfg.broker}: {e}") from None
-        self.client.loop_start()
-        self.client.subscribe(self.reply_topic, qos=1)
-        try:
-            codes = subscribed.get(timeout=timeout)
-        except queue.Empty:
-            self.close()
-            raise EdgeSlmError(f"broker {cfg.broker}: no answer to our subscription in {timeout} s") from None
-        if any(getattr(c, "is_failure", False) or c == 0x80 for c in codes):
-            self.close()
-            raise EdgeSlmError(f"broker {cfg.broker}: not allowed to read {self.reply_topic}")
+        self.client = subscribed_client(cfg, f"{device}-{uuid.uuid4().hex[:6]}", [self.reply_topic],
+                                        self._inbox.put, mqtt5=mqtt5, timeout=timeout)
 
     def close(self) -> None:
         self.client.loop_stop()

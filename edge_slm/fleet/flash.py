@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EdgeSlmError
 from .bundle import Raw, bundle_id, read_bundle
 
 log = logging.getLogger(__name__)
@@ -50,27 +49,10 @@ class Link:
     """The operator's MQTT connection: messages from boards on a queue."""
 
     def __init__(self, cfg, topics: list[str]):
-        from firmware_bridge.service import broker_address, make_client
+        from firmware_bridge.client import subscribed_client
 
         self.inbox: queue.Queue = queue.Queue()
-        self.client = make_client(f"edge-fleet-{uuid.uuid4().hex[:8]}", cfg)
-        self.client.manual_ack_set(False)
-        self.client.on_message = lambda c, u, msg: self.inbox.put(msg)
-        subscribed: queue.Queue = queue.Queue()
-        self.client.on_subscribe = lambda c, u, mid, codes, props: subscribed.put(codes)
-        host, port, _ = broker_address(cfg.broker)
-        try:
-            self.client.connect(host, port, keepalive=30)
-        except OSError as e:
-            raise EdgeSlmError(f"broker {cfg.broker}: {e}") from None
-        self.client.loop_start()
-        for topic in topics:
-            self.client.subscribe(topic, qos=1)
-            try:
-                subscribed.get(timeout=10)
-            except queue.Empty:
-                self.close()
-                raise EdgeSlmError(f"broker {cfg.broker}: no answer to our subscription in 10 s") from None
+        self.client = subscribed_client(cfg, f"edge-fleet-{uuid.uuid4().hex[:8]}", topics, self.inbox.put)
 
     def close(self) -> None:
         self.client.loop_stop()
