@@ -167,6 +167,13 @@ class FleetLink:
             raise BundleError(f"a malformed offer ({e})") from None
         m = verify_manifest(data, signature, self.trusted)
         bundle = bundle_id(data)
+        active = self.board.manifest(self.board.pointer().active)
+        if active == m:
+            # offered again while (or after) the board switched to it: where it stands, not a refusal
+            trial = self.board.pointer().trial
+            self.report(p.SWITCHED if trial else p.COMMITTED,
+                        f"{m.name} v{m.version} {'on trial' if trial else 'already running'}", bundle=bundle)
+            return
         current = self.board.transfer()
         if current is None or current.bundle != bundle:
             try:
