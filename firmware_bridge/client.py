@@ -39,6 +39,13 @@ def subscribed_client(cfg: ServiceConfig, client_id: str, topics: list[str],
     client.on_message = lambda c, u, msg: on_message(msg)
     subscribed: queue.Queue = queue.Queue()
     client.on_subscribe = lambda c, u, mid, codes, props: subscribed.put(codes)
+
+    def on_connect(c, u, flags, reason, props) -> None:  # every connect: a restarted broker forgot them
+        if not reason.is_failure:
+            for topic in topics:
+                c.subscribe(topic, qos=1)
+
+    client.on_connect = on_connect
     host, port, _ = broker_address(cfg.broker)
     try:
         client.connect(host, port, keepalive=30)
@@ -46,7 +53,6 @@ def subscribed_client(cfg: ServiceConfig, client_id: str, topics: list[str],
         raise EdgeSlmError(f"broker {cfg.broker}: {e}") from None
     client.loop_start()
     for topic in topics:
-        client.subscribe(topic, qos=1)
         try:
             codes = subscribed.get(timeout=timeout)
         except queue.Empty:

@@ -266,13 +266,15 @@ def _open_engine(engine_cfg, board, link):
     from edge_slm.engine import Engine
 
     model = board.start() if board is not None else None
+    if board is not None and board.rolled_back:
+        link.report(p.ROLLED_BACK, board.rolled_back)
     try:
         return Engine(replace(engine_cfg, model=model) if model else engine_cfg)
     except EdgeSlmError as e:
         if board is None or not board.pointer().trial:
             raise
-        board.roll_back(f"the new model failed to load: {e}")
-        link.report(p.ROLLED_BACK, f"the new model failed to load: {e}")
+        board.give_up(f"the new model failed to load: {e}")
+        link.report(p.ROLLED_BACK, board.rolled_back)
         return None
 
 
@@ -285,7 +287,7 @@ def _trial(engine, board, link, reload: threading.Event) -> None:
     failed = failures(engine, m.golden) if m else []
     if failed:
         reason = f"{len(failed)} golden prompts failed in service; first: {failed[0]}"
-        board.roll_back(reason)
+        board.give_up(reason)
         link.report(p.ROLLED_BACK, reason)
         reload.set()
     else:

@@ -714,3 +714,16 @@ def test_the_release_script_parses_and_says_how_to_use_it():
     unset = subprocess.run([str(script), "m.gguf", "pump", "1", "hall"], capture_output=True, text=True,
                            env={k: v for k, v in os.environ.items() if not k.startswith("EDGE_FLEET")})
     assert unset.returncode != 0 and "EDGE_FLEET_KEYS" in unset.stderr
+
+
+def test_a_release_that_failed_after_its_switch_is_not_taken_again(board, real_bundles, keypair, tmp_path):
+    (_, v1), (b2, v2) = real_bundles[1], real_bundles[2]
+    commit_by_hand(board, "a", v1, tmp_path)
+    install(board, b2, keypair.trusted, None)
+    board.give_up("golden prompts failed in service")
+    assert board.pointer().active == "a" and board.rolled_back == "golden prompts failed in service"
+    with pytest.raises(BundleError, match="failed on this board after its switch"):
+        board.check_manifest(v2, None)
+    with pytest.raises(BundleError, match="which failed on this board"):  # nor by a rollback command
+        board.roll_back("by the operator")
+    assert board.pointer().active == "a"

@@ -77,6 +77,7 @@ class Board:
     def __init__(self, root: Path):
         self.root = root
         self.lock = threading.RLock()
+        self.rolled_back: str | None = None  # why the last start() went back a slot, if it did
         try:
             root.mkdir(parents=True, exist_ok=True)
             for s in SLOTS:
@@ -189,6 +190,10 @@ class Board:
         running = self.manifest(p.active)
         if running and running.name == m.name and running.version == m.version and running.sha256 == m.sha256:
             raise BundleError(f"{m.name} v{m.version} is already running")
+        failed = self.meta(_failed_key(m))
+        if failed:
+            raise BundleError(f"{m.name} v{m.version} failed on this board after its switch ({failed}); "
+                              "sign a new version")
         if p.trial:  # its fallback is the slot a new model would fill
             raise BundleError(f"slot {p.active} is on trial; install again once it is committed or "
                               "rolled back")
@@ -333,9 +338,10 @@ class Board:
         A slot on trial that has had its starts without being committed is
         given up for the previous slot."""
         p = self.pointer()
+        self.rolled_back = None
         if p.trial:
             if p.starts >= MAX_TRIAL_STARTS:
-                self.roll_back(f"slot {p.active} did not come back healthy in {MAX_TRIAL_STARTS} starts")
+                self.give_up(f"slot {p.active} did not come back healthy in {MAX_TRIAL_STARTS} starts")
                 p = self.pointer()
             else:
                 p.starts += 1
@@ -361,12 +367,27 @@ class Board:
         self._set_pointer(p, "committed")
 
     @_locked
+    def give_up(self, reason: str) -> None:
+        """The slot on trial failed after its switch (it did not load, did not
+        answer its golden prompts in service, or did not come back healthy):
+        back to the previous slot, and that model is not taken again."""
+        m = self.manifest(self.pointer().active)
+        if m is not None:
+            self.set_meta(_failed_key(m), reason)
+        self.roll_back(reason)
+        self.rolled_back = reason
+
+    @_locked
     def roll_back(self, reason: str) -> bool:
         """Back to the previous slot (or the stock model); False if there is
-        nothing to go back to."""
+        nothing to go back to, or only a model that failed here."""
         p = self.pointer()
         if p.previous is not None and not self.model_path(p.previous).is_file():
             p.previous = None
+        kept = self.manifest(p.previous)
+        if kept is not None and self.meta(_failed_key(kept)):
+            raise BundleError(f"slot {p.previous} holds {kept.name} v{kept.version}, which failed on this "
+                              f"board: {self.meta(_failed_key(kept))}")
         if p.active is None and p.previous is None:
             return False
         self._set_pointer(Pointer(active=p.previous, previous=p.active, trial=False, starts=0,
@@ -456,6 +477,11 @@ class Transfer:
             self.board.db.execute("DELETE FROM transfer")
         self.board.place(self.slot, self.part, self.manifest)
         return self.slot
+
+
+def _failed_key(m: Manifest) -> str:
+    """A release that failed on a board after its switch: never taken again there."""
+    return f"failed:{m.name}:{m.version}:{m.sha256}"
 
 
 def fsync_dir(path: Path) -> None:

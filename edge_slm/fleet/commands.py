@@ -189,9 +189,11 @@ def _boards(cfg, to: tuple[str, ...], group: str | None) -> list[str]:
         raise click.UsageError("name the boards with --to, or a group with --group (one of them)")
     if to:
         return list(dict.fromkeys(to))
-    boards = group_members(cfg, group)
+    boards, offline = group_members(cfg, group)
+    if offline:
+        click.echo(f"offline, not flashed: {', '.join(offline)}", err=True)
     if not boards:
-        raise EdgeSlmError(f"no board of group {group!r} has a retained state on {cfg.broker}")
+        raise EdgeSlmError(f"no board of group {group!r} is online on {cfg.broker}")
     return boards
 
 

@@ -84,8 +84,12 @@ def read_states(cfg) -> dict[str, dict]:
     return boards
 
 
-def group_members(cfg, group: str) -> list[str]:
-    return sorted(b for b, s in read_states(cfg).items() if s.get("fleet", {}).get("group") == group)
+def group_members(cfg, group: str) -> tuple[list[str], list[str]]:
+    """The boards of `group` online now, and those offline (not flashed: they
+    would only run out the clock)."""
+    members = {b: s for b, s in read_states(cfg).items() if s.get("fleet", {}).get("group") == group}
+    online = sorted(b for b, s in members.items() if s.get("runtime", {}).get("state") == "online")
+    return online, sorted(set(members) - set(online))
 
 
 class Flasher:
