@@ -727,3 +727,13 @@ def test_a_release_that_failed_after_its_switch_is_not_taken_again(board, real_b
     with pytest.raises(BundleError, match="which failed on this board"):  # nor by a rollback command
         board.roll_back("by the operator")
     assert board.pointer().active == "a"
+
+
+def test_a_gguf_whose_header_lies_about_its_size_is_refused_before_a_byte_is_stored(board, real_model,
+                                                                                      keypair, tmp_path):
+    model = real_model.read_bytes()[: 20 << 20]  # the header promises ~94 MiB of tensors; 20 are there
+    path = write_tar(tmp_path / "lying.bundle", signed_members(keypair.private, model))
+    with pytest.raises(BundleError, match="places tensor data past"):
+        install(board, path, keypair.trusted, None)
+    assert [list(board.slot_dir(s).iterdir()) for s in "ab"] == [[], []]
+    assert board.last_result()[0] == "refused"

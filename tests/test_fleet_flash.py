@@ -591,7 +591,7 @@ REFUSED_ON_THE_BOARD = {
     "tampered": "does not match the manifest's sha256",
     "stranger": "signed by a key this board does not trust",
     "expired": "expired on",
-    "cut-gguf": "does not load",
+    "cut-gguf": "places tensor data past",
 }
 
 

@@ -473,6 +473,14 @@ class Transfer:
             self.board.drop_transfer()
             raise BundleError(f"{self.manifest.name} v{self.manifest.version}: the received model does "
                               "not match the manifest's sha256")
+        from .header import check_header
+
+        try:  # before it takes the slot's name: a header that lies never becomes a model
+            with open(self.part, "rb") as f:
+                check_header(f.read, self.manifest.size)
+        except BundleError:
+            self.board.drop_transfer()
+            raise
         with self.board.db:
             self.board.db.execute("DELETE FROM transfer")
         self.board.place(self.slot, self.part, self.manifest)
@@ -497,10 +505,14 @@ def install(board: Board, bundle: Path, trusted: dict[str, object], memory_budge
     """The whole update from a local file, short of the trial: verify,
     receive into the inactive slot, check the candidate, switch."""
     from .bundle import open_bundle, verify_model
+    from .header import check_header
 
     try:
         opened = open_bundle(bundle, trusted)
         board.check_manifest(opened.manifest, memory_budget)
+        with open(bundle, "rb") as f:  # a header that lies is refused before a byte is stored
+            f.seek(opened.model_offset)
+            check_header(f.read, opened.model_size)
         # the whole file first: the inactive slot holds the fallback until a good model replaces it
         verify_model(opened, progress)
         slot = board.receive(opened)
