@@ -39,6 +39,7 @@ ASK_AGAIN_S = 5.0        # a window not filled by then is asked for again (the o
 BUSY_RATE = 4 << 20      # bytes/s the download takes while the engine is answering
 IDLE_RATE = 64 << 20     # and while it is idle
 COMMAND_MAX_AGE_S = 3600.0  # a signed command older than this is refused (a replay)
+STATE_EVERY_S = 60.0     # the retained state is refreshed this often: its "at" is when the board was last seen
 
 
 def planned_bytes() -> int:
@@ -67,6 +68,7 @@ class FleetLink:
         self._window: dict[int, bytes] = {}   # chunk index -> bytes, for the window asked for
         self._asked: set[int] = set()
         self._asked_at = 0.0
+        self._state_at = 0.0
         self._thread = threading.Thread(target=self._work, name="edge-slm-fleet", daemon=True)
         self.client = make_client(f"{board_id}-fleet", cfg)
         self.client.manual_ack_set(False)  # a chunk lost before it is on disk is asked for again
@@ -127,6 +129,7 @@ class FleetLink:
         state = {"board": self.board_id, "group": self.group, "memory_budget": self.memory_budget,
                  "started": self.started, "at": time.time(), **self.board.describe()}
         self.client.publish(p.fleet_topic(self.board_id, p.STATE), p.dumps(state), qos=1, retain=True)
+        self._state_at = time.monotonic()
 
     def _work(self) -> None:
         while not self._stop.is_set():
@@ -135,7 +138,7 @@ class FleetLink:
             except queue.Empty:
                 kind, value = None, None
             try:
-                if kind == "connected":
+                if kind == "connected" or time.monotonic() - self._state_at > STATE_EVERY_S:
                     self.publish_state()
                 elif kind == p.OFFER:
                     self._offer(value)

@@ -314,8 +314,10 @@ def status(group, as_json, broker, ca, cert, key, username, password_file) -> No
     for b, s in sorted(boards.items()):
         fleet_state, runtime = s.get("fleet", {}), s.get("runtime", {})
         online = runtime.get("state", "?")
-        if online == "offline" and runtime.get("at"):
-            online += f" since {_clock(runtime['at'])}"
+        seen = runtime.get("at") if online == "offline" and runtime.get("at") else None
+        if online == "offline":  # a crash leaves no time in the will: the last refresh of the state
+            seen = seen or fleet_state.get("at")
+            online += f" since {_clock(seen)}" if seen else ""
         model = _model(fleet_state.get("model")) or (runtime.get("model") or {}).get("name", "?")
         last = fleet_state.get("last") or {}
         budget = runtime.get("memory_budget") or fleet_state.get("memory_budget")
