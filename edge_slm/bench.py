@@ -237,6 +237,29 @@ def compare(ours: list[RoundResult], peer: list[RoundResult]) -> Agreement:
         confident_positions=len(confident))
 
 
+def last_level_cache(cpu: int = 0) -> tuple[int, int] | None:
+    """(level, bytes) of the CPU's last-level data cache, from sysfs; None
+    where the kernel does not say."""
+    best = None
+    for index in sorted(Path(f"/sys/devices/system/cpu/cpu{cpu}/cache").glob("index*")):
+        try:
+            kind = (index / "type").read_text().strip()
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction" or not size:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1].upper(), 1)
+        try:
+            nbytes = int(size.rstrip("KMGkmg")) * scale
+        except ValueError:
+            continue
+        if best is None or level > best[0]:
+            best = (level, nbytes)
+    return best
+
+
 def machine_info() -> dict[str, Any]:
     cpu = ""
     try:
@@ -246,9 +269,26 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    llc = last_level_cache()
     return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu,
             "cpus": os.cpu_count(), "python": platform.python_version(),
+            "last_level_cache": {"level": llc[0], "bytes": llc[1]} if llc else None,
             "loadavg_start": list(os.getloadavg())}
+
+
+def cache_note(machine: dict[str, Any], weight_bytes: int) -> str:
+    """The last-level cache beside the weights a token reads, and whether the
+    decode bandwidth figure means anything: weights that fit in the cache
+    are not read from DRAM, so the DRAM bound is not the limit."""
+    llc = machine.get("last_level_cache")
+    if not llc:
+        return f"last-level cache: unknown; weights read per token {weight_bytes / (1 << 20):.1f} MiB"
+    line = (f"last-level cache: L{llc['level']} {llc['bytes'] / (1 << 20):.0f} MiB; weights read per token "
+            f"{weight_bytes / (1 << 20):.1f} MiB")
+    if weight_bytes <= llc["bytes"]:
+        line += (" -- they fit in the cache, so the decode bandwidth share (marked !) is not measured "
+                 "against the DRAM bound")
+    return line
 
 
 # ---- the table ----
@@ -262,7 +302,9 @@ def spread(values: list[float]) -> float:
 
 
 def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
-                 agreement: dict[int, Agreement]) -> str:
+                 agreement: dict[int, Agreement], in_cache: bool = False) -> str:
+    """`in_cache`: the weights fit in the last-level cache, so the bandwidth
+    share is marked as not measured against the DRAM bound."""
     by = {(s.runtime, s.threads): s for s in summaries}
     runtimes = [r for r in (OURS, PEER) if any(s.runtime == r for s in summaries)]
     peer = PEER in runtimes
@@ -280,7 +322,7 @@ def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
         (f"first token ({TTFT_PROMPT} tok), ms", lambda s: s.ttft_ms,
          lambda s: s.samples.get("ttft_ms", []), "lower"),
         ("peak RSS, MiB", lambda s: s.peak_rss_mb, lambda s: s.samples.get("peak_rss_mb", []), "lower"),
-        ("decode bandwidth used, %", lambda s: 100 * s.decode_bw_fraction,
+        ("decode bandwidth used, %" + (" !" if in_cache else ""), lambda s: 100 * s.decode_bw_fraction,
          lambda s: s.samples.get("decode_tps", []), "higher"),
     ]
     noisy = False
@@ -470,7 +512,9 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
                + (f"; {busy_cores} other process{'es' * (busy_cores > 1)} spinning" if busy_cores else ""))
     kernels = {s.runtime: s.backend for s in summaries}
     click.echo("kernels: " + "; ".join(f"{rt} {name}" for rt, name in kernels.items()))
-    click.echo(format_table(summaries, bandwidth, agreement))
+    click.echo(cache_note(machine, bytes_per_token))
+    in_cache = bool(machine["last_level_cache"]) and bytes_per_token <= machine["last_level_cache"]["bytes"]
+    click.echo(format_table(summaries, bandwidth, agreement, in_cache))
     if grounding_doc is not None:
         click.echo("\n" + format_grounding(grounding_doc))
     if len(ours_ids) > 1:
@@ -495,6 +539,7 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
             "grounding": grounding_doc,
             "model": {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size,
                       "weight_bytes_per_token": bytes_per_token,
+                      "fits_in_last_level_cache": in_cache,
                       "weight_bytes_per_token_parts": byte_parts},
             "settings": {"n_ctx": n_ctx, "reps": reps, "threads": thread_counts,
                          "backend_requested": backend, "busy_cores": busy_cores,

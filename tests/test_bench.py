@@ -182,3 +182,26 @@ def test_grounding_section_end_to_end(real_model, tmp_path):
     assert row.split()[-1] == f"{t['ratio']:.2f}"
     tokens = next(line for line in table if line.strip().startswith("prompt tokens")).split()
     assert tokens[2:4] == [f"{t['ungrounded_prompt_tokens']:.0f}", f"{t['grounded_prompt_tokens']:.0f}"]
+
+
+def test_the_last_level_cache_is_reported_and_weights_that_fit_are_flagged():
+    from edge_slm.bench import cache_note, last_level_cache, machine_info
+
+    llc = last_level_cache()
+    assert llc is None or (llc[0] >= 1 and llc[1] >= 1 << 16)
+    machine = {"last_level_cache": {"level": 3, "bytes": 32 << 20}}
+    assert "they fit in the cache" in cache_note(machine, 20 << 20)
+    assert "fit" not in cache_note(machine, 96 << 20) and "L3 32 MiB" in cache_note(machine, 96 << 20)
+    assert "unknown" in cache_note({"last_level_cache": None}, 96 << 20)
+    assert "last_level_cache" in machine_info()
+
+
+def test_numpys_blas_starts_no_threads_of_its_own():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    code = ("import edge_slm, numpy, os; a = numpy.ones((400, 400)); a @ a; "
+            "print(len(os.listdir('/proc/self/task')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.strip() == "1", out
