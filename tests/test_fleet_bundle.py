@@ -138,6 +138,13 @@ def offsets(path: Path) -> dict[str, int]:
         return {m.name: m.offset_data for m in tar.getmembers()}
 
 
+def flip_model_byte(path: Path, out: Path) -> Path:
+    """`path` with one byte of its model.gguf flipped: the signature still checks."""
+    at = offsets(path)[MODEL] + 5000
+    byte = path.read_bytes()[at:at + 1]
+    return edit(path, out, at, byte, bytes([byte[0] ^ 0xFF]))
+
+
 def commit_by_hand(board: Board, slot: str, m: Manifest, tmp_path: Path) -> None:
     """Put `m` (with a stand-in model file) in `slot`, switch to it and commit:
     the board state the floor and pointer tests start from, without a golden run."""
@@ -271,9 +278,7 @@ def test_changed_manifest_bytes_fail_the_signature(tiny_bundle, keypair, tmp_pat
 
 def test_changed_model_bytes_fail_verify_model(tiny_bundle, keypair, tmp_path):
     path, _ = tiny_bundle
-    at = offsets(path)[MODEL] + 5000
-    byte = path.read_bytes()[at:at + 1]
-    tampered = edit(path, tmp_path / "tampered", at, byte, bytes([byte[0] ^ 0xFF]))
+    tampered = flip_model_byte(path, tmp_path / "tampered")
     opened = open_bundle(tampered, keypair.trusted)  # the manifest is still good
     with pytest.raises(BundleError, match="does not match the manifest's sha256"):
         verify_model(opened)
@@ -511,14 +516,12 @@ def test_no_install_while_a_slot_is_on_trial_so_its_fallback_stays(board, real_b
 
 def test_a_bad_model_does_not_cost_the_fallback(board, real_bundles, tiny_bundle, keypair, tmp_path):
     """The whole file is checked before the inactive slot (the fallback) is emptied."""
-    (_, v1), (b2, v2) = real_bundles[1], real_bundles[2]
+    (_, v1), (b2, _) = real_bundles[1], real_bundles[2]
     commit_by_hand(board, "a", v1, tmp_path)
     install(board, b2, keypair.trusted, None)
     board.commit()  # v2 active in b, v1 kept in a
     path, _ = tiny_bundle
-    at = offsets(path)[MODEL] + 5000
-    byte = path.read_bytes()[at:at + 1]
-    tampered = edit(path, tmp_path / "tampered", at, byte, bytes([byte[0] ^ 0xFF]))
+    tampered = flip_model_byte(path, tmp_path / "tampered")
     with pytest.raises(BundleError, match="does not match"):
         install(board, tampered, keypair.trusted, None)
     assert board.manifest("a") == v1 and board.pointer().previous == "a"
@@ -554,9 +557,7 @@ def test_a_model_that_fails_its_golden_prompts_is_refused(board, real_bundles, t
 
 def test_install_refuses_a_model_that_does_not_match_its_manifest(board, tiny_bundle, keypair, tmp_path):
     path, _ = tiny_bundle
-    at = offsets(path)[MODEL] + 5000
-    byte = path.read_bytes()[at:at + 1]
-    tampered = edit(path, tmp_path / "tampered", at, byte, bytes([byte[0] ^ 0xFF]))
+    tampered = flip_model_byte(path, tmp_path / "tampered")
     with pytest.raises(BundleError, match="does not match the manifest's sha256"):
         install(board, tampered, keypair.trusted, None)
     assert [list(board.slot_dir(s).iterdir()) for s in "ab"] == [[], []]  # no .part either

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import EdgeSlmError
-from .bundle import CHUNK, MANIFEST, MODEL, BundleError, Manifest, Opened, runtime_tuple
+from .bundle import MANIFEST, MODEL, BundleError, Manifest, Opened, runtime_tuple, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -220,26 +220,14 @@ class Board:
         """Copy the bundle's model into the inactive slot, checking its sha256
         on the way; returns the slot. A partial copy is a .part file that
         the next receive starts again, never the slot's model."""
-        import hashlib
-
         slot = self._take_inactive()
         part = self.slot_dir(slot) / (MODEL + ".part")
-        h = hashlib.sha256()
         with open(opened.path, "rb") as src, open(part, "wb") as dst:
             src.seek(opened.model_offset)
-            left = opened.model_size
-            while left:
-                block = src.read(min(CHUNK, left))
-                if not block:
-                    raise BundleError(f"{opened.path}: cut short")
-                h.update(block)
-                dst.write(block)
-                left -= len(block)
-                if progress:
-                    progress(len(block))
+            digest = sha256_of(_Tee(src, dst), opened.model_size, progress)
             dst.flush()
             os.fsync(dst.fileno())
-        if h.hexdigest() != opened.manifest.sha256:
+        if digest != opened.manifest.sha256:
             part.unlink()
             raise BundleError(f"{opened.path}: model.gguf does not match the manifest's sha256")
         self.place(slot, part, opened.manifest)
@@ -463,13 +451,9 @@ class Transfer:
     def _finish(self) -> str:
         """Check the whole file against the manifest and place it in its
         slot; returns the slot. A mismatch starts the transfer again."""
-        import hashlib
-
-        h = hashlib.sha256()
         with open(self.part, "rb") as f:
-            for block in iter(lambda: f.read(CHUNK), b""):
-                h.update(block)
-        if h.hexdigest() != self.manifest.sha256 or self.part.stat().st_size != self.manifest.size:
+            digest = sha256_of(f, self.manifest.size) if self.part.stat().st_size == self.manifest.size else ""
+        if digest != self.manifest.sha256:
             self.board.drop_transfer()
             raise BundleError(f"{self.manifest.name} v{self.manifest.version}: the received model does "
                               "not match the manifest's sha256")
@@ -485,6 +469,18 @@ class Transfer:
             self.board.db.execute("DELETE FROM transfer")
         self.board.place(self.slot, self.part, self.manifest)
         return self.slot
+
+
+class _Tee:
+    """A reader that writes what it reads: the copy and its hash in one pass."""
+
+    def __init__(self, src, dst):
+        self.src, self.dst = src, dst
+
+    def read(self, n: int) -> bytes:
+        block = self.src.read(n)
+        self.dst.write(block)
+        return block
 
 
 def _failed_key(m: Manifest) -> str:

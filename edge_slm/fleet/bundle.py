@@ -16,6 +16,7 @@ of it is written anywhere. Nothing is compressed, so nothing can expand."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
 import time
@@ -187,22 +188,12 @@ def pack(model: Path, out: Path, *, name: str, version: int, private_key, golden
         for member, payload in ((MANIFEST, data), (SIGNATURE, signature)):
             info = tarfile.TarInfo(member)
             info.size, info.mtime, info.mode = len(payload), int(now), 0o644
-            tar.addfile(info, _BytesReader(payload))
+            tar.addfile(info, io.BytesIO(payload))
         info = tarfile.TarInfo(MODEL)
         info.size, info.mtime, info.mode = size, int(now), 0o644
         with open(model, "rb") as m:
             tar.addfile(info, m)
     return manifest
-
-
-class _BytesReader:
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.data) if n < 0 else self.pos + n
-        piece, self.pos = self.data[self.pos:end], min(end, len(self.data))
-        return piece
 
 
 @dataclass

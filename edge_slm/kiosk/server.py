@@ -167,6 +167,12 @@ class Kiosk:
         client = request.client.host if request.client else None
         return self.gate.allows(client, request.cookies.get(COOKIE), request.headers.get("host"))
 
+    async def _request_body(self, request: Request) -> dict | Response:
+        """An API request's JSON body, or the refusal: no session, or not JSON."""
+        if not self._allowed(request):
+            return _refuse(401, "login", "enter the kiosk's PIN")
+        return await _json_body(request)
+
     async def status(self, request: Request) -> Response:
         if not self._allowed(request):
             return _refuse(401, "login", "enter the kiosk's PIN")
@@ -197,9 +203,7 @@ class Kiosk:
         return response
 
     async def cancel(self, request: Request) -> Response:
-        if not self._allowed(request):
-            return _refuse(401, "login", "enter the kiosk's PIN")
-        body = await _json_body(request)
+        body = await self._request_body(request)
         if isinstance(body, Response):
             return body
         req = self.running.get(body.get("id")) if isinstance(body.get("id"), str) else None
@@ -208,9 +212,7 @@ class Kiosk:
         return JSONResponse({"cancelled": req is not None})
 
     async def ask(self, request: Request) -> Response:
-        if not self._allowed(request):
-            return _refuse(401, "login", "enter the kiosk's PIN")
-        body = await _json_body(request)
+        body = await self._request_body(request)
         if isinstance(body, Response):
             return body
         question, collection, ground = body.get("question"), body.get("collection"), body.get("ground")
