@@ -7,6 +7,7 @@ and --uninstall must give back every file byte for byte."""
 
 from __future__ import annotations
 
+import atexit
 import configparser
 import os
 import shlex
@@ -27,6 +28,19 @@ from firmware_bridge.broker import free_port
 
 EDGE_SLM = str(Path(sys.executable).with_name("edge-slm"))
 KIOSK = Path(__file__).resolve().parent.parent / "scripts" / "kiosk"
+
+
+def _reachable_by_others(path: Path) -> bool:
+    return all(p.stat().st_mode & stat.S_IXOTH for p in [path, *path.parents])
+
+
+if os.geteuid() == 0 and not _reachable_by_others(KIOSK):
+    # As root the scripts run as nobody, who cannot reach a checkout in a
+    # private folder (a clone under `mktemp -d`): a copy of them, where it can.
+    _copy = Path(tempfile.mkdtemp(prefix="kiosk-scripts-"))
+    _copy.chmod(0o755)
+    KIOSK = Path(shutil.copytree(KIOSK, _copy / "kiosk"))
+    atexit.register(shutil.rmtree, _copy, True)
 OPEN_KIOSK = KIOSK / "open-kiosk"
 INSTALL = KIOSK / "install-autostart"
 MARK = "# edge-slm kiosk: added by install-autostart"
