@@ -390,7 +390,7 @@ class Transformer:
             self._model = _core.Model(
                 cfg.core(), core_tensors, n_threads=opts.n_threads, n_slots=opts.n_slots,
                 n_ctx=opts.n_ctx, max_batch=opts.max_batch, kv_type=int(KV_TYPES[opts.kv_type]),
-                backend=opts.backend,
+                backend=opts.backend, mapped=True,  # views of the GGUFFile's read-only map
             )
         except (ValueError, KeyError) as e:
             raise ModelError(f"model rejected: {_reason(e)}") from None

@@ -5,11 +5,14 @@
  * before the last one is finished, so the pass reads top to bottom like the
  * single-threaded maths.
  */
+#define _DEFAULT_SOURCE /* clock_gettime, madvise */
 #include <assert.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <time.h>
 
 #include "edge_model.h"
 
@@ -22,6 +25,10 @@ struct ek_model {
     ek_model_params p;
     const ek_kernels *k;
     ek_pool *pool;
+    uint8_t *weights;    /* every tensor the pass reads (own_weights) */
+    size_t weight_bytes;
+    int profiling;
+    ek_profile prof;
     int q_dim, kv_dim;
     size_t kv_head_bytes; /* one head vector in kv_type */
     size_t kv_pos_bytes;  /* all KV heads of one position */
@@ -146,6 +153,7 @@ size_t ek_model_state_bytes(const ek_config *c, int B, int n_ctx, int n_threads)
 void ek_model_destroy(ek_model *m) {
     if (!m) return;
     ek_pool_destroy(m->pool);
+    free(m->weights);
     free(m->layers);
     free(m->kv_k);
     free(m->kv_v);
@@ -165,6 +173,107 @@ void ek_model_destroy(ek_model *m) {
 }
 
 static float *alloc_floats(size_t n) { return calloc(n ? n : 1, sizeof(float)); }
+
+/* ---- the weights the model holds ----
+ * Every tensor the pass reads is copied into one allocation at creation:
+ * block-type matrices into the x8 layout where the table has an x8 gemm,
+ * everything else (norms, float matrices) as it is. An untied token_embd
+ * stays in place, as lookups touch only the rows of the tokens seen. With
+ * weights_mapped, the mapping's pages are handed back as they are copied,
+ * so the weights are resident once and the pass never faults the file in
+ * (a fault in a file mapping maps its neighbours too). */
+
+#define PACK_ALIGN 64 /* each tensor starts on a cache line */
+
+/* The tensors the pass reads, the output last: when it is the tied
+ * embedding, token_embd is pointed at its copy afterwards. */
+static int read_tensors(ek_model *m, ek_tensor **out) {
+    int n = 0;
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        ek_layer *L = &m->layers[l];
+        ek_tensor *all[] = {&L->attn_norm, &L->wq, &L->wk,     &L->wv,    &L->wo,
+                            &L->ffn_norm,  &L->w_gate, &L->w_up, &L->w_down};
+        for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) out[n++] = all[i];
+    }
+    out[n++] = &m->w.out_norm;
+    out[n++] = &m->w.output;
+    return n;
+}
+
+static int packable(const ek_model *m, const ek_tensor *t) {
+    return ek_x8_layout(t->type) && m->k->types[t->type].gemm_x8 && t->rows >= EK_X8_ROWS;
+}
+
+static size_t tensor_bytes(const ek_tensor *t) {
+    return (size_t)t->rows * ek_row_bytes(t->type, t->cols);
+}
+
+static size_t aligned_bytes(const ek_tensor *t) {
+    return (tensor_bytes(t) + PACK_ALIGN - 1) / PACK_ALIGN * PACK_ALIGN;
+}
+
+/* Huge pages where the kernel offers them for the asking (transparent huge
+ * pages in madvise mode): a token streams every weight, and with 4 KiB
+ * pages that is a TLB miss, and a stop for the hardware prefetcher, every
+ * 4 KiB. */
+#define HUGE_PAGE (2u << 20)
+
+static uint8_t *alloc_weights(size_t bytes) {
+    size_t rounded = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+    uint8_t *p = aligned_alloc(HUGE_PAGE, rounded);
+#ifdef MADV_HUGEPAGE
+    if (p) madvise(p, rounded, MADV_HUGEPAGE); /* advice: without it, small pages */
+#endif
+    return p;
+}
+
+static int own_weights(ek_model *m) {
+    const int count = 9 * m->cfg.n_layer + 2;
+    ek_tensor **ts = malloc((size_t)count * sizeof *ts);
+    if (!ts) return EK_ENOMEM;
+    read_tensors(m, ts);
+    size_t total = 0;
+    for (int i = 0; i < count; i++) total += aligned_bytes(ts[i]);
+    m->weights = alloc_weights(total);
+    if (!m->weights) {
+        free(ts);
+        return EK_ENOMEM;
+    }
+    const int tied = m->w.output.data == m->w.tok_embd.data;
+    const char *lo = ts[0]->data, *hi = lo; /* the span of the mapping read */
+    for (int i = 0; i < count; i++) {
+        const char *src = ts[i]->data;
+        if (src < lo) lo = src;
+        if (src + tensor_bytes(ts[i]) > hi) hi = src + tensor_bytes(ts[i]);
+    }
+    /* The small tensors first, then the matrices, handing back the whole
+     * span after each: reading a tensor maps its neighbours' pages in too
+     * (fault-around), which releasing its own pages would leave behind. */
+    size_t at = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < count; i++) {
+            ek_tensor *t = ts[i];
+            if (packable(m, t) != pass) continue;
+            if (pass) {
+                ek_x8_pack(t->type, t->data, m->weights + at, t->rows, t->cols,
+                           m->p.weights_mapped);
+                t->x8 = 1;
+            } else {
+                memcpy(m->weights + at, t->data, tensor_bytes(t));
+            }
+            t->data = m->weights + at;
+            at += aligned_bytes(t);
+            if (pass && m->p.weights_mapped) ek_release_mapped(lo, hi);
+        }
+        if (m->p.weights_mapped) ek_release_mapped(lo, hi);
+    }
+    if (tied) m->w.tok_embd = m->w.output;
+    m->weight_bytes = total;
+    free(ts);
+    return EK_OK;
+}
+
+size_t ek_model_weight_bytes(const ek_model *m) { return m->weight_bytes; }
 
 int ek_model_create(const ek_weights *w, const ek_model_params *p, ek_model **out, char *err,
                     size_t err_len) {
@@ -216,6 +325,11 @@ int ek_model_create(const ek_weights *w, const ek_model_params *p, ek_model **ou
     }
     memcpy(m->layers, w->layers, (size_t)c->n_layer * sizeof(ek_layer));
     m->w.layers = m->layers;
+    if (own_weights(m)) {
+        ek_model_destroy(m);
+        snprintf(err, err_len, "out of memory copying the weights");
+        return EK_ENOMEM;
+    }
     for (int i = 0; i < c->head_dim / 2; i++)
         m->inv_freq[i] = pow((double)c->rope_base, -2.0 * i / c->head_dim);
     *out = m;
@@ -249,7 +363,23 @@ typedef struct {
     ek_cursor cur;
     int ith, nth;
     act_tag tag;
+    double t_mark; /* profiling: when the last op finished */
 } worker;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* The op just finished (every thread is past its wait): its wall time goes
+ * to kind. Only the first thread keeps the profile. */
+static void mark(worker *w, int kind) {
+    if (w->ith != 0 || !w->m->profiling) return;
+    double t = now_s();
+    w->m->prof.seconds[kind] += t - w->t_mark;
+    w->t_mark = t;
+}
 
 /* Enough chunks per op that a descheduled thread's share is taken up by the
  * others, few enough that claiming stays cheap beside the work. */
@@ -313,6 +443,7 @@ static void matmuls(worker *w, const float *x, int n, const proj *p, int np) {
                 for (int t = lo; t < hi; t++)
                     quantize(x + (size_t)t * cols, (char *)m->xq + t * x_stride, cols);
             w->tag = (act_tag){x, act_type};
+            mark(w, EK_PROF_QUANTIZE);
         }
         xa = m->xq;
     }
@@ -326,9 +457,20 @@ static void matmuls(worker *w, const float *x, int n, const proj *p, int np) {
             if (r1 > W->rows) r1 = W->rows;
             if (r1 <= r0) continue;
             size_t w_stride = ek_row_bytes(W->type, W->cols);
-            m->k->types[W->type].gemm(W->cols, (const char *)W->data + r0 * w_stride, w_stride,
+            const ek_type_ops *ops = &m->k->types[W->type];
+            (W->x8 ? ops->gemm_x8 : ops->gemm)(W->cols, (const char *)W->data + r0 * w_stride, w_stride,
                                       r1 - r0, xa, x_stride, n, p[i].y + r0, (size_t)W->rows);
         }
+    }
+    if (w->ith == 0 && m->profiling) {
+        double t = now_s(), total = 0.0;
+        for (int i = 0; i < np; i++) total += (double)tensor_bytes(p[i].W);
+        for (int i = 0; i < np; i++) {
+            double bytes = (double)tensor_bytes(p[i].W);
+            m->prof.seconds[EK_PROF_GEMM + p[i].W->type] += (t - w->t_mark) * bytes / total;
+            m->prof.bytes[EK_PROF_GEMM + p[i].W->type] += bytes;
+        }
+        w->t_mark = t;
     }
 }
 
@@ -346,6 +488,7 @@ static void norm_tokens(worker *w, const ek_tensor *norm) {
             m->k->rmsnorm(m->xb + (size_t)t * dim, m->x + (size_t)t * dim, norm->data, dim,
                           m->cfg.norm_eps);
     w->tag.src = NULL;
+    mark(w, EK_PROF_NORM);
 }
 
 /* x += xo, the residual connection. */
@@ -353,6 +496,7 @@ static void residual_add(worker *w) {
     ek_model *m = w->m;
     int lo, hi;
     while (next_piece(w, w->j->n * m->cfg.dim, 16, &lo, &hi)) m->k->add(m->x + lo, m->xo + lo, hi - lo);
+    mark(w, EK_PROF_ADD);
 }
 
 static void attention_block(worker *w, int l) {
@@ -382,6 +526,7 @@ static void attention_block(worker *w, int l) {
             }
         }
     }
+    mark(w, EK_PROF_ROPE_KV);
 
     int group = c->n_head / c->n_kv_head;
     float scale = 1.0f / sqrtf((float)hd);
@@ -397,6 +542,7 @@ static void attention_block(worker *w, int l) {
         }
     }
     w->tag.src = NULL;
+    mark(w, EK_PROF_ATTENTION);
     matmuls(w, m->xb, n, &(proj){&L->wo, m->xo}, 1);
     residual_add(w);
 }
@@ -411,23 +557,40 @@ static void ffn_block(worker *w, int l) {
     while (next_piece(w, n * m->cfg.hidden_dim, 16, &lo, &hi))
         m->k->silu_mul(m->hb + lo, m->hb + lo, m->hb2 + lo, hi - lo);
     w->tag.src = NULL;
+    mark(w, EK_PROF_FFN_ACT);
     matmuls(w, m->hb, n, &(proj){&L->w_down, m->xo}, 1);
     residual_add(w);
+}
+
+/* out = the embedding of token, read from the x8 layout a block at a time
+ * when the embedding is the packed output projection. */
+static void embed(const ek_model *m, int token, float *out) {
+    const ek_tensor *E = &m->w.tok_embd;
+    ek_dequantize_fn dequantize = m->k->types[E->type].dequantize;
+    const size_t row = ek_row_bytes(E->type, E->cols);
+    if (!E->x8 || token >= E->rows / EK_X8_ROWS * EK_X8_ROWS) {
+        dequantize((const char *)E->data + (size_t)token * row, out, E->cols);
+        return;
+    }
+    const char *group = (const char *)E->data + (size_t)(token / EK_X8_ROWS) * EK_X8_ROWS * row;
+    const int nb = E->cols / EK_QK;
+    for (int b = 0; b < nb; b++) {
+        block_q8_0 blk; /* the largest block type with an x8 layout */
+        ek_x8_block(E->type, group, nb, token % EK_X8_ROWS, b, &blk);
+        dequantize(&blk, out + b * EK_QK, EK_QK);
+    }
 }
 
 static void forward_worker(void *ctx, int ith, int nth) {
     const fwd_job *j = ctx;
     ek_model *m = j->m;
     const ek_config *c = &m->cfg;
-    worker w = {j, m, ek_cursor_start(m->pool), ith, nth, {NULL, -1}};
-    const ek_type_ops *embd = &m->k->types[m->w.tok_embd.type];
-    size_t embd_row = ek_row_bytes(m->w.tok_embd.type, c->dim);
+    worker w = {j, m, ek_cursor_start(m->pool), ith, nth, {NULL, -1}, m->profiling ? now_s() : 0.0};
     int lo, hi;
 
     while (next_piece(&w, j->n, 1, &lo, &hi)) {
         for (int t = lo; t < hi; t++) {
-            embd->dequantize((const char *)m->w.tok_embd.data + j->tokens[t] * embd_row,
-                             m->x + (size_t)t * c->dim, c->dim);
+            embed(m, j->tokens[t], m->x + (size_t)t * c->dim);
             float *cs = m->cs + (size_t)t * c->head_dim;
             for (int i = 0; i < c->head_dim / 2; i++) {
                 double theta = j->pos[t] * m->inv_freq[i];
@@ -436,6 +599,7 @@ static void forward_worker(void *ctx, int ith, int nth) {
             }
         }
     }
+    mark(&w, EK_PROF_EMBED);
 
     for (int l = 0; l < c->n_layer; l++) {
         attention_block(&w, l);
@@ -453,6 +617,7 @@ static void forward_worker(void *ctx, int ith, int nth) {
                               m->w.out_norm.data, c->dim, c->norm_eps);
     }
     w.tag.src = NULL;
+    mark(&w, EK_PROF_NORM);
     if (j->n_out) matmuls(&w, m->xb, j->n_out, &(proj){&m->w.output, j->logits}, 1);
     assert(w.cur.claimed == 0); /* a claimed chunk never reported hangs the next run */
 }
@@ -471,8 +636,25 @@ int ek_forward(ek_model *m, int n, const int32_t *tokens, const int32_t *pos, co
             if (pos[u] == pos[t] && slot[u] == slot[t]) return EK_EINVAL;
     }
     fwd_job job = {m, n, tokens, pos, slot, want, logits, n_out};
+    if (!m->profiling) {
+        ek_pool_run(m->pool, forward_worker, &job);
+        return EK_OK;
+    }
+    double before = 0.0, t0 = now_s();
+    for (int k = 0; k < EK_PROF_KINDS; k++) before += m->prof.seconds[k];
     ek_pool_run(m->pool, forward_worker, &job);
+    double after = 0.0, t1 = now_s();
+    for (int k = 0; k < EK_PROF_KINDS; k++) after += m->prof.seconds[k];
+    m->prof.seconds[EK_PROF_DISPATCH] += (t1 - t0) - (after - before);
+    m->prof.runs++;
+    m->prof.tokens += n;
     return EK_OK;
+}
+
+void ek_model_profile(ek_model *m, int on, ek_profile *out) {
+    if (out) *out = m->prof;
+    memset(&m->prof, 0, sizeof m->prof);
+    m->profiling = on;
 }
 
 /* ---- cache maintenance ---- */

@@ -11,13 +11,7 @@
 #define TILE_ROWS 4 /* weight rows per tile */
 #define TILE_COLS 4 /* activation rows per tile */
 
-/* Weight rows are streamed from memory once per token: fetch the rows about
- * PREFETCH_BYTES ahead while a tile computes, so memory latency hides behind
- * the arithmetic instead of stalling it. Measured on x86: without it, decode
- * on one thread ran at a third of the speed. */
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 8192
-#endif
+#include "prefetch.h"
 
 /* From a weight row to the one about PREFETCH_BYTES on, in whole tiles. */
 EK_INLINE size_t prefetch_ahead(size_t w_stride) {
@@ -80,6 +74,13 @@ EK_INLINE void gemm_tiled(const int wtype, int n, const void *w, size_t w_stride
     void name(int n, const void *w, size_t w_stride, int nrows, const void *x,              \
               size_t x_stride, int nx, float *y, size_t y_stride) {                         \
         gemm_tiled(wtype, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);             \
+    }
+
+/* The same over the x8 layout. */
+#define EK_GEMM_X8_ENTRY(name, wtype)                                                       \
+    void name(int n, const void *w, size_t w_stride, int nrows, const void *x,              \
+              size_t x_stride, int nx, float *y, size_t y_stride) {                         \
+        gemm_x8_tiled(wtype, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);          \
     }
 
 #endif

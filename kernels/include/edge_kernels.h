@@ -57,6 +57,50 @@ size_t ek_row_bytes(int type, int64_t n); /* n must be a multiple of the block *
 float  ek_f16_to_f32(ek_f16 h);
 ek_f16 ek_f32_to_f16(float f); /* round to nearest even */
 
+/* ---- the x8 layout: weights as decoding streams them ------------------
+ * Decoding reads every weight once per token, so the block types are
+ * repacked once at load into groups of EK_X8_ROWS rows that a kernel reads
+ * front to back: first the scales of every block (for block b: d of rows
+ * 0..7 as f16, then for Q4_1 m of rows 0..7), then the quants of every
+ * block. A block's quants (qs as in the file, 16 or 32 bytes a row) are
+ * cut into 4-byte pieces and interleaved by row: piece 0 of rows 0..7,
+ * piece 1 of rows 0..7, and so on. One 32-byte load then holds the same 4
+ * columns of 8 rows, so a SIMD lane (or a dot-product lane) is a row: the
+ * 8 rows' sums need no folding, and one activation piece, broadcast, serves
+ * all 8. A group takes exactly the bytes of its 8 rows, so row r's group
+ * starts at (r / 8) * 8 * row_bytes; rows past the last whole group keep
+ * the file's layout. A table's gemm_x8 takes gemm's arguments, with w at
+ * the start of a group and w_stride the file's row bytes. */
+#define EK_X8_ROWS 8
+#define EK_X8_PIECE 4 /* bytes of one row in a run of the interleave */
+
+/* Whether type has the x8 layout (the block types). */
+int ek_x8_layout(int type);
+/* Scale bytes per block of a group (8 d's, and 8 m's for Q4_1). */
+static inline size_t ek_x8_scale_bytes(int type) { return type == EK_TYPE_Q4_1 ? 32 : 16; }
+/* Quant bytes of one row's block (qs). */
+static inline size_t ek_x8_quant_bytes(int type) { return type == EK_TYPE_Q8_0 ? 32 : 16; }
+/* Block b's 8 d's (and, 8 halves on, Q4_1's 8 m's). */
+static inline const ek_f16 *ek_x8_d(int type, const void *group, int b) {
+    return (const ek_f16 *)((const uint8_t *)group + (size_t)b * ek_x8_scale_bytes(type));
+}
+/* Block b's interleaved quants, 8 rows; nb blocks per row. */
+static inline const uint8_t *ek_x8_quants(int type, const void *group, int nb, int b) {
+    return (const uint8_t *)group + (size_t)nb * ek_x8_scale_bytes(type) +
+           (size_t)b * EK_X8_ROWS * ek_x8_quant_bytes(type);
+}
+
+/* Repacks rows x cols weights of type from the file's layout (src) into
+ * the x8 layout (dst, as many bytes). With release set, src is a read-only
+ * file mapping whose pages are handed back to the kernel as they are
+ * consumed (ek_release_mapped), so the weights are not resident twice. */
+void ek_x8_pack(int type, const void *src, void *dst, int rows, int cols, int release);
+/* Drops the pages of [lo, hi) of a read-only file mapping from this
+ * process (rounded out to whole pages; they are read again if touched). */
+void ek_release_mapped(const void *lo, const void *hi);
+/* Block b of row i of a group, in the file's layout, at dst. */
+void ek_x8_block(int type, const void *group, int nb, int i, int b, void *dst);
+
 /* ---- the kernel table ------------------------------------------------
  * One table per implementation (ref, avx2, neon, ...). Each weight type
  * names the activation format it is dotted with and how to make it.
@@ -81,6 +125,8 @@ typedef struct {
     ek_quantize_fn   quantize;   /* f32 -> act_type (NULL when F32) */
     ek_gemm_fn       gemm;       /* NULL when the weight type is unsupported */
     ek_dequantize_fn dequantize; /* weight row -> f32 (embedding lookups) */
+    ek_gemm_fn       gemm_x8;    /* the same product over the x8 layout (below);
+                                    NULL for types that keep the file's layout */
 } ek_type_ops;
 
 typedef struct {

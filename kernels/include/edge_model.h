@@ -1,7 +1,8 @@
 /*
  * The Llama-architecture forward pass, llama2.c style: a config, weights
- * (pointers into the memory-mapped GGUF), a KV cache and a run state, the
- * last two allocated once at creation. ek_forward allocates nothing.
+ * (copied from the memory-mapped GGUF at creation, repacked for decoding),
+ * a KV cache and a run state, all allocated once at creation. ek_forward
+ * allocates nothing.
  *
  * One call evaluates a batch of tokens, each with its own position and KV
  * slot: a prompt chunk (one slot, consecutive positions), a decode step for
@@ -20,6 +21,7 @@ typedef struct {
     const void *data; /* row-major: rows x cols elements of type */
     int type;
     int rows, cols;
+    int x8; /* data is in the x8 layout (set by ek_model_create) */
 } ek_tensor;
 
 typedef struct {
@@ -56,10 +58,16 @@ typedef struct {
     int max_batch; /* tokens per ek_forward call */
     int kv_type;   /* EK_TYPE_F16 or EK_TYPE_Q8_0 */
     const ek_kernels *kernels;
+    /* The weights are views of a read-only file mapping: once a tensor is
+     * copied, its pages are handed back (ek_release_mapped). */
+    int weights_mapped;
 } ek_model_params;
 
 /* Checks shapes and types against cfg; on failure returns a status and,
- * if err is given, a message naming the offending tensor. */
+ * if err is given, a message naming the offending tensor. The model copies
+ * every tensor it reads (all but an untied token_embd) into memory of its
+ * own, ek_model_weight_bytes of it, with the block-type matrices repacked
+ * into the x8 layout where the table has an x8 gemm for their type. */
 int ek_model_create(const ek_weights *w, const ek_model_params *p, ek_model **out, char *err,
                     size_t err_len);
 void ek_model_destroy(ek_model *m);
@@ -67,6 +75,8 @@ void ek_model_destroy(ek_model *m);
 /* Bytes the model allocates for a given configuration (KV cache + run state). */
 size_t ek_model_kv_bytes(const ek_config *cfg, int n_slots, int n_ctx, int kv_type);
 size_t ek_model_state_bytes(const ek_config *cfg, int max_batch, int n_ctx, int n_threads);
+/* Bytes of weights the model holds (copied at creation). */
+size_t ek_model_weight_bytes(const ek_model *m);
 
 /*
  * Evaluate n tokens. tokens/pos/slot are [n]. For each i with want[i] != 0,
@@ -89,5 +99,33 @@ int ek_kv_shift(ek_model *m, int slot, int keep, int n_drop, int n_used);
 int ek_kv_copy(ek_model *m, int src, int dst, int n);
 
 const ek_kernels *ek_model_kernels(const ek_model *m);
+
+/* ---- where a forward pass spends its time ----
+ * With profiling on, the first pool thread reads the clock as each op of
+ * the pass finishes (every thread waits there before the next op), so an
+ * op's time is wall time on all threads, waits included. A matmul group's
+ * time is shared among its matrices by their bytes. */
+enum ek_profile_kind {
+    EK_PROF_EMBED,     /* token embedding lookups, RoPE angles */
+    EK_PROF_NORM,      /* RMS norms */
+    EK_PROF_QUANTIZE,  /* activations into the gemms' formats */
+    EK_PROF_ROPE_KV,   /* rotating queries and keys, filing K and V */
+    EK_PROF_ATTENTION, /* attention over the cache */
+    EK_PROF_FFN_ACT,   /* silu(gate) * up */
+    EK_PROF_ADD,       /* residual adds */
+    EK_PROF_DISPATCH,  /* starting and joining the pool threads */
+    EK_PROF_GEMM,      /* + weight type: that type's matmuls */
+    EK_PROF_KINDS = EK_PROF_GEMM + EK_TYPE_COUNT
+};
+
+typedef struct {
+    double seconds[EK_PROF_KINDS];
+    double bytes[EK_PROF_KINDS]; /* weight bytes read, for the gemm kinds */
+    int64_t runs, tokens;        /* forward calls and the tokens they evaluated */
+} ek_profile;
+
+/* Copies what was gathered since the last call into out (if given), starts
+ * afresh, and turns profiling on or off. Not during ek_forward. */
+void ek_model_profile(ek_model *m, int on, ek_profile *out);
 
 #endif

@@ -195,15 +195,18 @@ done:
 }
 
 /* y[nx, rows] = x[nx, cols] @ W[rows, cols].T, activations quantized by the
- * backend's own quantizer exactly as the forward pass does. */
+ * backend's own quantizer exactly as the forward pass does; with x8 set,
+ * W is first repacked and multiplied by the x8 gemm, as the model does. */
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
     (void)self;
     const char *backend;
-    int type, rows, cols, nx;
+    int type, rows, cols, nx, x8 = 0;
     Py_buffer w, x, y;
-    if (!PyArg_ParseTuple(args, "ziiiy*O&O&", &backend, &type, &rows, &cols, &w, f32_in, &x, f32_out, &y)) return NULL;
+    if (!PyArg_ParseTuple(args, "ziiiy*O&O&|p", &backend, &type, &rows, &cols, &w, f32_in, &x,
+                          f32_out, &y, &x8))
+        return NULL;
     PyObject *ret = NULL;
-    void *xq = NULL;
+    void *xq = NULL, *packed = NULL;
     const ek_kernels *k = kernels_named(backend);
     const ek_type_ops *ops = k ? type_ops(k, type) : NULL;
     nx = cols > 0 ? (int)(x.len / sizeof(float) / cols) : 0;
@@ -223,14 +226,30 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
         }
         xa = xq;
     }
+    ek_gemm_fn gemm = ops->gemm;
+    const void *wa = w.buf;
+    if (x8) {
+        if (!ops->gemm_x8) {
+            PyErr_Format(PyExc_ValueError, "type %d has no x8 layout in %s", type, k->name);
+            goto done;
+        }
+        if (!(packed = malloc((size_t)rows * ek_row_bytes(type, cols)))) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        ek_x8_pack(type, w.buf, packed, rows, cols, 0);
+        gemm = ops->gemm_x8;
+        wa = packed;
+    }
     Py_BEGIN_ALLOW_THREADS
     if (xq)
         for (int j = 0; j < nx; j++)
             ops->quantize((const float *)x.buf + (size_t)j * cols, (char *)xq + j * x_stride, cols);
-    ops->gemm(cols, w.buf, ek_row_bytes(type, cols), rows, xa, x_stride, nx, y.buf, (size_t)rows);
+    gemm(cols, wa, ek_row_bytes(type, cols), rows, xa, x_stride, nx, y.buf, (size_t)rows);
     Py_END_ALLOW_THREADS ret = Py_NewRef(Py_None);
 done:
     free(xq);
+    free(packed);
     PyBuffer_Release(&w);
     PyBuffer_Release(&x);
     PyBuffer_Release(&y);
@@ -426,17 +445,17 @@ static int take_tensor(ModelObject *self, PyObject *tensors, const char *name, e
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     static char *names[] = {"config", "tensors", "n_threads", "n_slots", "n_ctx", "max_batch",
-                            "kv_type", "backend", NULL};
+                            "kv_type", "backend", "mapped", NULL};
     PyObject *config, *tensors;
     const char *backend = NULL;
-    ek_model_params p = {1, 1, 0, 1, EK_TYPE_F16, NULL};
+    ek_model_params p = {1, 1, 0, 1, EK_TYPE_F16, NULL, 0};
     if (self->model) {
         PyErr_SetString(PyExc_RuntimeError, "Model is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!|iiiiiz", names, &PyDict_Type, &config,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!|iiiiizp", names, &PyDict_Type, &config,
                                      &PyDict_Type, &tensors, &p.n_threads, &p.n_slots, &p.n_ctx,
-                                     &p.max_batch, &p.kv_type, &backend))
+                                     &p.max_batch, &p.kv_type, &backend, &p.weights_mapped))
         return -1;
     if (!(p.kernels = kernels_named(backend))) return -1;
 
@@ -562,6 +581,34 @@ static PyObject *Model_kv_copy(ModelObject *self, PyObject *args) {
     return rc ? status_error(rc, "kv_copy") : Py_NewRef(Py_None);
 }
 
+/* profile(on) -> what was gathered since the last call:
+ *   {"runs": n, "tokens": n, "ops": {name: (seconds, weight bytes)}}
+ * with names embed, norm, ..., and gemm:<GGUF type id> per weight type. */
+static PyObject *Model_profile(ModelObject *self, PyObject *args) {
+    static const char *names[EK_PROF_GEMM] = {"embed",     "norm",    "quantize", "rope_kv",
+                                              "attention", "ffn_act", "add",      "dispatch"};
+    int on;
+    if (!model_ready(self) || !PyArg_ParseTuple(args, "p", &on)) return NULL;
+    ek_profile prof;
+    ek_model_profile(self->model, on, &prof);
+    PyObject *ops = PyDict_New();
+    if (!ops) return NULL;
+    for (int k = 0; k < EK_PROF_KINDS; k++) {
+        if (k >= EK_PROF_GEMM && prof.seconds[k] == 0.0) continue;
+        char gemm[24];
+        if (k >= EK_PROF_GEMM) snprintf(gemm, sizeof gemm, "gemm:%d", k - EK_PROF_GEMM);
+        PyObject *v = Py_BuildValue("(dd)", prof.seconds[k], prof.bytes[k]);
+        if (!v || PyDict_SetItemString(ops, k < EK_PROF_GEMM ? names[k] : gemm, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(ops);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    return Py_BuildValue("{s:L,s:L,s:N}", "runs", (long long)prof.runs, "tokens",
+                         (long long)prof.tokens, "ops", ops);
+}
+
 static PyObject *Model_get_backend(ModelObject *self, void *closure) {
     (void)closure;
     if (!model_ready(self)) return NULL;
@@ -579,6 +626,12 @@ PARAM_GETTER(n_ctx)
 PARAM_GETTER(max_batch)
 PARAM_GETTER(kv_type)
 
+static PyObject *Model_get_weight_bytes(ModelObject *self, void *closure) {
+    (void)closure;
+    if (!model_ready(self)) return NULL;
+    return PyLong_FromSize_t(ek_model_weight_bytes(self->model));
+}
+
 static PyMethodDef Model_methods[] = {
     {"forward", (PyCFunction)Model_forward, METH_VARARGS,
      "forward(tokens, pos, slot, want, logits): evaluate a batch; logits rows for want != 0"},
@@ -586,6 +639,8 @@ static PyMethodDef Model_methods[] = {
      "kv_shift(slot, keep, n_drop, n_used): drop cached positions, re-rotating later keys"},
     {"kv_copy", (PyCFunction)Model_kv_copy, METH_VARARGS,
      "kv_copy(src, dst, n): copy the first n cached positions of one slot to another"},
+    {"profile", (PyCFunction)Model_profile, METH_VARARGS,
+     "profile(on): time per op since the last call (then start afresh), and turn profiling on/off"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -596,6 +651,9 @@ static PyGetSetDef Model_getset[] = {
     {"n_ctx", (getter)Model_get_n_ctx, NULL, "positions per slot", NULL},
     {"max_batch", (getter)Model_get_max_batch, NULL, "tokens per forward call", NULL},
     {"kv_type", (getter)Model_get_kv_type, NULL, "cache element type (GGUF type id)", NULL},
+    {"weight_bytes", (getter)Model_get_weight_bytes, NULL,
+     "weight bytes the model holds, copied at creation (an untied token_embd stays mapped)",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -603,7 +661,7 @@ static PyTypeObject ModelType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "edge_slm._core.Model",
     .tp_basicsize = sizeof(ModelObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A Llama model over memory-mapped weights, with its KV cache and run state.",
+    .tp_doc = "A Llama model over its own copy of the weights (matrices repacked), with its KV cache and run state.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Model_init,
     .tp_dealloc = (destructor)Model_dealloc,
@@ -653,7 +711,7 @@ static PyMethodDef module_methods[] = {
     {"type_sizes", py_type_sizes, METH_NOARGS, "{type id: (block elements, block bytes)}"},
     {"quantize", py_quantize, METH_VARARGS, "quantize(backend, type, x, out)"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(backend, type, src, out)"},
-    {"matmul", py_matmul, METH_VARARGS, "matmul(backend, type, rows, cols, w, x, y)"},
+    {"matmul", py_matmul, METH_VARARGS, "matmul(backend, type, rows, cols, w, x, y, x8=False)"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(backend, x, w, eps, out)"},
     {"rope", py_rope, METH_VARARGS, "rope(backend, x, n_heads, head_dim, cs)"},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(backend, gate, up, out)"},

@@ -225,3 +225,35 @@ DEFINE_GEMM_REF(gemm_q4_1_q8_1_ref, block_q4_1, block_q8_1, dot_q4_1_q8_1)
 DEFINE_GEMM_REF(gemm_q8_0_q8_0_ref, block_q8_0, block_q8_0, dot_q8_0_q8_0)
 DEFINE_GEMM_REF(gemm_f16_f32_ref, ek_f16, float, dot_f16_f32)
 DEFINE_GEMM_REF(gemm_f32_f32_ref, float, float, dot_f32_f32)
+
+/* The x8 gemms put each weight block back in the file's layout and dot it
+ * as the gemms above do, in the same order, so the two agree bit for bit.
+ * Rows past the last whole group are in the file's layout already. */
+#define DEFINE_GEMM_X8_REF(name, type, wtype, xtype, dot, gemm)                            \
+    void name(int n, const void *w, size_t w_stride, int nrows, const void *x,             \
+              size_t x_stride, int nx, float *y, size_t y_stride) {                        \
+        const int nb = n / EK_QK, whole = nrows / EK_X8_ROWS * EK_X8_ROWS;                 \
+        for (int j = 0; j < nx; j++) {                                                     \
+            const xtype *xr = (const xtype *)((const char *)x + j * x_stride);             \
+            for (int i = 0; i < whole; i++) {                                              \
+                const char *group = (const char *)w + (size_t)(i / EK_X8_ROWS) * EK_X8_ROWS * w_stride; \
+                float sum = 0.0f;                                                          \
+                for (int b = 0; b < nb; b++) {                                             \
+                    wtype blk;                                                             \
+                    ek_x8_block(type, group, nb, i % EK_X8_ROWS, b, &blk);                 \
+                    sum += dot(EK_QK, &blk, xr + b);                                       \
+                }                                                                          \
+                y[j * y_stride + i] = sum;                                                 \
+            }                                                                              \
+        }                                                                                  \
+        if (whole < nrows)                                                                 \
+            gemm(n, (const char *)w + whole * w_stride, w_stride, nrows - whole, x, x_stride, \
+                 nx, y + whole, y_stride);                                                 \
+    }
+
+DEFINE_GEMM_X8_REF(gemm_x8_q4_0_q8_0_ref, EK_TYPE_Q4_0, block_q4_0, block_q8_0, dot_q4_0_q8_0,
+                   gemm_q4_0_q8_0_ref)
+DEFINE_GEMM_X8_REF(gemm_x8_q4_1_q8_1_ref, EK_TYPE_Q4_1, block_q4_1, block_q8_1, dot_q4_1_q8_1,
+                   gemm_q4_1_q8_1_ref)
+DEFINE_GEMM_X8_REF(gemm_x8_q8_0_q8_0_ref, EK_TYPE_Q8_0, block_q8_0, block_q8_0, dot_q8_0_q8_0,
+                   gemm_q8_0_q8_0_ref)

@@ -25,6 +25,13 @@ void gemm_f16_f32_ref(int n, const void *w, size_t w_stride, int nrows, const vo
 void gemm_f32_f32_ref(int n, const void *w, size_t w_stride, int nrows, const void *x,
                       size_t x_stride, int nx, float *y, size_t y_stride);
 
+void gemm_x8_q4_0_q8_0_ref(int n, const void *w, size_t w_stride, int nrows, const void *x,
+                           size_t x_stride, int nx, float *y, size_t y_stride);
+void gemm_x8_q4_1_q8_1_ref(int n, const void *w, size_t w_stride, int nrows, const void *x,
+                           size_t x_stride, int nx, float *y, size_t y_stride);
+void gemm_x8_q8_0_q8_0_ref(int n, const void *w, size_t w_stride, int nrows, const void *x,
+                           size_t x_stride, int nx, float *y, size_t y_stride);
+
 void rmsnorm_ref(float *out, const float *x, const float *w, int n, float eps);
 void rope_ref(float *x, int n_heads, int head_dim, const float *cs);
 void silu_mul_ref(float *out, const float *gate, const float *up, int n);
@@ -39,10 +46,10 @@ void kv_store_ref(void *dst, const float *src, int n, int kv_type);
     [EK_TYPE_F32] = {EK_TYPE_F32, NULL, gemm_f32_f32_ref, dequantize_row_f32_ref},       \
     [EK_TYPE_F16] = {EK_TYPE_F32, NULL, gemm_f16_f32_ref, dequantize_row_f16_ref},       \
     [EK_TYPE_Q4_0] = {EK_TYPE_Q8_0, quantize_row_q8_0_ref, gemm_q4_0_q8_0_ref,           \
-                      dequantize_row_q4_0_ref},                                          \
+                      dequantize_row_q4_0_ref, gemm_x8_q4_0_q8_0_ref},                   \
     [EK_TYPE_Q4_1] = {EK_TYPE_Q8_1, quantize_row_q8_1_ref, gemm_q4_1_q8_1_ref,           \
-                      dequantize_row_q4_1_ref},                                          \
+                      dequantize_row_q4_1_ref, gemm_x8_q4_1_q8_1_ref},                   \
     [EK_TYPE_Q8_0] = {EK_TYPE_Q8_0, quantize_row_q8_0_ref, gemm_q8_0_q8_0_ref,           \
-                      dequantize_row_q8_0_ref}
+                      dequantize_row_q8_0_ref, gemm_x8_q8_0_q8_0_ref}
 
 #endif

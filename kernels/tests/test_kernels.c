@@ -2,7 +2,8 @@
  *
  * Sizes are chosen so every SIMD loop runs its tails: block rows from one
  * block to 129, float vectors of 1 to 576 elements, gemm tiles with every
- * leftover of rows and activation rows. Data is random with a fixed seed.
+ * leftover of rows and activation rows, x8 groups with and without rows
+ * past the last group. Data is random with a fixed seed.
  * Quantizers, stores, add and rmsnorm must match the reference exactly;
  * dot products may differ only by float summation order and exp by its
  * approximation, so they are held to a normalised mean squared error far
@@ -151,6 +152,7 @@ static float fa[MAX_N], fb[MAX_N], fc[MAX_N], fd[MAX_N];
 static uint8_t qa[MAX_ROWS * (MAX_N * 4 + PAD)]; /* weight rows */
 static uint8_t qx[MAX_COLS * (MAX_N * 4 + PAD)]; /* activation rows */
 static uint8_t qb[MAX_N * 4], qc[MAX_N * 4];
+static uint8_t wa[MAX_ROWS * MAX_N * 4], wb[MAX_ROWS * MAX_N * 4]; /* rows packed, and x8 */
 static float ya[MAX_COLS * (MAX_ROWS + 3)], yb[MAX_COLS * (MAX_ROWS + 3)];
 
 static const char *type_name(int type) {
@@ -237,6 +239,70 @@ static double gemm_case(const ek_kernels *t, int type, int n, int nrows, int nx)
     return nmse(ya, yb, (int)ny);
 }
 
+/* The same shape through the x8 layout: the weights of gemm_case (the rows
+ * as the file has them, strided) packed, and the table's gemm_x8 held to
+ * the reference gemm over the file's layout. */
+static double gemm_x8_case(const ek_kernels *t, int type, int n, int nrows, int nx) {
+    const ek_type_ops *ops = &t->types[type], *ref = &ek_kernels_ref.types[type];
+    size_t row = ek_row_bytes(type, n), w_stride = row + PAD;
+    size_t x_stride = ek_row_bytes(ref->act_type, n) + PAD;
+    size_t y_stride = (size_t)nrows + 3;
+    for (int i = 0; i < nrows; i++) {
+        fill_weight_row(type, qa + i * w_stride, n);
+        memcpy(wa + i * row, qa + i * w_stride, row);
+    }
+    ek_x8_pack(type, wa, wb, nrows, n, 0);
+    for (int j = 0; j < nx; j++) {
+        fill_activations(fa, n);
+        ref->quantize(fa, qx + j * x_stride, n);
+    }
+    size_t ny = (size_t)nx * y_stride;
+    for (size_t k = 0; k < ny; k++) ya[k] = yb[k] = -12345.0f;
+    ops->gemm_x8(n, wb, row, nrows, qx, x_stride, nx, ya, y_stride);
+    ref->gemm(n, qa, w_stride, nrows, qx, x_stride, nx, yb, y_stride);
+    for (size_t k = 0; k < ny; k++)
+        if (k % y_stride >= (size_t)nrows && ya[k] != -12345.0f) return INFINITY;
+    return nmse(ya, yb, (int)ny);
+}
+
+/* The layout itself, once: every block of every row comes back from the
+ * x8 layout as it was, and the reference gemm_x8 agrees with the reference
+ * gemm bit for bit. */
+static void test_x8_layout(void) {
+    for (int w = 0; w < COUNT(WEIGHT_TYPES); w++) {
+        int type = WEIGHT_TYPES[w];
+        if (!ek_x8_layout(type)) continue;
+        char name[40];
+        snprintf(name, sizeof name, "x8 layout %s", type_name(type));
+        result r = begin(&ek_kernels_ref, name, 0.0);
+        for (int s = 0; s < COUNT(BLOCK_SIZES); s++)
+            for (int a = 0; a < COUNT(GEMM_ROWS); a++) {
+                int n = BLOCK_SIZES[s], nrows = GEMM_ROWS[a], nb = n / EK_QK;
+                size_t row = ek_row_bytes(type, n), bb = ek_type_block_bytes(type);
+                for (int i = 0; i < nrows; i++) fill_weight_row(type, wa + i * row, n);
+                ek_x8_pack(type, wa, wb, nrows, n, 0);
+                size_t differing = 0;
+                int whole = nrows / EK_X8_ROWS * EK_X8_ROWS;
+                for (int i = 0; i < whole; i++)
+                    for (int b = 0; b < nb; b++) {
+                        ek_x8_block(type, wb + (size_t)(i / EK_X8_ROWS) * EK_X8_ROWS * row, nb,
+                                    i % EK_X8_ROWS, b, qb);
+                        differing += bytes_differing(qb, wa + i * row + b * bb, bb);
+                    }
+                differing += bytes_differing(wb + whole * row, wa + whole * row,
+                                             (size_t)(nrows - whole) * row);
+                record(&r, (double)differing);
+
+                fill_activations(fa, n);
+                ek_kernels_ref.types[type].quantize(fa, qx, n);
+                ek_kernels_ref.types[type].gemm_x8(n, wb, row, nrows, qx, 0, 1, ya, 0);
+                ek_kernels_ref.types[type].gemm(n, wa, row, nrows, qx, 0, 1, yb, 0);
+                record(&r, (double)bytes_differing(ya, yb, (size_t)nrows * sizeof(float)));
+            }
+        report(&r);
+    }
+}
+
 static void test_gemm(const ek_kernels *t) {
     for (int w = 0; w < COUNT(WEIGHT_TYPES); w++) {
         int type = WEIGHT_TYPES[w];
@@ -256,6 +322,17 @@ static void test_gemm(const ek_kernels *t) {
         if (is_float)
             for (int s = 4; s < COUNT(BLOCK_SIZES); s++)
                 record(&r, gemm_case(t, type, BLOCK_SIZES[s], 5, 5));
+        report(&r);
+
+        if (!ek_x8_layout(type)) continue;
+        snprintf(name, sizeof name, "gemm x8 %s x %s", type_name(type), type_name(ref->act_type));
+        r = begin(t, name, TOL_DOT);
+        if (!t->types[type].gemm_x8) record(&r, INFINITY); /* every SIMD table has one */
+        else
+            for (int s = 0; s < count; s++)
+                for (int a = 0; a < COUNT(GEMM_ROWS); a++)
+                    for (int b = 0; b < COUNT(GEMM_COLS); b++)
+                        record(&r, gemm_x8_case(t, type, sizes[s], GEMM_ROWS[a], GEMM_COLS[b]));
         report(&r);
     }
 }
@@ -449,6 +526,7 @@ int main(int argc, char **argv) {
     }
 
     test_dispatch(expect, expect_best);
+    test_x8_layout();
     int n_tables = 0;
     for (const ek_kernels *const *k = ek_available(); *k; k++) {
         const ek_kernels *t = *k;

@@ -44,6 +44,20 @@ void gemm_q8_0_q8_0_neon_dotprod(int n, const void *w, size_t w_stride, int nrow
                                  const void *x, size_t x_stride, int nx, float *y,
                                  size_t y_stride);
 
+/* The x8 gemms of the plain and dotprod tables (gemm_neon.h). */
+#define EK_DECLARE_X8_GEMMS(table)                                                          \
+    void gemm_x8_q4_0_q8_0_##table(int n, const void *w, size_t w_stride, int nrows,        \
+                                   const void *x, size_t x_stride, int nx, float *y,        \
+                                   size_t y_stride);                                        \
+    void gemm_x8_q4_1_q8_1_##table(int n, const void *w, size_t w_stride, int nrows,        \
+                                   const void *x, size_t x_stride, int nx, float *y,        \
+                                   size_t y_stride);                                        \
+    void gemm_x8_q8_0_q8_0_##table(int n, const void *w, size_t w_stride, int nrows,        \
+                                   const void *x, size_t x_stride, int nx, float *y,        \
+                                   size_t y_stride);
+EK_DECLARE_X8_GEMMS(neon)
+EK_DECLARE_X8_GEMMS(neon_dotprod)
+
 void rmsnorm_neon(float *out, const float *x, const float *w, int n, float eps);
 void rope_neon(float *x, int n_heads, int head_dim, const float *cs);
 void silu_mul_neon(float *out, const float *gate, const float *up, int n);
@@ -53,16 +67,17 @@ void attention_neon(float *out, const float *q, const void *k, const void *v, si
                     int kv_type, int n_pos, int head_dim, float scale, float *scores);
 void kv_store_neon(void *dst, const float *src, int n, int kv_type);
 
-/* The per-type entries of a NEON table, given its three integer gemms. */
-#define EK_NEON_TYPE_OPS(gemm_q4_0, gemm_q4_1, gemm_q8_0)                                  \
-    [EK_TYPE_F32] = {EK_TYPE_F32, NULL, gemm_f32_f32_neon, dequantize_row_f32_ref},        \
-    [EK_TYPE_F16] = {EK_TYPE_F32, NULL, gemm_f16_f32_neon, dequantize_row_f16_neon},       \
-    [EK_TYPE_Q4_0] = {EK_TYPE_Q8_0, quantize_row_q8_0_neon, gemm_q4_0,                     \
-                      dequantize_row_q4_0_neon},                                           \
-    [EK_TYPE_Q4_1] = {EK_TYPE_Q8_1, quantize_row_q8_1_neon, gemm_q4_1,                     \
-                      dequantize_row_q4_1_neon},                                           \
-    [EK_TYPE_Q8_0] = {EK_TYPE_Q8_0, quantize_row_q8_0_neon, gemm_q8_0,                     \
-                      dequantize_row_q8_0_neon}
+/* The per-type entries of a NEON table, named by its suffix: its integer
+ * gemms are gemm_<type>_<table> and gemm_x8_<type>_<table>. */
+#define EK_NEON_TYPE_OPS(table)                                                            \
+    [EK_TYPE_F32] = {EK_TYPE_F32, NULL, gemm_f32_f32_neon, dequantize_row_f32_ref, NULL},  \
+    [EK_TYPE_F16] = {EK_TYPE_F32, NULL, gemm_f16_f32_neon, dequantize_row_f16_neon, NULL}, \
+    [EK_TYPE_Q4_0] = {EK_TYPE_Q8_0, quantize_row_q8_0_neon, gemm_q4_0_q8_0_##table,        \
+                      dequantize_row_q4_0_neon, gemm_x8_q4_0_q8_0_##table},                \
+    [EK_TYPE_Q4_1] = {EK_TYPE_Q8_1, quantize_row_q8_1_neon, gemm_q4_1_q8_1_##table,        \
+                      dequantize_row_q4_1_neon, gemm_x8_q4_1_q8_1_##table},                \
+    [EK_TYPE_Q8_0] = {EK_TYPE_Q8_0, quantize_row_q8_0_neon, gemm_q8_0_q8_0_##table,        \
+                      dequantize_row_q8_0_neon, gemm_x8_q8_0_q8_0_##table}
 
 /* Every NEON table shares these entries. */
 #define EK_NEON_FLOAT_OPS                                                                  \

@@ -227,7 +227,6 @@ void kv_store_neon(void *dst, const float *src, int n, int kv_type) {
 
 const ek_kernels ek_kernels_neon = {
     .name = "neon",
-    .types = {EK_NEON_TYPE_OPS(gemm_q4_0_q8_0_neon, gemm_q4_1_q8_1_neon,
-                                gemm_q8_0_q8_0_neon)},
+    .types = {EK_NEON_TYPE_OPS(neon)},
     EK_NEON_FLOAT_OPS,
 };

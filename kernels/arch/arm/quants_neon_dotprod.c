@@ -6,10 +6,12 @@
 EK_GEMM_ENTRY(gemm_q4_0_q8_0_neon_dotprod, EK_TYPE_Q4_0)
 EK_GEMM_ENTRY(gemm_q4_1_q8_1_neon_dotprod, EK_TYPE_Q4_1)
 EK_GEMM_ENTRY(gemm_q8_0_q8_0_neon_dotprod, EK_TYPE_Q8_0)
+EK_GEMM_X8_ENTRY(gemm_x8_q4_0_q8_0_neon_dotprod, EK_TYPE_Q4_0)
+EK_GEMM_X8_ENTRY(gemm_x8_q4_1_q8_1_neon_dotprod, EK_TYPE_Q4_1)
+EK_GEMM_X8_ENTRY(gemm_x8_q8_0_q8_0_neon_dotprod, EK_TYPE_Q8_0)
 
 const ek_kernels ek_kernels_neon_dotprod = {
     .name = "neon_dotprod",
-    .types = {EK_NEON_TYPE_OPS(gemm_q4_0_q8_0_neon_dotprod, gemm_q4_1_q8_1_neon_dotprod,
-                                gemm_q8_0_q8_0_neon_dotprod)},
+    .types = {EK_NEON_TYPE_OPS(neon_dotprod)},
     EK_NEON_FLOAT_OPS,
 };

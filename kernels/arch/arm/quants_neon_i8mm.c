@@ -8,6 +8,7 @@
  * dotprod gemm, which every i8mm CPU has. Other kernels are plain NEON.
  */
 #include "neon.h"
+#include "../prefetch.h"
 
 /* Two rows' blocks interleaved for smmla: v[k] holds elements 8k..8k+7 of
  * the first row, then the same of the second. */
@@ -178,9 +179,155 @@ static void gemm_q8_0_q8_0_neon_i8mm(int n, const void *w, size_t w_stride, int 
               gemm_q8_0_q8_0_neon_dotprod);
 }
 
+/* ---- the x8 layout ----
+ * Each 16-byte load holds the same 4 columns of 4 rows (row i in 32-bit
+ * lane i), so one zip of two such loads gives smmla its two rows' 8
+ * consecutive bytes: lanes 0 and 1 of the zip are row 0, lanes 2 and 3
+ * row 1. */
+
+EK_INLINE int8x16_t zip_lo32(int8x16_t a, int8x16_t b) {
+    return vreinterpretq_s8_s32(vzip1q_s32(vreinterpretq_s32_s8(a), vreinterpretq_s32_s8(b)));
+}
+
+EK_INLINE int8x16_t zip_hi32(int8x16_t a, int8x16_t b) {
+    return vreinterpretq_s8_s32(vzip2q_s32(vreinterpretq_s32_s8(a), vreinterpretq_s32_s8(b)));
+}
+
+/* Rows 2p and 2p+1 of a group's block, as mmla_block wants them. */
+EK_INLINE block_pair x8_pair(const int wtype, const uint8_t *q, int p) {
+    const int h = p / 2; /* which 16 bytes of a run: rows 0..3 or 4..7 */
+    int8x16_t r[8];      /* the block's runs, this half of them */
+    const int runs = wtype == EK_TYPE_Q8_0 ? 8 : 4;
+    for (int c = 0; c < runs; c++) r[c] = vld1q_s8((const int8_t *)q + 32 * c + 16 * h);
+    block_pair out;
+    if (wtype == EK_TYPE_Q8_0) {
+        for (int k = 0; k < 4; k++)
+            out.v[k] = p % 2 ? zip_hi32(r[2 * k], r[2 * k + 1]) : zip_lo32(r[2 * k], r[2 * k + 1]);
+        return out;
+    }
+    const int8x16_t offset = vdupq_n_s8(wtype == EK_TYPE_Q4_0 ? 8 : 0);
+    for (int k = 0; k < 2; k++) {
+        const uint8x16_t bytes = vreinterpretq_u8_s8(
+            p % 2 ? zip_hi32(r[2 * k], r[2 * k + 1]) : zip_lo32(r[2 * k], r[2 * k + 1]));
+        out.v[k] = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(bytes, vdupq_n_u8(0x0f))), offset);
+        out.v[2 + k] = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(bytes, 4)), offset);
+    }
+    return out;
+}
+
+/* A group's 8 rows by CP pairs of activation rows. */
+EK_INLINE void gemm_x8_tile_mmla(const int wtype, const int CP, int nb, const char *g,
+                                 const char *x, size_t x_stride, float *y, size_t y_stride) {
+    float32x4_t acc[4][2];
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; p++)
+#pragma GCC unroll 2
+        for (int c = 0; c < CP; c++) acc[p][c] = vdupq_n_f32(0.0f);
+    const size_t step = EK_X8_ROWS * ek_type_block_bytes(wtype);
+
+    for (int b = 0; b < nb; b++) {
+        const char *ahead = g + PREFETCH_BYTES + b * step;
+        for (size_t line = 0; line < step; line += 64) __builtin_prefetch(ahead + line);
+        const uint8_t *q = ek_x8_quants(wtype, g, nb, b);
+        const ek_f16 *dm = ek_x8_d(wtype, g, b);
+        block_pair wp[4];
+        float32x4_t dw[4], mw[4]; /* [row 0, row 0, row 1, row 1] of each pair */
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; p++) wp[p] = x8_pair(wtype, q, p);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            const float32x4_t d4 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(dm + 4 * h)));
+            dw[2 * h] = vzip1q_f32(d4, d4);
+            dw[2 * h + 1] = vzip2q_f32(d4, d4);
+            const float32x4_t m4 =
+                wtype == EK_TYPE_Q4_1
+                    ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(dm + EK_X8_ROWS + 4 * h)))
+                    : vdupq_n_f32(0.0f);
+            mw[2 * h] = vzip1q_f32(m4, m4);
+            mw[2 * h + 1] = vzip2q_f32(m4, m4);
+        }
+#pragma GCC unroll 2
+        for (int c = 0; c < CP; c++) {
+            const char *col = x + 2 * c * x_stride;
+            block_pair xp;
+            float32x4_t dx, s = vdupq_n_f32(0.0f); /* [col 0, col 1, col 0, col 1] */
+            if (wtype == EK_TYPE_Q4_1) {
+                const block_q8_1 *b0 = (const block_q8_1 *)col + b;
+                const block_q8_1 *b1 = (const block_q8_1 *)(col + x_stride) + b;
+                xp = interleave(load_q8(b0->qs), load_q8(b1->qs));
+                dx = f32_abab(b0->d, b1->d);
+                s = f32_abab(b0->s, b1->s);
+            } else {
+                const block_q8_0 *b0 = (const block_q8_0 *)col + b;
+                const block_q8_0 *b1 = (const block_q8_0 *)(col + x_stride) + b;
+                xp = interleave(load_q8(b0->qs), load_q8(b1->qs));
+                dx = f16x4_gather(&b0->d, &b1->d, &b0->d, &b1->d);
+            }
+#pragma GCC unroll 4
+            for (int p = 0; p < 4; p++) {
+                const float32x4_t sum = vcvtq_f32_s32(mmla_block(wp[p], xp));
+                acc[p][c] = vfmaq_f32(acc[p][c], sum, vmulq_f32(dw[p], dx));
+                if (wtype == EK_TYPE_Q4_1) acc[p][c] = vfmaq_f32(acc[p][c], mw[p], s);
+            }
+        }
+    }
+
+    for (int p = 0; p < 4; p++)
+        for (int c = 0; c < CP; c++) {
+            float *y00 = y + 2 * c * y_stride + 2 * p, *y01 = y00 + y_stride;
+            y00[0] = vgetq_lane_f32(acc[p][c], 0);
+            y01[0] = vgetq_lane_f32(acc[p][c], 1);
+            y00[1] = vgetq_lane_f32(acc[p][c], 2);
+            y01[1] = vgetq_lane_f32(acc[p][c], 3);
+        }
+}
+
+/* The x8 gemm: one activation row (decode), and an odd last one, go to the
+ * dotprod x8 gemm, as in the file's layout above. */
+EK_INLINE void gemm_x8_mmla(const int wtype, int n, const void *w, size_t w_stride, int nrows,
+                            const void *x, size_t x_stride, int nx, float *y, size_t y_stride,
+                            ek_gemm_fn thin, ek_gemm_fn rest) {
+    if (nx < 2) {
+        thin(n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);
+        return;
+    }
+    const char *wr = w, *xr = x;
+    const int nb = n / EK_QK, whole = nrows / EK_X8_ROWS * EK_X8_ROWS;
+    for (int i = 0; i < whole; i += EK_X8_ROWS) {
+        const char *g = wr + i * w_stride;
+        int j = 0;
+        for (; j + 4 <= nx; j += 4)
+            gemm_x8_tile_mmla(wtype, 2, nb, g, xr + j * x_stride, x_stride, y + j * y_stride + i,
+                              y_stride);
+        if (nx - j >= 2) {
+            gemm_x8_tile_mmla(wtype, 1, nb, g, xr + j * x_stride, x_stride, y + j * y_stride + i,
+                              y_stride);
+            j += 2;
+        }
+        if (j < nx)
+            thin(n, g, w_stride, EK_X8_ROWS, xr + j * x_stride, x_stride, 1,
+                 y + j * y_stride + i, y_stride);
+    }
+    if (whole < nrows) /* the rows past the last group are in the file's layout */
+        rest(n, wr + whole * w_stride, w_stride, nrows - whole, x, x_stride, nx, y + whole,
+             y_stride);
+}
+
+#define EK_I8MM_X8_ENTRY(name, wtype, thin, rest)                                           \
+    static void name(int n, const void *w, size_t w_stride, int nrows, const void *x,       \
+                     size_t x_stride, int nx, float *y, size_t y_stride) {                  \
+        gemm_x8_mmla(wtype, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride, thin, rest); \
+    }
+
+EK_I8MM_X8_ENTRY(gemm_x8_q4_0_q8_0_neon_i8mm, EK_TYPE_Q4_0, gemm_x8_q4_0_q8_0_neon_dotprod,
+                 gemm_q4_0_q8_0_neon_i8mm)
+EK_I8MM_X8_ENTRY(gemm_x8_q4_1_q8_1_neon_i8mm, EK_TYPE_Q4_1, gemm_x8_q4_1_q8_1_neon_dotprod,
+                 gemm_q4_1_q8_1_neon_i8mm)
+EK_I8MM_X8_ENTRY(gemm_x8_q8_0_q8_0_neon_i8mm, EK_TYPE_Q8_0, gemm_x8_q8_0_q8_0_neon_dotprod,
+                 gemm_q8_0_q8_0_neon_i8mm)
+
 const ek_kernels ek_kernels_neon_i8mm = {
     .name = "neon_i8mm",
-    .types = {EK_NEON_TYPE_OPS(gemm_q4_0_q8_0_neon_i8mm, gemm_q4_1_q8_1_neon_i8mm,
-                               gemm_q8_0_q8_0_neon_i8mm)},
+    .types = {EK_NEON_TYPE_OPS(neon_i8mm)},
     EK_NEON_FLOAT_OPS,
 };

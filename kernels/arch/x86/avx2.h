@@ -41,16 +41,32 @@ void attention_avx2(float *out, const float *q, const void *k, const void *v, si
                     int kv_type, int n_pos, int head_dim, float scale, float *scores);
 void kv_store_avx2(void *dst, const float *src, int n, int kv_type);
 
-/* The per-type entries of an x86 table, given its three integer gemms. */
-#define EK_AVX2_TYPE_OPS(gemm_q4_0, gemm_q4_1, gemm_q8_0)                                  \
-    [EK_TYPE_F32] = {EK_TYPE_F32, NULL, gemm_f32_f32_avx2, dequantize_row_f32_ref},        \
-    [EK_TYPE_F16] = {EK_TYPE_F32, NULL, gemm_f16_f32_avx2, dequantize_row_f16_avx2},       \
-    [EK_TYPE_Q4_0] = {EK_TYPE_Q8_0, quantize_row_q8_0_avx2, gemm_q4_0,                     \
-                      dequantize_row_q4_0_avx2},                                           \
-    [EK_TYPE_Q4_1] = {EK_TYPE_Q8_1, quantize_row_q8_1_avx2, gemm_q4_1,                     \
-                      dequantize_row_q4_1_avx2},                                           \
-    [EK_TYPE_Q8_0] = {EK_TYPE_Q8_0, quantize_row_q8_0_avx2, gemm_q8_0,                     \
-                      dequantize_row_q8_0_avx2}
+/* The x8 gemms of each x86 table (gemm_avx2.h, through its EK_GEMM_X8_ENTRY). */
+#define EK_DECLARE_X8_GEMMS(table)                                                          \
+    void gemm_x8_q4_0_q8_0_##table(int n, const void *w, size_t w_stride, int nrows,        \
+                                   const void *x, size_t x_stride, int nx, float *y,        \
+                                   size_t y_stride);                                        \
+    void gemm_x8_q4_1_q8_1_##table(int n, const void *w, size_t w_stride, int nrows,        \
+                                   const void *x, size_t x_stride, int nx, float *y,        \
+                                   size_t y_stride);                                        \
+    void gemm_x8_q8_0_q8_0_##table(int n, const void *w, size_t w_stride, int nrows,        \
+                                   const void *x, size_t x_stride, int nx, float *y,        \
+                                   size_t y_stride);
+EK_DECLARE_X8_GEMMS(avx2)
+EK_DECLARE_X8_GEMMS(avx_vnni)
+EK_DECLARE_X8_GEMMS(avx512_vnni)
+
+/* The per-type entries of an x86 table, named by its suffix: its integer
+ * gemms are gemm_<type>_<table> and gemm_x8_<type>_<table>. */
+#define EK_AVX2_TYPE_OPS(table)                                                            \
+    [EK_TYPE_F32] = {EK_TYPE_F32, NULL, gemm_f32_f32_avx2, dequantize_row_f32_ref, NULL},  \
+    [EK_TYPE_F16] = {EK_TYPE_F32, NULL, gemm_f16_f32_avx2, dequantize_row_f16_avx2, NULL}, \
+    [EK_TYPE_Q4_0] = {EK_TYPE_Q8_0, quantize_row_q8_0_avx2, gemm_q4_0_q8_0_##table,        \
+                      dequantize_row_q4_0_avx2, gemm_x8_q4_0_q8_0_##table},                \
+    [EK_TYPE_Q4_1] = {EK_TYPE_Q8_1, quantize_row_q8_1_avx2, gemm_q4_1_q8_1_##table,        \
+                      dequantize_row_q4_1_avx2, gemm_x8_q4_1_q8_1_##table},                \
+    [EK_TYPE_Q8_0] = {EK_TYPE_Q8_0, quantize_row_q8_0_avx2, gemm_q8_0_q8_0_##table,        \
+                      dequantize_row_q8_0_avx2, gemm_x8_q8_0_q8_0_##table}
 
 /* Every x86 table shares these entries. */
 #define EK_AVX2_FLOAT_OPS                                                                  \

@@ -1,9 +1,11 @@
-/* The tiled gemm, written once for the AVX2 and the AVX-VNNI tables.
+/* The tiled gemm, written once for the AVX2 and the AVX-VNNI tables, and
+ * the x8 gemm of those and of the AVX-512 VNNI table.
  *
  * They differ only in how 32 unsigned x signed byte products become eight
- * int32 sums: AVX2 needs maddubs (to int16) then madd (to int32), AVX-VNNI
+ * int32 sums: AVX2 needs maddubs (to int16) then madd (to int32), VNNI
  * does it in one dpbusd that also adds a starting value. The includer
- * defines EK_X86_VNNI as 0 or 1 before including this file.
+ * defines EK_X86_VNNI before including this file: 0 for AVX2, 1 for
+ * AVX-VNNI, 2 for AVX-512 VNNI's 256-bit form (the same dpbusd).
  *
  * Work is cut into tiles of up to 4 weight rows by 4 activation rows: each
  * weight block is unpacked once per tile and used for every activation row
@@ -17,6 +19,7 @@
 
 #include "avx2.h"
 #include "../gemm_tiling.h"
+#include "../x8_tiling.h"
 
 #ifndef EK_X86_VNNI
 #error "define EK_X86_VNNI before including gemm_avx2.h"
@@ -25,7 +28,9 @@
 
 /* Eight int32 sums, each over four adjacent products u[k] * s[k], plus c. */
 EK_INLINE __m256i dot_u8s8(__m256i c, __m256i u, __m256i s) {
-#if EK_X86_VNNI
+#if EK_X86_VNNI == 2
+    return _mm256_dpbusd_epi32(c, u, s);
+#elif EK_X86_VNNI
     return _mm256_dpbusd_avx_epi32(c, u, s);
 #else
     __m256i pairs = _mm256_maddubs_epi16(u, s); /* |u * s| <= 255 * 127: no saturation */
@@ -37,7 +42,7 @@ EK_INLINE __m256i dot_u8s8(__m256i c, __m256i u, __m256i s) {
  * still 16-bit (each pair sum is at most 2 * 15 * 127), saving a madd. */
 EK_INLINE __m256i dot2_u4s8(__m256i c, __m256i u1, __m256i s1, __m256i u2, __m256i s2) {
 #if EK_X86_VNNI
-    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(c, u1, s1), u2, s2);
+    return dot_u8s8(dot_u8s8(c, u1, s1), u2, s2);
 #else
     const __m256i pairs =
         _mm256_add_epi16(_mm256_maddubs_epi16(u1, s1), _mm256_maddubs_epi16(u2, s2));
@@ -275,6 +280,137 @@ EK_INLINE void gemm_tile(const int wtype, const int RW, const int RX, int n, con
         gemm_tile_q8(RW, RX, n / EK_QK, w, w_stride, x, x_stride, y, y_stride);
     else
         gemm_tile_q4(wtype, RW, RX, n / EK_QK, w, w_stride, x, x_stride, y, y_stride);
+}
+
+/* ---- the x8 layout ----
+ * A group's 8 rows against RX activation rows. Each 32-byte load holds 4
+ * columns of the 8 rows, row i in 32-bit lane i, and the 4 activations of
+ * those columns are broadcast to every lane, so each lane sums its own
+ * row: the block's 8 sums come out in order, and one conversion, scale and
+ * accumulate serve 8 rows. */
+
+/* The 4 activation bytes at xs, in every 32-bit lane. */
+EK_INLINE __m256i piece_x(const int8_t *xs) {
+    int32_t v;
+    memcpy(&v, xs, sizeof v);
+    return _mm256_set1_epi32(v);
+}
+
+/* 8 * sum of an activation block, in every lane (Q4_0's offset). */
+EK_INLINE __m256i eight_sum_x(__m256i xq) {
+    __m256i s = sum4_times(8, _mm256_setzero_si256(), xq);
+    s = _mm256_add_epi32(s, _mm256_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm256_add_epi32(s, _mm256_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm256_add_epi32(s, _mm256_permute2x128_si256(s, s, 0x01));
+}
+
+/* One block of 8 Q4 rows against one activation block: the 8 int sums of
+ * the raw nibbles. AVX2 adds the pieces' products while 16-bit: a lane
+ * holds at most 16 products of 15 * 127, 30480. */
+EK_INLINE __m256i dot_x8_q4(const __m256i lo[4], const __m256i hi[4], const int8_t *xs) {
+#if EK_X86_VNNI
+    __m256i sum = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; c++)
+        sum = dot_u8s8(dot_u8s8(sum, lo[c], piece_x(xs + 4 * c)), hi[c], piece_x(xs + 16 + 4 * c));
+    return sum;
+#else
+    __m256i sum16 = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; c++)
+        sum16 = _mm256_add_epi16(
+            sum16, _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], piece_x(xs + 4 * c)),
+                                    _mm256_maddubs_epi16(hi[c], piece_x(xs + 16 + 4 * c))));
+    return _mm256_madd_epi16(sum16, _mm256_set1_epi16(1));
+#endif
+}
+
+/* One block of 8 Q8_0 rows (quants at q) against one activation block. */
+EK_INLINE __m256i dot_x8_q8(const uint8_t *q, const int8_t *xs) {
+    __m256i sum = _mm256_setzero_si256();
+#if EK_X86_VNNI
+    /* dpbusd wants one unsigned operand: x gets +128, and 128 * sum w,
+     * summed alongside, is taken back out */
+    __m256i offset = _mm256_setzero_si256();
+    const __m256i k128 = _mm256_set1_epi8(-128);
+#endif
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; c++) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(q + 32 * c));
+        const __m256i xb = piece_x(xs + 4 * c);
+#if EK_X86_VNNI
+        sum = dot_u8s8(sum, _mm256_xor_si256(xb, k128), w);
+        offset = dot_u8s8(offset, k128, w);
+#else
+        sum = dot_u8s8(sum, _mm256_abs_epi8(w), _mm256_sign_epi8(xb, w));
+#endif
+    }
+#if EK_X86_VNNI
+    sum = _mm256_sub_epi32(sum, offset);
+#endif
+    return sum;
+}
+
+EK_INLINE void gemm_x8_tile(const int wtype, const int RX, int nb, const char *g, const char *x,
+                            size_t x_stride, float *y, size_t y_stride) {
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    const size_t step = EK_X8_ROWS * ek_type_block_bytes(wtype); /* one block of 8 rows */
+    __m256 acc[TILE_COLS];
+#pragma GCC unroll 4
+    for (int j = 0; j < RX; j++) acc[j] = _mm256_setzero_ps();
+
+    for (int b = 0; b < nb; b++) {
+        /* the group is read front to back, scales then quants, a block's
+         * bytes per step: fetch that far ahead over the whole group */
+        const char *ahead = g + PREFETCH_BYTES + b * step;
+        for (size_t line = 0; line < step; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        const uint8_t *q = ek_x8_quants(wtype, g, nb, b);
+        const ek_f16 *dm = ek_x8_d(wtype, g, b);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dm));
+        const __m256 mw = wtype == EK_TYPE_Q4_1
+                              ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + EK_X8_ROWS)))
+                              : _mm256_setzero_ps();
+        __m256i lo[4], hi[4];
+        if (wtype != EK_TYPE_Q8_0) {
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * c));
+                lo[c] = _mm256_and_si256(v, nibble);
+                hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+            }
+        }
+
+#pragma GCC unroll 4
+        for (int j = 0; j < RX; j++) {
+            const char *col = x + j * x_stride;
+            const int8_t *xs;
+            __m256 dx, s = _mm256_setzero_ps();
+            if (wtype == EK_TYPE_Q4_1) {
+                const block_q8_1 *blk = (const block_q8_1 *)col + b;
+                xs = blk->qs;
+                dx = _mm256_set1_ps(blk->d);
+                s = _mm256_set1_ps(blk->s);
+            } else {
+                const block_q8_0 *blk = (const block_q8_0 *)col + b;
+                xs = blk->qs;
+                dx = _mm256_set1_ps(f16_to_f32(blk->d));
+            }
+            __m256i sum;
+            if (wtype == EK_TYPE_Q8_0) {
+                sum = dot_x8_q8(q, xs);
+            } else {
+                sum = dot_x8_q4(lo, hi, xs);
+                /* q4_0: sum (w - 8) x = sum w x - 8 sum x, with w the raw nibbles */
+                if (wtype == EK_TYPE_Q4_0)
+                    sum = _mm256_sub_epi32(
+                        sum, eight_sum_x(_mm256_loadu_si256((const __m256i *)xs)));
+            }
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(dw, dx), acc[j]);
+            if (wtype == EK_TYPE_Q4_1) acc[j] = _mm256_fmadd_ps(mw, s, acc[j]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < RX; j++) _mm256_storeu_ps(y + j * y_stride, acc[j]);
 }
 
 #endif

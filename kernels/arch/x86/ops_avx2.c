@@ -231,6 +231,6 @@ void kv_store_avx2(void *dst, const float *src, int n, int kv_type) {
 
 const ek_kernels ek_kernels_avx2 = {
     .name = "avx2",
-    .types = {EK_AVX2_TYPE_OPS(gemm_q4_0_q8_0_avx2, gemm_q4_1_q8_1_avx2, gemm_q8_0_q8_0_avx2)},
+    .types = {EK_AVX2_TYPE_OPS(avx2)},
     EK_AVX2_FLOAT_OPS,
 };

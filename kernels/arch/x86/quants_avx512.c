@@ -151,7 +151,6 @@ static EK_GEMM_ENTRY(gemm_q8_0_q8_0_avx512_vnni, EK_TYPE_Q8_0)
 
 const ek_kernels ek_kernels_avx512_vnni = {
     .name = "avx512_vnni",
-    .types = {EK_AVX2_TYPE_OPS(gemm_q4_0_q8_0_avx512_vnni, gemm_q4_1_q8_1_avx512_vnni,
-                               gemm_q8_0_q8_0_avx512_vnni)},
+    .types = {EK_AVX2_TYPE_OPS(avx512_vnni)},
     EK_AVX2_FLOAT_OPS,
 };
