@@ -28,6 +28,7 @@ from typing import Any
 import click
 
 from . import bench_grounding as bg
+from . import bench_profile as bp
 from .bench_worker import OURS, PEER, RoundResult, Workload
 from .engine import common_prefix
 from .errors import EdgeSlmError
@@ -415,6 +416,45 @@ def format_grounding(g: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---- where a token's time goes ----
+
+def profile_only(path: Path, thread_counts: list[int], n_ctx: int, backend: str | None,
+                 json_path: Path | None) -> None:
+    """`bench --profile`: edge_slm.bench_profile in a fresh process per thread count."""
+    check_backend(backend)
+    bandwidth = measure_bandwidth(thread_counts)
+    summaries, raw = [], []
+    for t in thread_counts:
+        click.echo(f"profile: {bp.TOKENS} tokens, {t} thread{'s' * (t > 1)}", err=True)
+        args = ["--model", str(path), "--threads", str(t), "--ctx", str(n_ctx),
+                "--tokens", str(bp.TOKENS)]
+        if backend is not None:
+            args += ["--backend", backend]
+        d, _ = run_process("edge_slm.bench_profile", args, "the profile")
+        raw.append(d)
+        summaries.append({**bp.summarize(d), "bandwidth_gbs": bandwidth[t]})
+    machine = machine_info()
+    bytes_per_token, _ = weight_bytes_per_token(path)
+    click.echo(f"{path.name}: n_ctx {n_ctx}")
+    click.echo(cache_note(machine, bytes_per_token))
+    click.echo(bp.format_profile(summaries))
+    if json_path is not None:
+        doc = {"profile": summaries, "raw": raw, "machine": machine,
+               "model": {"path": str(path), "weight_bytes_per_token": bytes_per_token}}
+        with output_file(json_path) as f:
+            f.write((json.dumps(doc, indent=2) + "\n").encode())
+        click.echo(f"wrote {json_path}")
+
+
+def check_backend(backend: str | None) -> None:
+    if backend is not None:
+        from . import _core
+
+        if backend not in _core.backends():
+            raise EdgeSlmError(f"backend {backend!r} does not run on this CPU "
+                               f"(available: {', '.join(_core.backends())})")
+
+
 @contextlib.contextmanager
 def spinners(n: int) -> Iterator[list[subprocess.Popen]]:
     """n processes that spin on a CPU each until the block ends."""
@@ -445,25 +485,26 @@ def spinners(n: int) -> Iterator[list[subprocess.Popen]]:
 @click.option("--busy-cores", type=click.IntRange(0), default=0, show_default=True,
               help="Keep this many other processes spinning throughout, as other programs "
                    "on a shared board would.")
+@click.option("--profile", is_flag=True,
+              help="Instead of the comparison: where a decoded token's time goes, per kind "
+                   "of op (each weight type's gemm with the GB/s it streamed, attention, "
+                   "norms, ..., sampling, the Python step), at each --threads.")
 @click.option("--grounding/--no-grounding", default=True, show_default=True,
               help="Also measure what grounding costs: retrieval alone on a corpus of "
                    f"{bg.CORPUS_PAGES:,} pages, and the first token of the same questions "
                    "grounded and ungrounded (one each per --reps).")
 def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: int,
           json_path: Path | None, no_peer: bool, backend: str | None, busy_cores: int,
-          grounding: bool) -> None:
+          profile: bool, grounding: bool) -> None:
     """Measure speed and memory against llama.cpp (llama-cpp-python) on the same model."""
     path = model_or_default(model_path)
     check_writable(json_path)
+    if profile:
+        return profile_only(path, sorted(set(threads)), n_ctx, backend, json_path)
     if not no_peer and importlib.util.find_spec("llama_cpp") is None:
         raise EdgeSlmError("llama-cpp-python is not installed; run `make bench` "
                            "(or pass --no-peer to measure edge-slm alone)")
-    if backend is not None:
-        from . import _core
-
-        if backend not in _core.backends():
-            raise EdgeSlmError(f"backend {backend!r} does not run on this CPU "
-                               f"(available: {', '.join(_core.backends())})")
+    check_backend(backend)
     if reps < MIN_REPS:
         log.warning("%d rounds: medians of fewer than %d are noisy", reps, MIN_REPS)
     thread_counts = sorted(set(threads))

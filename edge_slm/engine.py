@@ -294,6 +294,8 @@ class Engine:
         self._decode_time = 0.0  # in steps that only decoded (no prompt chunk)
         self._decode_tokens = 0
         self._decode_steps = 0
+        self._decode_forward = 0.0  # of that time: in the C pass, and in sampling
+        self._decode_sampling = 0.0
         self._clamp_logged = False
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="edge-slm-engine", daemon=True)
@@ -517,6 +519,9 @@ class Engine:
                 "decode_tps": self._decode_tokens / (self._decode_time or 1e-9),
                 # slots decoded together per such step: how much one weight pass serves
                 "mean_decode_batch": self._decode_tokens / (self._decode_steps or 1),
+                # where such a step's time goes, ms per token: the C pass, the
+                # samplers, and the rest (Python: batching, text, stops)
+                "decode_ms_per_token": self._decode_split(),
                 "context_shifts": stats.get("shifts", 0),
                 "requests": {k: v for k, v in stats.items() if k not in ("tokens", "reused", "shifts")},
                 "backend": self.runtime.backend, "uptime_s": time.monotonic() - self._started,
@@ -537,6 +542,12 @@ class Engine:
         self.close()
 
     # ---- the engine thread ----
+
+    def _decode_split(self) -> dict[str, float]:
+        n = self._decode_tokens or 1
+        rest = self._decode_time - self._decode_forward - self._decode_sampling
+        return {"forward": self._decode_forward / n * 1e3,
+                "sampling": self._decode_sampling / n * 1e3, "python": max(0.0, rest) / n * 1e3}
 
     def _count(self, status: str) -> None:
         with self._cond:
@@ -674,7 +685,7 @@ class Engine:
             if len(s.cache) == self.plan.n_ctx:
                 self._shift(s)
 
-        t0 = time.monotonic()
+        t0 = time.perf_counter()
         tokens, pos, slot_ids, want, owners = [], [], [], [], []
         room = self.cfg.max_batch
         decoding = [s for s in active if len(s.cache) == len(s.seq) - 1 and s.answer]
@@ -702,8 +713,11 @@ class Engine:
             room -= len(chunk)
             s.chunk = chunk
 
+        t_forward = time.perf_counter()
         logits = self.runtime.forward(np.array(tokens, np.int32), np.array(pos, np.int32),
                                       np.array(slot_ids, np.int32), np.array(want, np.uint8))
+        t_forward = time.perf_counter() - t_forward
+        sampling = 0.0
         for s in decoding:
             s.cache.append(s.seq[-1])
         for s in active:
@@ -711,25 +725,30 @@ class Engine:
             s.chunk = []
         for row, s in zip(logits, owners):
             try:
-                self._next_token(s, row)
+                sampling += self._next_token(s, row)
             except Exception as e:  # its sampler or on_text callback: that request alone ends
                 log.exception("request %s failed", s.req.id)
                 result = self._partial(s, ERROR, f"request failed: {e}")
                 result.internal = True  # its sampler or callback, not its text
                 self._end(s, result)
         if len(tokens) == len(decoding):
-            self._decode_time += time.monotonic() - t0
+            self._decode_time += time.perf_counter() - t0
+            self._decode_forward += t_forward
+            self._decode_sampling += sampling
             self._decode_tokens += len(tokens)
             self._decode_steps += 1
 
-    def _next_token(self, s: Slot, logits: np.ndarray) -> None:
+    def _next_token(self, s: Slot, logits: np.ndarray) -> float:
+        """Samples and files s's next token; returns the seconds sampling took."""
         req = s.req
+        t0 = time.perf_counter()
         tok = s.sampler.sample(logits, s.seq)
+        sampled = time.perf_counter() - t0
         if s.first_token is None:
             s.first_token = time.monotonic()
         if self.tokenizer.is_eog(tok) and not req.ignore_eos:
             self._end(s, self._partial(s, OK, None, finish="stop"))
-            return
+            return sampled
         s.answer.append(tok)
         s.seq.append(tok)
         with self._cond:
@@ -739,6 +758,7 @@ class Engine:
             self._end(s, self._partial(s, OK, None, finish="stop"))
         elif len(s.answer) >= req.max_tokens:
             self._end(s, self._partial(s, OK, None, finish="length"))
+        return sampled
 
     def _shift(self, s: Slot) -> None:
         """The slot's context is full: drop the older half after the kept start,

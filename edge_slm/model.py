@@ -442,6 +442,17 @@ class Transformer:
                 last = out[-1].copy()
         return np.concatenate(rows) if all_logits else last
 
+    def profile(self, on: bool) -> dict:
+        """What the C pass's profile gathered since the last call (wall time and
+        weight bytes per kind of op), then profiling on or off: see _core.pyi."""
+        with self._lock:
+            return self._model.profile(on)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Weights the C model holds, copied (and repacked) at creation."""
+        return self._model.weight_bytes
+
     def kv_shift(self, slot: int, keep: int, n_drop: int, n_used: int) -> None:
         with self._lock:
             self._model.kv_shift(slot, keep, n_drop, n_used)

@@ -1,8 +1,6 @@
-#define _POSIX_C_SOURCE 199309L
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "edge_bandwidth.h"
 #include "edge_kernels.h"
@@ -31,12 +29,6 @@ static void read_worker(void *ctx, int ith, int nth) {
     j->sums[ith] = a + b + c + d;
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 double ek_read_bandwidth(int n_threads, size_t bytes, int reps) {
     if (n_threads < 1 || n_threads > 256 || bytes < 4096 || reps < 1) return -EK_EINVAL;
     uint64_t *data = malloc(bytes);
@@ -50,9 +42,9 @@ double ek_read_bandwidth(int n_threads, size_t bytes, int reps) {
     read_job job = {data, bytes / sizeof(uint64_t), {0}};
     double best = 0.0;
     for (int r = 0; r < reps; r++) {
-        double t0 = now_s();
+        double t0 = ek_now_s();
         ek_pool_run(pool, read_worker, &job);
-        double dt = now_s() - t0;
+        double dt = ek_now_s() - t0;
         if (dt > 0 && bytes / dt / 1e9 > best) best = bytes / dt / 1e9;
     }
     ek_pool_destroy(pool);

@@ -5,14 +5,13 @@
  * before the last one is finished, so the pass reads top to bottom like the
  * single-threaded maths.
  */
-#define _DEFAULT_SOURCE /* clock_gettime, madvise */
+#define _DEFAULT_SOURCE /* madvise */
 #include <assert.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <time.h>
 
 #include "edge_model.h"
 
@@ -366,17 +365,11 @@ typedef struct {
     double t_mark; /* profiling: when the last op finished */
 } worker;
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 /* The op just finished (every thread is past its wait): its wall time goes
  * to kind. Only the first thread keeps the profile. */
 static void mark(worker *w, int kind) {
     if (w->ith != 0 || !w->m->profiling) return;
-    double t = now_s();
+    double t = ek_now_s();
     w->m->prof.seconds[kind] += t - w->t_mark;
     w->t_mark = t;
 }
@@ -463,7 +456,7 @@ static void matmuls(worker *w, const float *x, int n, const proj *p, int np) {
         }
     }
     if (w->ith == 0 && m->profiling) {
-        double t = now_s(), total = 0.0;
+        double t = ek_now_s(), total = 0.0;
         for (int i = 0; i < np; i++) total += (double)tensor_bytes(p[i].W);
         for (int i = 0; i < np; i++) {
             double bytes = (double)tensor_bytes(p[i].W);
@@ -585,7 +578,7 @@ static void forward_worker(void *ctx, int ith, int nth) {
     const fwd_job *j = ctx;
     ek_model *m = j->m;
     const ek_config *c = &m->cfg;
-    worker w = {j, m, ek_cursor_start(m->pool), ith, nth, {NULL, -1}, m->profiling ? now_s() : 0.0};
+    worker w = {j, m, ek_cursor_start(m->pool), ith, nth, {NULL, -1}, m->profiling ? ek_now_s() : 0.0};
     int lo, hi;
 
     while (next_piece(&w, j->n, 1, &lo, &hi)) {
@@ -640,10 +633,10 @@ int ek_forward(ek_model *m, int n, const int32_t *tokens, const int32_t *pos, co
         ek_pool_run(m->pool, forward_worker, &job);
         return EK_OK;
     }
-    double before = 0.0, t0 = now_s();
+    double before = 0.0, t0 = ek_now_s();
     for (int k = 0; k < EK_PROF_KINDS; k++) before += m->prof.seconds[k];
     ek_pool_run(m->pool, forward_worker, &job);
-    double after = 0.0, t1 = now_s();
+    double after = 0.0, t1 = ek_now_s();
     for (int k = 0; k < EK_PROF_KINDS; k++) after += m->prof.seconds[k];
     m->prof.seconds[EK_PROF_DISPATCH] += (t1 - t0) - (after - before);
     m->prof.runs++;

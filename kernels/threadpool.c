@@ -1,6 +1,8 @@
-/* Workers spin briefly between runs (decode issues one run per token, so the
- * next one usually comes within microseconds) and then sleep on a condition
- * variable, so an idle runtime costs no CPU.
+/* Workers spin for a while between runs and then sleep on a condition
+ * variable, so an idle runtime costs no CPU. Decode issues one run per
+ * token, and between two the engine samples and files the token in Python
+ * (a few hundred microseconds): the spin lasts longer than that, as waking
+ * a sleeper costs about as much again on a VM.
  *
  * Waits inside a run (for an op's last chunk, for the workers at the end)
  * spin for a few microseconds, then sleep on a futex. On an idle machine
@@ -15,6 +17,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #if defined(__linux__)
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -23,7 +26,8 @@
 
 #include "edge_threadpool.h"
 
-#define SPINS_BEFORE_SLEEP 20000
+#define SPIN_BEFORE_SLEEP_S 2e-3 /* between runs; measured by the clock, as pause's
+                                    * length differs tenfold between CPUs */
 #define WAIT_SPINS 4000
 
 struct ek_pool {
@@ -58,6 +62,12 @@ static inline void cpu_relax(void) {
 #elif defined(__aarch64__)
     __asm__ __volatile__("yield");
 #endif
+}
+
+double ek_now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 static void futex_wait(atomic_int *word, int seen) {
@@ -133,9 +143,10 @@ static void *worker_main(void *p) {
     int seen = 0;
     for (;;) {
         int spins = 0;
+        double since = ek_now_s();
         while (atomic_load_explicit(&pool->generation, memory_order_acquire) == seen &&
                !atomic_load(&pool->stop)) {
-            if (++spins < SPINS_BEFORE_SLEEP) {
+            if (++spins % 256 || ek_now_s() - since < SPIN_BEFORE_SLEEP_S) {
                 cpu_relax();
                 continue;
             }

@@ -3,7 +3,9 @@
 Each test runs once per table usable on this CPU (`_core.backends()`). Shapes
 sweep the sizes where SIMD code changes path: one block, a few, odd counts
 and the model's widths (576, 1536); weight and activation rows around the
-tile sizes; float vectors at 8 and 16 lanes, plus and minus one.
+tile sizes; float vectors at 8 and 16 lanes, plus and minus one. The block
+types' matmuls run twice: over the file's layout and, repacked, over the
+x8 layout the model multiplies by (whole groups of 8 rows, then a tail).
 
 Weights are made by gguf-py's quantizers and read back by its dequantizers,
 so the numpy side never shares code with the kernels. Tolerances are
@@ -36,11 +38,19 @@ BLOCK_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0)
 BLOCK_COLS = (32, 64, 96, 160, 576, 1536)
 ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 17, 33)
 NX = (1, 2, 3, 4, 5, 8, 9)
+# The x8 layout packs groups of 8 rows and leaves a tail of 1..7 in the
+# file's layout: whole groups alone, a tail alone and both, with every
+# activation-row count up to a tile and one past it.
+X8_ROWS = (1, 7, 8, 9, 16, 17, 24, 31, 33)
+X8_NX = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 FLOAT_NS = (1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 65, 100, 257, 576)
 # F16 and F32 rows may have any length: these also reach the 8-wide loops' tails.
 FLOAT_COLS = (1, 7, 9, 33, 100) + BLOCK_COLS
 MATMUL_CASES = [
-    (t, cols) for t in WEIGHT_TYPES for cols in (BLOCK_COLS if t in BLOCK_TYPES else FLOAT_COLS)
+    (t, cols, x8)
+    for t in WEIGHT_TYPES
+    for cols in (BLOCK_COLS if t in BLOCK_TYPES else FLOAT_COLS)
+    for x8 in ((False, True) if t in BLOCK_TYPES else (False,))
 ]
 KV_CASES = [(T.F16, d) for d in (8, 32, 40, 64, 100, 128)] + [(T.Q8_0, d) for d in (32, 64, 128)]
 
@@ -149,9 +159,11 @@ def random_values(rng, shape, exponent: int, zero_blocks: bool, outliers: bool) 
     return v.astype(np.float32)
 
 
-def matmul(backend: str, wtype: TensorType, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+def matmul(backend: str, wtype: TensorType, w: np.ndarray, x: np.ndarray,
+           x8: bool = False) -> np.ndarray:
+    """x @ w.T by the table's gemm; with x8, w repacked and by its x8 gemm."""
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    _core.matmul(backend, int(wtype), w.shape[0], x.shape[1], w, x, y)
+    _core.matmul(backend, int(wtype), w.shape[0], x.shape[1], w, x, y, x8)
     return y
 
 
@@ -257,20 +269,26 @@ def test_quantize_q8_1_matches_its_definition(backend, n):
 # ---- matmul ----
 
 
-@pytest.mark.parametrize("wtype, cols", MATMUL_CASES, ids=case_id)
-def test_matmul_sweep(backend, wtype, cols):
+def matmul_case_id(v) -> str:
+    return ("x8" if v else "file") if isinstance(v, bool) else case_id(v)
+
+
+@pytest.mark.parametrize("wtype, cols, x8", MATMUL_CASES, ids=matmul_case_id)
+def test_matmul_sweep(backend, wtype, cols, x8):
+    all_rows, all_nx = (X8_ROWS, X8_NX) if x8 else (ROWS, NX)
     rng = np.random.default_rng([int(wtype), cols])
-    w = encode(rng.standard_normal((max(ROWS), cols), dtype=np.float32), wtype)
-    x = rng.standard_normal((max(NX), cols), dtype=np.float32)
+    w = encode(rng.standard_normal((max(all_rows), cols), dtype=np.float32), wtype)
+    x = rng.standard_normal((max(all_nx), cols), dtype=np.float32)
     w_seen, x_seen = decode(w, wtype), activations_as_seen(x, wtype)
     vs_seen, vs_exact, vs_ref = SweepError(), SweepError(), SweepError()
-    for rows in ROWS:  # prefixes of one matrix: a tile mixing up rows shows
-        for nx in NX:
-            y = matmul(backend, wtype, w[:rows], x[:nx])
+    for rows in all_rows:  # prefixes of one matrix: a tile mixing up rows shows
+        for nx in all_nx:
+            y = matmul(backend, wtype, w[:rows], x[:nx], x8)
             vs_seen.add((rows, nx), y, x_seen[:nx] @ w_seen[:rows].T)
             vs_exact.add((rows, nx), y, x[:nx].astype(np.float64) @ w_seen[:rows].T)
+            # the x8 path against ref's gemm over the file's layout: the packing too is checked
             vs_ref.add((rows, nx), y, matmul("ref", wtype, w[:rows], x[:nx]))
-    where = f"{backend} {wtype.name} cols={cols}"
+    where = f"{backend} {wtype.name} cols={cols}{' x8' if x8 else ''}"
     assert vs_seen.nmse < NMSE_MATMUL, (
         f"{where}: NMSE {vs_seen.nmse:.3g} vs float64, worst at (rows, nx) = {vs_seen.worst()}"
     )
@@ -309,10 +327,12 @@ def test_matmul_random(
     w = encode(w[:, :cols], wtype)
     x = random_values(rng, (nx, 32 * n_blocks), x_exponent, zero_blocks, outliers)
     x = np.ascontiguousarray(x[:, :cols])
-    y = matmul(backend, wtype, w, x)
     want = activations_as_seen(x, wtype) @ decode(w, wtype).T
-    assert nmse(y, want) < NMSE_MATMUL
-    assert nmse(y, matmul("ref", wtype, w, x)) < NMSE_MATMUL
+    ref = matmul("ref", wtype, w, x)
+    for x8 in (False, True) if wtype in BLOCK_TYPES else (False,):
+        y = matmul(backend, wtype, w, x, x8)
+        assert nmse(y, want) < NMSE_MATMUL, f"x8={x8}"
+        assert nmse(y, ref) < NMSE_MATMUL, f"x8={x8}"
 
 
 def test_default_backend_is_the_best():
@@ -475,6 +495,8 @@ def test_attention_reads_back_what_kv_store_wrote(backend, kv_type, head_dim):
 _F = np.ones(64, np.float32)  # one row of 64
 _W = encode(np.ones((2, 64)), T.Q4_0)  # two Q4_0 rows of 64
 _KV = encode(np.ones((2, 64)), T.Q8_0)  # two cached Q8_0 positions of 64
+_W_F16 = encode(np.ones((2, 64)), T.F16)  # two F16 rows of 64
+_W_F32 = np.ones((2, 64), np.float32)
 
 
 def _out(n: int) -> np.ndarray:
@@ -506,6 +528,14 @@ BAD_CALLS = {
     "matmul unknown type": (
         "tensor type 5",
         lambda b: _core.matmul(b, 5, 2, 64, _W, _F, _out(2)),
+    ),
+    "matmul x8 F16 weights": (
+        "no x8 layout",
+        lambda b: _core.matmul(b, 1, 2, 64, _W_F16, _F, _out(2), True),
+    ),
+    "matmul x8 F32 weights": (
+        "no x8 layout",
+        lambda b: _core.matmul(b, 0, 2, 64, _W_F32, _F, _out(2), True),
     ),
     "quantize to a weight format": (
         "no activation quantizer",

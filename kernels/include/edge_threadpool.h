@@ -27,6 +27,7 @@ typedef struct ek_pool ek_pool;
 typedef void (*ek_pool_fn)(void *ctx, int ith, int nth);
 
 ek_pool *ek_pool_create(int n_threads); /* NULL on failure */
+double ek_now_s(void);                  /* a monotonic clock, in seconds */
 void ek_pool_destroy(ek_pool *pool);
 void ek_pool_run(ek_pool *pool, ek_pool_fn fn, void *ctx);
 
