@@ -80,6 +80,11 @@ int ek_x8_layout(int type);
 static inline size_t ek_x8_scale_bytes(int type) { return type == EK_TYPE_Q4_1 ? 32 : 16; }
 /* Quant bytes of one row's block (qs). */
 static inline size_t ek_x8_quant_bytes(int type) { return type == EK_TYPE_Q8_0 ? 32 : 16; }
+/* Bytes of one block of a group's 8 rows, scales and quants: inline, so a
+ * kernel's prefetch loop over them unrolls. */
+static inline size_t ek_x8_step_bytes(int type) {
+    return ek_x8_scale_bytes(type) + EK_X8_ROWS * ek_x8_quant_bytes(type);
+}
 /* Block b's 8 d's (and, 8 halves on, Q4_1's 8 m's). */
 static inline const ek_f16 *ek_x8_d(int type, const void *group, int b) {
     return (const ek_f16 *)((const uint8_t *)group + (size_t)b * ek_x8_scale_bytes(type));

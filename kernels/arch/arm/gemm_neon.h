@@ -267,7 +267,7 @@ EK_INLINE void gemm_x8_tile(const int wtype, const int RX, int nb, const char *g
     float32x4_t acc[TILE_COLS][2];
 #pragma GCC unroll 4
     for (int j = 0; j < RX; j++) acc[j][0] = acc[j][1] = vdupq_n_f32(0.0f);
-    const size_t step = EK_X8_ROWS * ek_type_block_bytes(wtype); /* one block of 8 rows */
+    const size_t step = ek_x8_step_bytes(wtype); /* one block of 8 rows */
 
     for (int b = 0; b < nb; b++) {
         /* the group is read front to back, scales then quants, a block's

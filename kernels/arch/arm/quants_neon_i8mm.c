@@ -223,7 +223,7 @@ EK_INLINE void gemm_x8_tile_mmla(const int wtype, const int CP, int nb, const ch
     for (int p = 0; p < 4; p++)
 #pragma GCC unroll 2
         for (int c = 0; c < CP; c++) acc[p][c] = vdupq_n_f32(0.0f);
-    const size_t step = EK_X8_ROWS * ek_type_block_bytes(wtype);
+    const size_t step = ek_x8_step_bytes(wtype);
 
     for (int b = 0; b < nb; b++) {
         const char *ahead = g + PREFETCH_BYTES + b * step;

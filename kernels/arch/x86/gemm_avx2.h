@@ -354,7 +354,7 @@ EK_INLINE __m256i dot_x8_q8(const uint8_t *q, const int8_t *xs) {
 EK_INLINE void gemm_x8_tile(const int wtype, const int RX, int nb, const char *g, const char *x,
                             size_t x_stride, float *y, size_t y_stride) {
     const __m256i nibble = _mm256_set1_epi8(0x0f);
-    const size_t step = EK_X8_ROWS * ek_type_block_bytes(wtype); /* one block of 8 rows */
+    const size_t step = ek_x8_step_bytes(wtype); /* one block of 8 rows */
     __m256 acc[TILE_COLS];
 #pragma GCC unroll 4
     for (int j = 0; j < RX; j++) acc[j] = _mm256_setzero_ps();
