@@ -9,8 +9,9 @@ plan counts each part of it:
   metadata and     what reading the metadata and building the tokenizer left
   tokenizer        resident: the metadata, the vocabulary, the tokenizers
                    library and its tables (measured)
-  weights          the whole mapped file: decoding touches every page of it
-                   for every token
+  weights          the tensors, copied from the mapped file when the model is
+                   made (its matrices repacked for decoding, kernels/repack.c)
+                   and the map's pages handed back: resident once
   run state        activations, quantized copies, logits rows (exact, from C)
   KV cache         slots x context (exact, from C)
   requests         each queued or running request: its objects, its prompt's
@@ -146,7 +147,7 @@ class MemoryPlan:
     budget: int
     interpreter: int   # resident before the model: Python, numpy, our modules
     tokenizer: int
-    weights: int       # mapped model file
+    weights: int       # the model's own copy of its tensors
     run_state: int     # activations, quantized copies, logits rows
     kv_per_slot: int
     headroom: int
@@ -176,7 +177,7 @@ class MemoryPlan:
 
     def describe(self) -> str:
         rows = [("interpreter", self.interpreter), ("metadata and tokenizer", self.tokenizer),
-                ("weights (mapped)", self.weights), ("run state", self.run_state),
+                ("weights (repacked)", self.weights), ("run state", self.run_state),
                 (f"KV cache {self.n_slots} x {self.n_ctx} ({self.kv_type})", self.kv_cache),
                 ("requests and their answers", self.requests),
                 (f"callers ({SUBMITTERS} threads submitting)", self.callers),

@@ -1,7 +1,11 @@
 """Load a Llama-architecture GGUF and run it with the C forward pass.
 
-The file is memory-mapped by gguf-py's reader; tensors reach the C side as
-views of that map, so loading copies no weights."""
+The file is memory-mapped by gguf-py's reader (read-only); tensors reach the
+C side as views of that map. Making a runtime copies them into memory of its
+own, the matrices repacked into the layout decoding streams (see
+kernels/include/edge_kernels.h, "the x8 layout"), and hands the map's pages
+back as it goes, so the weights are resident once and decoding never faults
+a page of the file in."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
  * before the last one is finished, so the pass reads top to bottom like the
  * single-threaded maths.
  */
-#define _DEFAULT_SOURCE /* madvise */
+#define _DEFAULT_SOURCE /* madvise, posix_memalign */
 #include <assert.h>
 #include <math.h>
 #include <stdio.h>
@@ -218,10 +218,12 @@ static size_t aligned_bytes(const ek_tensor *t) {
 #define HUGE_PAGE (2u << 20)
 
 static uint8_t *alloc_weights(size_t bytes) {
-    size_t rounded = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
-    uint8_t *p = aligned_alloc(HUGE_PAGE, rounded);
+    void *p = NULL;
+    /* not rounded up to a huge page: the part past the last whole one stays
+     * in small pages, so no more than the weights becomes resident */
+    if (posix_memalign(&p, HUGE_PAGE, bytes ? bytes : 1)) return NULL;
 #ifdef MADV_HUGEPAGE
-    if (p) madvise(p, rounded, MADV_HUGEPAGE); /* advice: without it, small pages */
+    madvise(p, bytes / HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE); /* advice: else small pages */
 #endif
     return p;
 }
