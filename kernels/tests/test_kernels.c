@@ -9,6 +9,10 @@
  * approximation, so they are held to a normalised mean squared error far
  * below what any real bug gives.
  *
+ * Last, a small random model runs through the whole forward pass (weights
+ * repacked, two slots, prompt chunks and batched decode) with every table,
+ * held to the reference table's logits.
+ *
  *   test_kernels [--expect NAME,NAME...] [--expect-best NAME]
  * fails unless each expected table is usable here (and, with --expect-best,
  * unless NAME is the one picked first), so a run under an emulated CPU
@@ -22,11 +26,16 @@
 #include <string.h>
 
 #include "edge_kernels.h"
+#include "edge_model.h"
 #include "../ref/ref.h"
 
 #define TOL_DOT 1e-10 /* integer-exact dots, float ops without exp */
 #define TOL_EXP 1e-9  /* ops through an exp approximation */
 #define TOL_ATTENTION 1e-9 /* softmax through an exp approximation */
+/* A whole pass re-quantizes activations at every matmul: a summation-order
+ * difference can move one of them across a rounding boundary, and random
+ * weights carry that on (seen: 4e-5). A broken kernel gives far more. */
+#define TOL_FORWARD 1e-3
 
 static const int BLOCK_SIZES[] = {32, 64, 96, 288, 576, 1536, 4096 + 32};
 static const int FLOAT_SIZES[] = {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 100, 257, 576};
@@ -337,6 +346,124 @@ static void test_gemm(const ek_kernels *t) {
     }
 }
 
+/* ---- the forward pass ---- */
+
+/* A tiny Llama with every block type and shapes that leave rows past the
+ * last x8 group (vocab 100): Q4_1 layer 0, Q4_0 layer 1 with a Q8_0 output
+ * projection of attention, a tied Q8_0 embedding. */
+enum { FWD_LAYERS = 2, FWD_DIM = 64, FWD_HIDDEN = 96, FWD_HEADS = 4, FWD_KV_HEADS = 2,
+       FWD_HEAD_DIM = 16, FWD_VOCAB = 100, FWD_CTX = 32, FWD_BATCH = 8 };
+
+static uint8_t *fwd_matrix(int type, int rows, int cols, ek_tensor *t) {
+    size_t row = ek_row_bytes(type, cols);
+    uint8_t *data = malloc((size_t)rows * row);
+    for (int i = 0; i < rows; i++) fill_weight_row(type, data + i * row, cols);
+    *t = (ek_tensor){data, type, rows, cols, 0};
+    return data;
+}
+
+static float *fwd_norm(int n, ek_tensor *t) {
+    float *data = malloc((size_t)n * sizeof(float));
+    fill_uniform(data, n, 0.5f, 1.5f);
+    *t = (ek_tensor){data, EK_TYPE_F32, 1, n, 0};
+    return data;
+}
+
+/* Prompts in both slots (a chunk of 5, then of 3), then 4 batched decode
+ * steps; every row of logits, in order, into out. Returns the rows. */
+static int fwd_run(ek_model *m, float *out) {
+    int rows = 0;
+    int32_t tok[FWD_BATCH], pos[FWD_BATCH], slot[FWD_BATCH];
+    uint8_t want[FWD_BATCH];
+    for (int chunk = 0; chunk < 2; chunk++) {
+        int n = chunk ? 3 : 5, start = chunk ? 5 : 0;
+        for (int s = 0; s < 2; s++) {
+            for (int t = 0; t < n; t++) {
+                tok[t] = (int32_t)((7 * (start + t) + 13 * s + 1) % FWD_VOCAB);
+                pos[t] = start + t;
+                slot[t] = s;
+                want[t] = 1;
+            }
+            if (ek_forward(m, n, tok, pos, slot, want, out + (size_t)rows * FWD_VOCAB)) return -1;
+            rows += n;
+        }
+    }
+    for (int step = 0; step < 4; step++) {
+        for (int s = 0; s < 2; s++) {
+            tok[s] = (int32_t)((31 * step + 17 * s + 3) % FWD_VOCAB);
+            pos[s] = 8 + step;
+            slot[s] = s;
+            want[s] = 1;
+        }
+        if (ek_forward(m, 2, tok, pos, slot, want, out + (size_t)rows * FWD_VOCAB)) return -1;
+        rows += 2;
+    }
+    return rows;
+}
+
+static void test_forward(void) {
+    const int q_dim = FWD_HEADS * FWD_HEAD_DIM, kv_dim = FWD_KV_HEADS * FWD_HEAD_DIM;
+    ek_layer layers[FWD_LAYERS];
+    void *owned[FWD_LAYERS * 9 + 2];
+    int n_owned = 0;
+    ek_weights w = {{FWD_LAYERS, FWD_DIM, FWD_HIDDEN, FWD_HEADS, FWD_KV_HEADS, FWD_HEAD_DIM,
+                     FWD_VOCAB, 1e-5f, 10000.0f},
+                    {0}, {0}, {0}, layers};
+    owned[n_owned++] = fwd_matrix(EK_TYPE_Q8_0, FWD_VOCAB, FWD_DIM, &w.tok_embd);
+    w.output = w.tok_embd;
+    owned[n_owned++] = fwd_norm(FWD_DIM, &w.out_norm);
+    for (int l = 0; l < FWD_LAYERS; l++) {
+        ek_layer *L = &layers[l];
+        int type = l == 0 ? EK_TYPE_Q4_1 : EK_TYPE_Q4_0;
+        owned[n_owned++] = fwd_norm(FWD_DIM, &L->attn_norm);
+        owned[n_owned++] = fwd_norm(FWD_DIM, &L->ffn_norm);
+        owned[n_owned++] = fwd_matrix(type, q_dim, FWD_DIM, &L->wq);
+        owned[n_owned++] = fwd_matrix(type, kv_dim, FWD_DIM, &L->wk);
+        owned[n_owned++] = fwd_matrix(type, kv_dim, FWD_DIM, &L->wv);
+        owned[n_owned++] = fwd_matrix(l == 1 ? EK_TYPE_Q8_0 : type, FWD_DIM, q_dim, &L->wo);
+        owned[n_owned++] = fwd_matrix(type, FWD_HIDDEN, FWD_DIM, &L->w_gate);
+        owned[n_owned++] = fwd_matrix(type, FWD_HIDDEN, FWD_DIM, &L->w_up);
+        owned[n_owned++] = fwd_matrix(type, FWD_DIM, FWD_HIDDEN, &L->w_down);
+    }
+
+    enum { ROWS = 2 * 5 + 2 * 3 + 4 * 2 };
+    static float want_logits[ROWS * FWD_VOCAB], got[ROWS * FWD_VOCAB], again[ROWS * FWD_VOCAB];
+    /* the reference first (ek_available lists it last) */
+    const ek_kernels *tables[8] = {&ek_kernels_ref};
+    int n_tables = 1;
+    for (const ek_kernels *const *k = ek_available(); *k && n_tables < 8; k++)
+        if (*k != &ek_kernels_ref) tables[n_tables++] = *k;
+    for (int i = 0; i < n_tables; i++) {
+        const ek_kernels *t = tables[i];
+        result r = begin(t, "forward, 2 slots", TOL_FORWARD);
+        ek_model_params p = {2, 2, FWD_CTX, FWD_BATCH, EK_TYPE_F16, t, 0};
+        float *out = i ? got : want_logits;
+        for (int run = 0; run < 2; run++) {
+            ek_model *m = NULL;
+            char err[128] = "";
+            if (ek_model_create(&w, &p, &m, err, sizeof err)) {
+                printf("model: %s\n", err);
+                record(&r, INFINITY);
+                break;
+            }
+            /* the second time, scribble on our weights (token 0's embedding
+             * row, so every position's first logit) once the model is made:
+             * it holds its own copy, so nothing may change, to the bit */
+            uint8_t *embd = (uint8_t *)w.tok_embd.data;
+            uint8_t saved = embd[5];
+            if (run) embd[5] ^= 0x5a;
+            int rows = fwd_run(m, run ? again : out);
+            embd[5] = saved;
+            if (rows != ROWS || ek_model_weight_bytes(m) < 40000) record(&r, INFINITY);
+            ek_model_destroy(m);
+        }
+        record(&r, bytes_differing(again, out, sizeof again) ? INFINITY : 0.0);
+        if (i) record(&r, nmse(got, want_logits, ROWS * FWD_VOCAB));
+        report(&r);
+    }
+    for (int i = 0; i < n_owned; i++) free(owned[i]);
+}
+
 /* ---- float ops ---- */
 
 static void test_rmsnorm(const ek_kernels *t) {
@@ -544,6 +671,7 @@ int main(int argc, char **argv) {
         test_attention(t);
     }
     if (n_tables == 0) printf("no table other than ref is usable here\n");
+    test_forward();
     printf("%s: %d failing\n", n_failed ? "FAILED" : "PASSED", n_failed);
     return n_failed ? 1 : 0;
 }
