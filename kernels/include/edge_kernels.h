@@ -164,6 +164,16 @@ typedef struct {
     void (*kv_store)(void *dst, const float *src, int n, int kv_type);
 } ek_kernels;
 
+/* A SIMD table's x8 gemms, named gemm_x8_<type>_<table>, declared for the
+ * files that build tables from them. */
+#define EK_DECLARE_X8_GEMM(name)                                                            \
+    void name(int n, const void *w, size_t w_stride, int nrows, const void *x,              \
+              size_t x_stride, int nx, float *y, size_t y_stride)
+#define EK_DECLARE_X8_GEMMS(table)                                                          \
+    EK_DECLARE_X8_GEMM(gemm_x8_q4_0_q8_0_##table);                                          \
+    EK_DECLARE_X8_GEMM(gemm_x8_q4_1_q8_1_##table);                                          \
+    EK_DECLARE_X8_GEMM(gemm_x8_q8_0_q8_0_##table)
+
 /* The scalar reference: the specification every other table is tested
  * against. Always built. */
 extern const ek_kernels ek_kernels_ref;

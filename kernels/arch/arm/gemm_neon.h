@@ -24,6 +24,21 @@
 #endif
 
 
+/* Block b of an activation row: its quants, scale and (for Q4_1's Q8_1)
+ * d * sum of quants; s is 0 for Q8_0. */
+EK_INLINE quants32 act_block(const int wtype, const char *row, int b, float *dx, float *s) {
+    if (wtype == EK_TYPE_Q4_1) {
+        const block_q8_1 *blk = (const block_q8_1 *)row + b;
+        *dx = blk->d;
+        *s = blk->s;
+        return load_q8(blk->qs);
+    }
+    const block_q8_0 *blk = (const block_q8_0 *)row + b;
+    *dx = f16_to_f32(blk->d);
+    *s = 0.0f;
+    return load_q8(blk->qs);
+}
+
 /* Sum of a block's 32 products in the four lanes of the result. The plain
  * version keeps two products per 16-bit lane, which holds for any int8
  * weight against activations in -127..127 (what the quantizers make). */
@@ -108,19 +123,8 @@ EK_INLINE void gemm_tile_q(const int wtype, const int RW, const int RX, int nb,
 
 #pragma GCC unroll 4
         for (int j = 0; j < RX; j++) {
-            const char *col = x + j * x_stride;
-            quants32 xq;
-            float dx, s = 0.0f;
-            if (wtype == EK_TYPE_Q4_1) {
-                const block_q8_1 *blk = (const block_q8_1 *)col + b;
-                xq = load_q8(blk->qs);
-                dx = blk->d;
-                s = blk->s;
-            } else {
-                const block_q8_0 *blk = (const block_q8_0 *)col + b;
-                xq = load_q8(blk->qs);
-                dx = f16_to_f32(blk->d);
-            }
+            float dx, s;
+            const quants32 xq = act_block(wtype, x + j * x_stride, b, &dx, &s);
             const int32x4_t sum = dot_rows(wtype, RW, wq, xq);
             acc[j] = vfmaq_f32(acc[j], vcvtq_f32_s32(sum), vmulq_n_f32(dw, dx));
             if (wtype == EK_TYPE_Q4_1) acc[j] = vfmaq_n_f32(acc[j], mw, s);
@@ -286,19 +290,8 @@ EK_INLINE void gemm_x8_tile(const int wtype, const int RX, int nb, const char *g
         }
 #pragma GCC unroll 4
         for (int j = 0; j < RX; j++) {
-            const char *col = x + j * x_stride;
-            quants32 xq;
-            float dx, s = 0.0f;
-            if (wtype == EK_TYPE_Q4_1) {
-                const block_q8_1 *blk = (const block_q8_1 *)col + b;
-                xq = load_q8(blk->qs);
-                dx = blk->d;
-                s = blk->s;
-            } else {
-                const block_q8_0 *blk = (const block_q8_0 *)col + b;
-                xq = load_q8(blk->qs);
-                dx = f16_to_f32(blk->d);
-            }
+            float dx, s;
+            const quants32 xq = act_block(wtype, x + j * x_stride, b, &dx, &s);
             int32x4_t sum[2];
             dot_x8(w, xq, sum);
 #pragma GCC unroll 2

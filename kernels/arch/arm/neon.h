@@ -45,18 +45,8 @@ void gemm_q8_0_q8_0_neon_dotprod(int n, const void *w, size_t w_stride, int nrow
                                  size_t y_stride);
 
 /* The x8 gemms of the plain and dotprod tables (gemm_neon.h). */
-#define EK_DECLARE_X8_GEMMS(table)                                                          \
-    void gemm_x8_q4_0_q8_0_##table(int n, const void *w, size_t w_stride, int nrows,        \
-                                   const void *x, size_t x_stride, int nx, float *y,        \
-                                   size_t y_stride);                                        \
-    void gemm_x8_q4_1_q8_1_##table(int n, const void *w, size_t w_stride, int nrows,        \
-                                   const void *x, size_t x_stride, int nx, float *y,        \
-                                   size_t y_stride);                                        \
-    void gemm_x8_q8_0_q8_0_##table(int n, const void *w, size_t w_stride, int nrows,        \
-                                   const void *x, size_t x_stride, int nx, float *y,        \
-                                   size_t y_stride);
-EK_DECLARE_X8_GEMMS(neon)
-EK_DECLARE_X8_GEMMS(neon_dotprod)
+EK_DECLARE_X8_GEMMS(neon);
+EK_DECLARE_X8_GEMMS(neon_dotprod);
 
 void rmsnorm_neon(float *out, const float *x, const float *w, int n, float eps);
 void rope_neon(float *x, int n_heads, int head_dim, const float *cs);

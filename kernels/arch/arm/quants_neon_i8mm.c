@@ -43,6 +43,24 @@ EK_INLINE float32x4_t f32_abab(float a, float b) {
     return vcombine_f32(ab, ab);
 }
 
+/* Block b of two activation rows, x_stride apart, interleaved for smmla;
+ * their scales and (Q8_1) d * sums as [row 0, row 1, row 0, row 1]. */
+EK_INLINE block_pair act_pair(const int wtype, const char *row, size_t x_stride, int b,
+                              float32x4_t *dx, float32x4_t *s) {
+    if (wtype == EK_TYPE_Q4_1) {
+        const block_q8_1 *b0 = (const block_q8_1 *)row + b;
+        const block_q8_1 *b1 = (const block_q8_1 *)(row + x_stride) + b;
+        *dx = f32_abab(b0->d, b1->d);
+        *s = f32_abab(b0->s, b1->s);
+        return interleave(load_q8(b0->qs), load_q8(b1->qs));
+    }
+    const block_q8_0 *b0 = (const block_q8_0 *)row + b;
+    const block_q8_0 *b1 = (const block_q8_0 *)(row + x_stride) + b;
+    *dx = f16x4_gather(&b0->d, &b1->d, &b0->d, &b1->d);
+    *s = vdupq_n_f32(0.0f);
+    return interleave(load_q8(b0->qs), load_q8(b1->qs));
+}
+
 EK_INLINE quants32 weight_quants(const int wtype, const char *row, int b, const ek_f16 **d,
                                  const ek_f16 **m) {
     if (wtype == EK_TYPE_Q4_0) {
@@ -86,21 +104,8 @@ EK_INLINE void gemm_tile_mmla(const int wtype, const int RP, const int CP, int n
         }
 #pragma GCC unroll 2
         for (int c = 0; c < CP; c++) {
-            const char *col = x + 2 * c * x_stride;
-            block_pair xp;
-            float32x4_t dx, s = vdupq_n_f32(0.0f); /* [col 0, col 1, col 0, col 1] */
-            if (wtype == EK_TYPE_Q4_1) {
-                const block_q8_1 *b0 = (const block_q8_1 *)col + b;
-                const block_q8_1 *b1 = (const block_q8_1 *)(col + x_stride) + b;
-                xp = interleave(load_q8(b0->qs), load_q8(b1->qs));
-                dx = f32_abab(b0->d, b1->d);
-                s = f32_abab(b0->s, b1->s);
-            } else {
-                const block_q8_0 *b0 = (const block_q8_0 *)col + b;
-                const block_q8_0 *b1 = (const block_q8_0 *)(col + x_stride) + b;
-                xp = interleave(load_q8(b0->qs), load_q8(b1->qs));
-                dx = f16x4_gather(&b0->d, &b1->d, &b0->d, &b1->d);
-            }
+            float32x4_t dx, s; /* [col 0, col 1, col 0, col 1] */
+            const block_pair xp = act_pair(wtype, x + 2 * c * x_stride, x_stride, b, &dx, &s);
 #pragma GCC unroll 2
             for (int p = 0; p < RP; p++) {
                 const float32x4_t sum = vcvtq_f32_s32(mmla_block(wp[p], xp));
@@ -248,21 +253,8 @@ EK_INLINE void gemm_x8_tile_mmla(const int wtype, const int CP, int nb, const ch
         }
 #pragma GCC unroll 2
         for (int c = 0; c < CP; c++) {
-            const char *col = x + 2 * c * x_stride;
-            block_pair xp;
-            float32x4_t dx, s = vdupq_n_f32(0.0f); /* [col 0, col 1, col 0, col 1] */
-            if (wtype == EK_TYPE_Q4_1) {
-                const block_q8_1 *b0 = (const block_q8_1 *)col + b;
-                const block_q8_1 *b1 = (const block_q8_1 *)(col + x_stride) + b;
-                xp = interleave(load_q8(b0->qs), load_q8(b1->qs));
-                dx = f32_abab(b0->d, b1->d);
-                s = f32_abab(b0->s, b1->s);
-            } else {
-                const block_q8_0 *b0 = (const block_q8_0 *)col + b;
-                const block_q8_0 *b1 = (const block_q8_0 *)(col + x_stride) + b;
-                xp = interleave(load_q8(b0->qs), load_q8(b1->qs));
-                dx = f16x4_gather(&b0->d, &b1->d, &b0->d, &b1->d);
-            }
+            float32x4_t dx, s; /* [col 0, col 1, col 0, col 1] */
+            const block_pair xp = act_pair(wtype, x + 2 * c * x_stride, x_stride, b, &dx, &s);
 #pragma GCC unroll 4
             for (int p = 0; p < 4; p++) {
                 const float32x4_t sum = vcvtq_f32_s32(mmla_block(wp[p], xp));

@@ -42,19 +42,9 @@ void attention_avx2(float *out, const float *q, const void *k, const void *v, si
 void kv_store_avx2(void *dst, const float *src, int n, int kv_type);
 
 /* The x8 gemms of each x86 table (gemm_avx2.h, through its EK_GEMM_X8_ENTRY). */
-#define EK_DECLARE_X8_GEMMS(table)                                                          \
-    void gemm_x8_q4_0_q8_0_##table(int n, const void *w, size_t w_stride, int nrows,        \
-                                   const void *x, size_t x_stride, int nx, float *y,        \
-                                   size_t y_stride);                                        \
-    void gemm_x8_q4_1_q8_1_##table(int n, const void *w, size_t w_stride, int nrows,        \
-                                   const void *x, size_t x_stride, int nx, float *y,        \
-                                   size_t y_stride);                                        \
-    void gemm_x8_q8_0_q8_0_##table(int n, const void *w, size_t w_stride, int nrows,        \
-                                   const void *x, size_t x_stride, int nx, float *y,        \
-                                   size_t y_stride);
-EK_DECLARE_X8_GEMMS(avx2)
-EK_DECLARE_X8_GEMMS(avx_vnni)
-EK_DECLARE_X8_GEMMS(avx512_vnni)
+EK_DECLARE_X8_GEMMS(avx2);
+EK_DECLARE_X8_GEMMS(avx_vnni);
+EK_DECLARE_X8_GEMMS(avx512_vnni);
 
 /* The per-type entries of an x86 table, named by its suffix: its integer
  * gemms are gemm_<type>_<table> and gemm_x8_<type>_<table>. */

@@ -55,6 +55,21 @@ EK_INLINE __m256i sum4_times(int8_t k, __m256i c, __m256i s) {
     return dot_u8s8(c, _mm256_set1_epi8(k), s);
 }
 
+/* Block b of an activation row: its quants, and its scale and (for Q4_1's
+ * Q8_1) d * sum of quants in every lane; s is 0 for Q8_0. */
+EK_INLINE const int8_t *act_block(const int wtype, const char *row, int b, __m256 *dx, __m256 *s) {
+    if (wtype == EK_TYPE_Q4_1) {
+        const block_q8_1 *blk = (const block_q8_1 *)row + b;
+        *dx = _mm256_set1_ps(blk->d);
+        *s = _mm256_set1_ps(blk->s);
+        return blk->qs;
+    }
+    const block_q8_0 *blk = (const block_q8_0 *)row + b;
+    *dx = _mm256_set1_ps(f16_to_f32(blk->d));
+    *s = _mm256_setzero_ps();
+    return blk->qs;
+}
+
 /* The packed nibbles of two blocks, one per 128-bit lane. */
 EK_INLINE __m256i load_pair(const uint8_t *a, const uint8_t *b) {
     return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a)),
@@ -131,19 +146,8 @@ EK_INLINE void gemm_tile_q4(const int wtype, const int RW, const int RX, int nb,
 
 #pragma GCC unroll 4
         for (int j = 0; j < RX; j++) {
-            const char *col = x + j * x_stride;
-            const int8_t *xs;
-            __m256 dx, s = _mm256_setzero_ps();
-            if (wtype == EK_TYPE_Q4_1) {
-                const block_q8_1 *blk = (const block_q8_1 *)col + b;
-                xs = blk->qs;
-                dx = _mm256_set1_ps(blk->d);
-                s = _mm256_set1_ps(blk->s);
-            } else {
-                const block_q8_0 *blk = (const block_q8_0 *)col + b;
-                xs = blk->qs;
-                dx = _mm256_set1_ps(f16_to_f32(blk->d));
-            }
+            __m256 dx, s;
+            const int8_t *xs = act_block(wtype, x + j * x_stride, b, &dx, &s);
             const __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xs));
             const __m256i xhi =
                 _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xs + 16)));
@@ -382,19 +386,8 @@ EK_INLINE void gemm_x8_tile(const int wtype, const int RX, int nb, const char *g
 
 #pragma GCC unroll 4
         for (int j = 0; j < RX; j++) {
-            const char *col = x + j * x_stride;
-            const int8_t *xs;
-            __m256 dx, s = _mm256_setzero_ps();
-            if (wtype == EK_TYPE_Q4_1) {
-                const block_q8_1 *blk = (const block_q8_1 *)col + b;
-                xs = blk->qs;
-                dx = _mm256_set1_ps(blk->d);
-                s = _mm256_set1_ps(blk->s);
-            } else {
-                const block_q8_0 *blk = (const block_q8_0 *)col + b;
-                xs = blk->qs;
-                dx = _mm256_set1_ps(f16_to_f32(blk->d));
-            }
+            __m256 dx, s;
+            const int8_t *xs = act_block(wtype, x + j * x_stride, b, &dx, &s);
             __m256i sum;
             if (wtype == EK_TYPE_Q8_0) {
                 sum = dot_x8_q8(q, xs);
