@@ -4,10 +4,10 @@ In a process of its own per thread count (as the bench's rounds are):
 
     python -m edge_slm.bench_profile --model M.gguf --threads 2 --ctx 2048 --tokens 128
 
-decodes `--tokens` tokens through the engine (one slot, one request) with
-the C pass's profile on from the first answer token: each kind of op's wall
-time and the weight bytes each gemm read, beside the engine's own split of
-its decode steps into the pass, sampling and the Python around them.
+decodes `--tokens` tokens through a fresh engine (one slot, one request)
+with the C pass's profile on from the first answer token: each kind of op's
+wall time and the weight bytes each gemm read, beside the engine's own split
+of the same decode steps into the pass, sampling and the Python around them.
 Prints one JSON line on stdout."""
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ def profile_decode(model_path: Path, threads: int, n_ctx: int, tokens: int,
     with Engine(cfg) as engine:
         runtime = engine.runtime
         ids = engine.tokenizer.encode(PROMPT)
-        # untimed: starts the pool, sizes what grows on first use
-        engine.submit(prompt_ids=ids, max_tokens=8, ignore_eos=True).result(timeout=120)
-
+        # The engine's split covers its decode-only steps since it started:
+        # with this request its only one, and the profile on from its first
+        # token (made by the prefill step), the two cover the same steps.
         started = []
 
         def on_text(piece: str) -> None:  # on the engine thread, between steps

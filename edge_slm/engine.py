@@ -805,7 +805,7 @@ def load_and_plan(cfg: EngineConfig) -> tuple[LoadedModel, Grounder | None, Memo
     """Load the model's metadata and tokenizer and open the manuals' index
     (when grounding is on and there is one), measuring what they cost, and
     make the engine's memory plan: within the budget if there is one, else
-    as configured. The weights are mapped, not read."""
+    as configured. The weights are mapped, not read: the runtime copies them."""
     limit_malloc_arenas()
     interpreter = current_rss()
     model = load_model(model_or_default(cfg.model))
@@ -813,7 +813,7 @@ def load_and_plan(cfg: EngineConfig) -> tuple[LoadedModel, Grounder | None, Memo
     # which it loads, is measured with the tokenizer.
     model.tokenizer().check_chat_template()
     # Metadata, vocabulary and template: all that loading holds besides the
-    # weights, whose mapped pages are not touched until the first token.
+    # weights, whose mapped pages are not touched until the runtime copies them.
     tokenizer = max(0, current_rss() - interpreter)
     grounder = open_grounder(cfg)
     try:

@@ -177,7 +177,7 @@ class MemoryPlan:
 
     def describe(self) -> str:
         rows = [("interpreter", self.interpreter), ("metadata and tokenizer", self.tokenizer),
-                ("weights (repacked)", self.weights), ("run state", self.run_state),
+                ("weights (copied)", self.weights), ("run state", self.run_state),
                 (f"KV cache {self.n_slots} x {self.n_ctx} ({self.kv_type})", self.kv_cache),
                 ("requests and their answers", self.requests),
                 (f"callers ({SUBMITTERS} threads submitting)", self.callers),

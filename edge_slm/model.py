@@ -4,8 +4,9 @@ The file is memory-mapped by gguf-py's reader (read-only); tensors reach the
 C side as views of that map. Making a runtime copies them into memory of its
 own, the matrices repacked into the layout decoding streams (see
 kernels/include/edge_kernels.h, "the x8 layout"), and hands the map's pages
-back as it goes, so the weights are resident once and decoding never faults
-a page of the file in."""
+back as it goes, so the weights are resident once (and decoding faults no
+page of the file in, but an untied embedding's rows) — provided the tensors
+are views of one read-only map, which Transformer checks."""
 
 from __future__ import annotations
 
@@ -374,6 +375,21 @@ class RuntimeOptions:
         return self.max_logits or self.max_batch
 
 
+def _one_read_only_map(tensors: dict[str, TensorView]) -> bool:
+    """Whether every tensor is a view of one read-only file mapping. Only then
+    may the C model hand back the pages of the span they cover (it would
+    zero memory of any other kind), so it is told so only then."""
+    roots = set()
+    for t in tensors.values():
+        a = t.data
+        while isinstance(a.base, np.ndarray):
+            a = a.base
+        if not isinstance(a, np.memmap) or a.mode != "r" or a.flags.writeable:
+            return False
+        roots.add(id(a))
+    return len(roots) == 1
+
+
 class Transformer:
     """The C model plus the numpy buffers it writes into, allocated once.
 
@@ -394,7 +410,7 @@ class Transformer:
             self._model = _core.Model(
                 cfg.core(), core_tensors, n_threads=opts.n_threads, n_slots=opts.n_slots,
                 n_ctx=opts.n_ctx, max_batch=opts.max_batch, kv_type=int(KV_TYPES[opts.kv_type]),
-                backend=opts.backend, mapped=True,  # views of the GGUFFile's read-only map
+                backend=opts.backend, mapped=_one_read_only_map(tensors),
             )
         except (ValueError, KeyError) as e:
             raise ModelError(f"model rejected: {_reason(e)}") from None

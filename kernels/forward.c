@@ -179,8 +179,8 @@ static float *alloc_floats(size_t n) { return calloc(n ? n : 1, sizeof(float)); 
  * everything else (norms, float matrices) as it is. An untied token_embd
  * stays in place, as lookups touch only the rows of the tokens seen. With
  * weights_mapped, the mapping's pages are handed back as they are copied,
- * so the weights are resident once and the pass never faults the file in
- * (a fault in a file mapping maps its neighbours too). */
+ * so the weights are resident once and, but for an untied embedding's
+ * lookups, the pass never faults the file in. */
 
 #define PACK_ALIGN 64 /* each tensor starts on a cache line */
 
@@ -247,26 +247,25 @@ static int own_weights(ek_model *m) {
         if (src < lo) lo = src;
         if (src + tensor_bytes(ts[i]) > hi) hi = src + tensor_bytes(ts[i]);
     }
-    /* The small tensors first, then the matrices, handing back the whole
-     * span after each: reading a tensor maps its neighbours' pages in too
-     * (fault-around), which releasing its own pages would leave behind. */
+    /* The tensors kept as they are first (norms; every matrix of a float
+     * model), then the ones repacked, handing back the whole span after
+     * each: reading a tensor maps its neighbours' pages in too
+     * (fault-around), which releasing only its own would leave behind. */
     size_t at = 0;
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < count; i++) {
             ek_tensor *t = ts[i];
             if (packable(m, t) != pass) continue;
-            if (pass) {
+            if (pass)
                 ek_x8_pack(t->type, t->data, m->weights + at, t->rows, t->cols,
                            m->p.weights_mapped);
-                t->x8 = 1;
-            } else {
+            else
                 memcpy(m->weights + at, t->data, tensor_bytes(t));
-            }
+            t->x8 = pass;
             t->data = m->weights + at;
             at += aligned_bytes(t);
-            if (pass && m->p.weights_mapped) ek_release_mapped(lo, hi);
+            if (m->p.weights_mapped) ek_release_mapped(lo, hi);
         }
-        if (m->p.weights_mapped) ek_release_mapped(lo, hi);
     }
     if (tied) m->w.tok_embd = m->w.output;
     m->weight_bytes = total;
@@ -412,7 +411,10 @@ typedef struct {
     float *y; /* [n, W->rows] */
 } proj;
 
-#define ROW_BAND 16 /* rows of a matmul claimed together: whole 4x4 tiles */
+/* Rows of a matmul claimed together: whole 4x4 tiles, and whole x8 groups
+ * (the x8 gemms take a band's first row as a group's). */
+#define ROW_BAND 16
+_Static_assert(ROW_BAND % EK_X8_ROWS == 0, "a band starts an x8 group");
 
 /* y = W x[t] for every token t and every projection of a group sharing the
  * input x (Q, K and V; gate and up). The activations are quantized once;

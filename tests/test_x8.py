@@ -15,7 +15,8 @@ import pytest
 
 from edge_slm.formats import TensorType
 from edge_slm.memory import MIB
-from edge_slm.model import LoadedModel, RuntimeOptions, load_model
+from edge_slm.model import (LoadedModel, RuntimeOptions, TensorView, Transformer,
+                            _one_read_only_map, load_model)
 
 OPTS = RuntimeOptions(n_threads=2, n_ctx=128, max_batch=16)
 # Token ids, not text: building the tokenizer would read the metadata from
@@ -184,3 +185,20 @@ def test_a_second_runtime_over_a_handed_back_mapping(model):
     np.testing.assert_array_equal(second.prefill(PROMPT, all_logits=True), want)
     third = model.runtime(OPTS)
     np.testing.assert_array_equal(third.prefill(PROMPT, all_logits=True), want)
+
+
+def test_weights_not_from_one_read_only_map_are_never_handed_back(real_model):
+    """A runtime over a tensor that lives on the heap (a copy, not a view of
+    the file's map) must not be told its weights are mapped: releasing that
+    span's pages would zero memory the model does not own."""
+    model = load_model(real_model)
+    tensors = dict(model.tensors)
+    name = "blk.0.ffn_norm.weight"
+    heap = np.array(tensors[name].data)  # an ordinary, writable copy
+    before = heap.copy()
+    tensors[name] = TensorView(heap, tensors[name].type, tensors[name].rows, tensors[name].cols)
+    assert not _one_read_only_map(tensors)
+    assert _one_read_only_map(model.tensors)
+    rt = Transformer(model.config, tensors, RuntimeOptions(n_threads=1, n_ctx=32, max_batch=4))
+    assert rt.weight_bytes > 0
+    assert np.array_equal(heap, before)

@@ -76,11 +76,4 @@ EK_INLINE void gemm_tiled(const int wtype, int n, const void *w, size_t w_stride
         gemm_tiled(wtype, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);             \
     }
 
-/* The same over the x8 layout. */
-#define EK_GEMM_X8_ENTRY(name, wtype)                                                       \
-    void name(int n, const void *w, size_t w_stride, int nrows, const void *x,              \
-              size_t x_stride, int nx, float *y, size_t y_stride) {                         \
-        gemm_x8_tiled(wtype, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride);          \
-    }
-
 #endif

@@ -1,6 +1,7 @@
 /* The AVX-512 VNNI table's x8 gemms: the AVX-VNNI ones through the 256-bit
- * form of AVX-512's dpbusd (x8 groups fill ymm registers exactly: two rows
- * per load, eight rows per fold). */
+ * form of AVX-512's dpbusd (a 32-byte load holds the same 4 columns of a
+ * group's 8 rows, so an x8 block fills a ymm register exactly). The zmm
+ * tiles of quants_avx512.c serve only matrices too small to repack. */
 #define EK_X86_VNNI 2
 #include "gemm_avx2.h"
 
