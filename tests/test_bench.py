@@ -205,3 +205,30 @@ def test_numpys_blas_starts_no_threads_of_its_own():
             "print(len(os.listdir('/proc/self/task')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.stdout.strip() == "1", out
+
+
+def test_profile_shows_where_a_tokens_time_goes(real_model, tmp_path):
+    """`bench --profile` on the real model: every kind of op the pass runs,
+    the two weight types' gemms with the bytes they streamed (all of the
+    model's matrices, once a token), and the engine's sampling and Python."""
+    out = tmp_path / "profile.json"
+    res = CliRunner().invoke(main, ["bench", "--profile", "--model", str(real_model),
+                                    "--threads", "1", "--ctx", "512", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "gemm Q4_1" in res.output and "Python step" in res.output
+    doc = json.loads(out.read_text())
+    (s,) = doc["profile"]
+    rows = {r["op"]: r for r in s["rows"]}
+    assert {"gemm Q4_1", "gemm Q8_0", "attention", "norm", "quantize", "sampling",
+            "Python step"} <= set(rows)
+    assert all(r["ms"] >= 0 for r in rows.values())
+    assert rows["gemm Q4_1"]["gbs"] > 0.5 and rows["gemm Q8_0"]["gbs"] > 0.5
+    assert rows["attention"]["gbs"] is None
+    # the ops and the engine's own split describe the same steps
+    assert 0.8 < sum(r["share"] for r in rows.values()) < 1.2
+    raw = doc["raw"][0]
+    tokens = raw["c"]["tokens"]
+    assert tokens == raw["c"]["runs"] and tokens >= 100  # one token a decode step
+    q4 = raw["c"]["ops"]["gemm:3"][1] / tokens
+    q8 = raw["c"]["ops"]["gemm:8"][1] / tokens
+    assert q4 == 66_355_200 and q8 == 30_081_024  # every weight once a token

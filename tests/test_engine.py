@@ -185,6 +185,18 @@ def test_status_reports_the_plan(tiny_model):
         assert e.status()["requests"].get(OK) == 1
 
 
+def test_status_splits_a_decode_step_into_the_pass_sampling_and_python(tiny_model):
+    with engine(tiny_model, slots=1) as e:
+        assert e.status()["decode_ms_per_token"] == {"forward": 0.0, "sampling": 0.0, "python": 0.0}
+        r = e.submit("hi", max_tokens=24, ignore_eos=True).result(timeout=30)
+        assert r.status == OK and len(r.tokens) == 24
+        s = e.status()
+        split = s["decode_ms_per_token"]
+        assert split["forward"] > 0 and split["sampling"] > 0 and split["python"] >= 0
+        # the three are the decode steps' time, which decode_tps counts too
+        assert sum(split.values()) == pytest.approx(1e3 / s["decode_tps"], rel=1e-6)
+
+
 def test_conversation_drops_old_turns_by_shifting_the_cache(tiny_model):
     from edge_slm.chat import Conversation
 
