@@ -85,7 +85,7 @@ run: setup
 	$(EDGE_SLM) serve --demo
 
 test: setup
-	$(MAKE) -C kernels/tests all
+	$(MAKE) -j2 -C kernels/tests all
 	$(PY) -m pytest -m "not slow" tests/
 
 test-slow: setup
