@@ -33,7 +33,8 @@ static void pack_group(int type, const uint8_t *src, size_t row_bytes, int nb, u
             memcpy(scales + 2 * i, blk, 2); /* d */
             if (type == EK_TYPE_Q4_1) memcpy(scales + 2 * (EK_X8_ROWS + i), blk + 2, 2); /* m */
             uint8_t *quants = (uint8_t *)ek_x8_quants(type, dst, nb, b);
-            for (int j = 0; j < qb; j++) quants[quant_offset(i, j)] = blk[hb + j];
+            for (int j = 0; j < qb; j += EK_X8_PIECE)
+                memcpy(quants + quant_offset(i, j), blk + hb + j, EK_X8_PIECE);
         }
     }
 }
@@ -77,6 +78,6 @@ void ek_x8_block(int type, const void *group, int nb, int i, int b, void *dst) {
     uint8_t *blk = dst;
     memcpy(blk, scales + 2 * i, 2);
     if (type == EK_TYPE_Q4_1) memcpy(blk + 2, scales + 2 * (EK_X8_ROWS + i), 2);
-    for (int j = 0; j < (int)ek_x8_quant_bytes(type); j++)
-        blk[head_bytes(type) + j] = quants[quant_offset(i, j)];
+    for (int j = 0; j < (int)ek_x8_quant_bytes(type); j += EK_X8_PIECE)
+        memcpy(blk + head_bytes(type) + j, quants + quant_offset(i, j), EK_X8_PIECE);
 }

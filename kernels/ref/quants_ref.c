@@ -226,24 +226,24 @@ DEFINE_GEMM_REF(gemm_q8_0_q8_0_ref, block_q8_0, block_q8_0, dot_q8_0_q8_0)
 DEFINE_GEMM_REF(gemm_f16_f32_ref, ek_f16, float, dot_f16_f32)
 DEFINE_GEMM_REF(gemm_f32_f32_ref, float, float, dot_f32_f32)
 
-/* The x8 gemms put each weight block back in the file's layout and dot it
- * as the gemms above do, in the same order, so the two agree bit for bit.
- * Rows past the last whole group are in the file's layout already. */
+/* The x8 gemms put each weight block back in the file's layout (once, for
+ * every activation row) and dot it as the gemms above do, adding the
+ * blocks' terms in the same order, so the two agree bit for bit. Rows past
+ * the last whole group are in the file's layout already. */
 #define DEFINE_GEMM_X8_REF(name, type, wtype, xtype, dot, gemm)                            \
     void name(int n, const void *w, size_t w_stride, int nrows, const void *x,             \
               size_t x_stride, int nx, float *y, size_t y_stride) {                        \
         const int nb = n / EK_QK, whole = nrows / EK_X8_ROWS * EK_X8_ROWS;                 \
-        for (int j = 0; j < nx; j++) {                                                     \
-            const xtype *xr = (const xtype *)((const char *)x + j * x_stride);             \
-            for (int i = 0; i < whole; i++) {                                              \
-                const char *group = (const char *)w + (size_t)(i / EK_X8_ROWS) * EK_X8_ROWS * w_stride; \
-                float sum = 0.0f;                                                          \
-                for (int b = 0; b < nb; b++) {                                             \
-                    wtype blk;                                                             \
-                    ek_x8_block(type, group, nb, i % EK_X8_ROWS, b, &blk);                 \
-                    sum += dot(EK_QK, &blk, xr + b);                                       \
+        for (int i = 0; i < whole; i++) {                                                  \
+            const char *group = (const char *)w + (size_t)(i / EK_X8_ROWS) * EK_X8_ROWS * w_stride; \
+            for (int j = 0; j < nx; j++) y[j * y_stride + i] = 0.0f;                       \
+            for (int b = 0; b < nb; b++) {                                                 \
+                wtype blk;                                                                 \
+                ek_x8_block(type, group, nb, i % EK_X8_ROWS, b, &blk);                     \
+                for (int j = 0; j < nx; j++) {                                             \
+                    const xtype *xr = (const xtype *)((const char *)x + j * x_stride);     \
+                    y[j * y_stride + i] += dot(EK_QK, &blk, xr + b);                       \
                 }                                                                          \
-                y[j * y_stride + i] = sum;                                                 \
             }                                                                              \
         }                                                                                  \
         if (whole < nrows)                                                                 \
