@@ -456,6 +456,7 @@ def started(site, *boards: Board) -> None:
 
 # ---- 1. a group rollout in waves ----
 
+@pytest.mark.slow  # over 30 s each: `make test-slow`, so `make test` stays within 15 minutes
 def test_a_group_rollout_goes_in_waves_and_status_shows_every_board(site, kit):
     boards = [site.board(name) for name in ("w1", "w2", "w3")]
     started(site, *boards)
@@ -549,6 +550,7 @@ def test_a_broker_restart_mid_transfer_does_not_stop_the_flash(site, kit):
     assert_answers_on(site.broker, kit.real_sha)
 
 
+@pytest.mark.slow  # over 30 s each: `make test-slow`, so `make test` stays within 15 minutes
 def test_a_board_slow_to_come_back_from_its_switch_is_not_reported_as_refused(site, kit):
     """A Pi restarts and asks its golden prompts more slowly than this machine:
     its trial may outlast the operator's re-offer to a silent board (paused
