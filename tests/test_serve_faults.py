@@ -34,6 +34,7 @@ RUNTIME = "rt-faults"
 QUESTIONS = ["What should I check first when a pump loses pressure?", "Name one valve type.",
              "How do I bleed air from a hydraulic line?", "Why does a motor overheat?"]
 STORY = "Write a long story about a pump."
+STORY_TOKENS = 200  # long enough to outlive a pause, a kill or a broker outage
 
 Answers = list[tuple[dict, mqtt.MQTTMessage]]
 
@@ -213,7 +214,7 @@ def test_kill_9_with_questions_queued_and_running_then_restart(serve_factory, mo
     broker had not acknowledged it), and every copy a device receives is
     byte for byte the one final in the store. The broker is paused before the
     kill, so some finals are sure to be stored and not yet acknowledged."""
-    serve = serve_factory(mosquitto).start()
+    serve = serve_factory(mosquitto, None, max_tokens=STORY_TOKENS).start()
     devices = [device(mosquitto, f"dev-{n}") for n in range(3)]
     owner = {}
     got: Answers = []
@@ -221,11 +222,16 @@ def test_kill_9_with_questions_queued_and_running_then_restart(serve_factory, mo
         for n in range(8):
             d = devices[n % 3]
             owner[f"k{n}"] = d.device
-            d.send({"id": f"k{n}", "question": QUESTIONS[n % 4], "stream": True, "max_tokens": 16})
+            # The last two are long, so they are still pending when the kill comes.
+            d.send({"id": f"k{n}", "question": STORY if n >= 6 else QUESTIONS[n % 4], "stream": True,
+                    "max_tokens": STORY_TOKENS if n >= 6 else 16})
         gather(devices, got, lambda g: len(finals(g)) >= 2 and chunked(g) - set(finals(g)), 30)
         os.kill(mosquitto.proc.pid, signal.SIGSTOP)
         try:
-            serve.wait_rows(lambda rows: "answered" in {s for s, _, _ in rows.values()}, 20)
+            # Acknowledgements the broker sent before it stopped land first, so an
+            # "answered" row seen after this stays unacknowledged until the kill.
+            time.sleep(0.5)
+            serve.wait_rows(lambda rows: {"answered", "pending"} <= {s for s, _, _ in rows.values()}, 20)
             serve.kill()
         finally:
             os.kill(mosquitto.proc.pid, signal.SIGCONT)
@@ -279,7 +285,7 @@ def test_broker_restart_mid_stream(serve_factory, tmp_path, crash):
     sessions are in that file and the test does not race its autosave."""
     broker = Mosquitto(tmp_path / "broker").start()
     # Long enough that the stream outlives the outage and paho's 1 s before reconnecting.
-    serve = serve_factory(broker, None, max_tokens=200).start()
+    serve = serve_factory(broker, None, max_tokens=STORY_TOKENS).start()
     d = SessionDevice(broker, "pump-1")
     try:
         if crash:
@@ -288,7 +294,7 @@ def test_broker_restart_mid_stream(serve_factory, tmp_path, crash):
             deadline = time.monotonic() + 5
             while not saved.exists() and time.monotonic() < deadline:
                 time.sleep(0.02)
-        d.send({"id": "s1", "question": STORY, "stream": True, "max_tokens": 200})
+        d.send({"id": "s1", "question": STORY, "stream": True, "max_tokens": STORY_TOKENS})
         before: Answers = []
         gather([d], before, lambda g: bool(g), 30)
         assert before and not finals(before)
