@@ -24,12 +24,20 @@ enum ek_type {
     EK_TYPE_F16  = 1,
     EK_TYPE_Q4_0 = 2,
     EK_TYPE_Q4_1 = 3,
+    EK_TYPE_Q5_0 = 6,
+    EK_TYPE_Q5_1 = 7,
     EK_TYPE_Q8_0 = 8,
     EK_TYPE_Q8_1 = 9, /* activations only: our Q8_1 keeps d and s in f32 */
-    EK_TYPE_COUNT = 10
+    EK_TYPE_Q4_K = 12,
+    EK_TYPE_Q5_K = 13,
+    EK_TYPE_Q6_K = 14,
+    EK_TYPE_Q8_K = 15, /* activations only, paired with the K-quants */
+    EK_TYPE_COUNT = 16
 };
 
-#define EK_QK 32 /* elements per quantized block, for every block type here */
+#define EK_QK 32   /* elements per block of the 32-element types */
+#define EK_QK_K 256 /* elements per super-block of the K-quants */
+#define EK_K_SCALE_BYTES 12 /* Q4_K and Q5_K: 8 6-bit scales and 8 6-bit mins */
 
 typedef uint16_t ek_f16; /* IEEE half, stored as bits */
 
@@ -37,6 +45,11 @@ typedef uint16_t ek_f16; /* IEEE half, stored as bits */
 typedef struct { ek_f16 d; uint8_t qs[EK_QK / 2]; } block_q4_0;
 /* Q4_1: x = d * q + m; same nibble order as Q4_0. */
 typedef struct { ek_f16 d; ek_f16 m; uint8_t qs[EK_QK / 2]; } block_q4_1;
+/* Q5_0: x = d * (q - 16); q's low 4 bits as Q4_0's nibbles, bit 4 of
+ * element j is bit j of qh (read as a little-endian 32-bit word). */
+typedef struct { ek_f16 d; uint8_t qh[4]; uint8_t qs[EK_QK / 2]; } block_q5_0;
+/* Q5_1: x = d * q + m; q as Q5_0's. */
+typedef struct { ek_f16 d; ek_f16 m; uint8_t qh[4]; uint8_t qs[EK_QK / 2]; } block_q5_1;
 /* Q8_0: x = d * q. Used for weights, activations and the 8-bit KV cache. */
 typedef struct { ek_f16 d; int8_t qs[EK_QK]; } block_q8_0;
 /* Q8_1 (activations paired with Q4_1): x = d * q, s = d * sum(q) so the
@@ -44,10 +57,36 @@ typedef struct { ek_f16 d; int8_t qs[EK_QK]; } block_q8_0;
  * it never reaches a file and f32 saves a conversion in every dot product. */
 typedef struct { float d; float s; int8_t qs[EK_QK]; } block_q8_1;
 
+/* The K-quants: super-blocks of 256 elements in sub-blocks with scales of
+ * their own, themselves quantized against the super-block's d (and dmin).
+ * Q4_K: 8 sub-blocks of 32, x = d * sc * q - dmin * mn, q 4 bits; sc and
+ * mn are 6 bits, packed in scales[12] (sub-blocks 0..3 in the low 6 bits of
+ * bytes 0..3 and 4..7, 4..7 split between the top 2 bits of those and the
+ * nibbles of bytes 8..11). Each 32 bytes of qs hold two sub-blocks: low
+ * nibbles the first, high nibbles the second. */
+typedef struct { ek_f16 d; ek_f16 dmin; uint8_t scales[EK_K_SCALE_BYTES]; uint8_t qs[EK_QK_K / 2]; } block_q4_K;
+/* Q5_K: Q4_K with a fifth bit per element in qh: bit 2i of qh[j] (i < 4)
+ * for element j of sub-block 2i, bit 2i+1 for element j of sub-block 2i+1. */
+typedef struct {
+    ek_f16 d; ek_f16 dmin; uint8_t scales[EK_K_SCALE_BYTES]; uint8_t qh[EK_QK_K / 8]; uint8_t qs[EK_QK_K / 2];
+} block_q5_K;
+/* Q6_K: 16 sub-blocks of 16, x = d * scales[i] * (q - 32), q 6 bits: the
+ * low 4 in ql, the high 2 in qh, laid out per 128 elements as ggml does. */
+typedef struct { uint8_t ql[EK_QK_K / 2]; uint8_t qh[EK_QK_K / 4]; int8_t scales[EK_QK_K / 16]; ek_f16 d; } block_q6_K;
+/* Q8_K (activations paired with the K-quants): x = d * q, with the sums
+ * of each 16 quants so the min terms need no pass over the quants. */
+typedef struct { float d; int8_t qs[EK_QK_K]; int16_t bsums[EK_QK_K / 16]; } block_q8_K;
+
 _Static_assert(sizeof(block_q4_0) == 18, "block_q4_0 is 18 bytes in GGUF");
 _Static_assert(sizeof(block_q4_1) == 20, "block_q4_1 is 20 bytes in GGUF");
+_Static_assert(sizeof(block_q5_0) == 22, "block_q5_0 is 22 bytes in GGUF");
+_Static_assert(sizeof(block_q5_1) == 24, "block_q5_1 is 24 bytes in GGUF");
 _Static_assert(sizeof(block_q8_0) == 34, "block_q8_0 is 34 bytes in GGUF");
 _Static_assert(sizeof(block_q8_1) == 40, "block_q8_1 is our own 40-byte layout");
+_Static_assert(sizeof(block_q4_K) == 144, "block_q4_K is 144 bytes in GGUF");
+_Static_assert(sizeof(block_q5_K) == 176, "block_q5_K is 176 bytes in GGUF");
+_Static_assert(sizeof(block_q6_K) == 210, "block_q6_K is 210 bytes in GGUF");
+_Static_assert(sizeof(block_q8_K) == 292, "block_q8_K is ggml's 292-byte layout");
 
 /* Elements per block and bytes per block, by type id (0 where unsupported). */
 int    ek_type_block_elems(int type);
@@ -146,6 +185,11 @@ typedef struct {
     void (*rope)(float *x, int n_heads, int head_dim, const float *cs);
     /* out[i] = silu(gate[i]) * up[i]; out may alias gate */
     void (*silu_mul)(float *out, const float *gate, const float *up, int n);
+    /* out[i] = gelu(gate[i]) * up[i], GELU in its tanh form; out may alias gate */
+    void (*gelu_mul)(float *out, const float *gate, const float *up, int n);
+    /* rope, the NeoX way (Qwen, Gemma): element i of a head pairs with
+     * element i + head_dim / 2, rotated by the same angle i as rope's pair i. */
+    void (*rope_neox)(float *x, int n_heads, int head_dim, const float *cs);
     /* in place, numerically stable */
     void (*softmax)(float *x, int n);
     /* x[i] += y[i] */

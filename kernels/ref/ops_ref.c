@@ -28,8 +28,30 @@ void rope_ref(float *x, int n_heads, int head_dim, const float *cs) {
     }
 }
 
+void rope_neox_ref(float *x, int n_heads, int head_dim, const float *cs) {
+    int half = head_dim / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *xh = x + h * head_dim;
+        for (int i = 0; i < half; i++) {
+            float c = cs[2 * i], s = cs[2 * i + 1];
+            float a = xh[i], b = xh[i + half];
+            xh[i] = a * c - b * s;
+            xh[i + half] = a * s + b * c;
+        }
+    }
+}
+
 void silu_mul_ref(float *out, const float *gate, const float *up, int n) {
     for (int i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* GELU's tanh approximation, as Gemma was trained with and ggml computes it. */
+void gelu_mul_ref(float *out, const float *gate, const float *up, int n) {
+    const float sqrt_2_over_pi = 0.7978845608028654f, c = 0.044715f;
+    for (int i = 0; i < n; i++) {
+        float g = gate[i];
+        out[i] = 0.5f * g * (1.0f + tanhf(sqrt_2_over_pi * g * (1.0f + c * g * g))) * up[i];
+    }
 }
 
 void softmax_ref(float *x, int n) {
@@ -87,6 +109,8 @@ const ek_kernels ek_kernels_ref = {
     .rmsnorm = rmsnorm_ref,
     .rope = rope_ref,
     .silu_mul = silu_mul_ref,
+    .gelu_mul = gelu_mul_ref,
+    .rope_neox = rope_neox_ref,
     .softmax = softmax_ref,
     .add = add_ref,
     .attention = attention_ref,

@@ -34,7 +34,9 @@ void gemm_x8_q8_0_q8_0_ref(int n, const void *w, size_t w_stride, int nrows, con
 
 void rmsnorm_ref(float *out, const float *x, const float *w, int n, float eps);
 void rope_ref(float *x, int n_heads, int head_dim, const float *cs);
+void rope_neox_ref(float *x, int n_heads, int head_dim, const float *cs);
 void silu_mul_ref(float *out, const float *gate, const float *up, int n);
+void gelu_mul_ref(float *out, const float *gate, const float *up, int n);
 void softmax_ref(float *x, int n);
 void add_ref(float *x, const float *y, int n);
 void attention_ref(float *out, const float *q, const void *k, const void *v, size_t kv_stride,

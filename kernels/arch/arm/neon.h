@@ -73,7 +73,7 @@ void kv_store_neon(void *dst, const float *src, int n, int kv_type);
 #define EK_NEON_FLOAT_OPS                                                                  \
     .rmsnorm = rmsnorm_neon, .rope = rope_neon, .silu_mul = silu_mul_neon,                 \
     .softmax = softmax_neon, .add = add_neon, .attention = attention_neon,                 \
-    .kv_store = kv_store_neon
+    .kv_store = kv_store_neon, .gelu_mul = gelu_mul_ref, .rope_neox = rope_neox_ref
 
 EK_INLINE float f16_to_f32(ek_f16 h) {
     __fp16 v;

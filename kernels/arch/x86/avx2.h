@@ -62,7 +62,7 @@ EK_DECLARE_X8_GEMMS(avx512_vnni);
 #define EK_AVX2_FLOAT_OPS                                                                  \
     .rmsnorm = rmsnorm_avx2, .rope = rope_avx2, .silu_mul = silu_mul_avx2,                 \
     .softmax = softmax_avx2, .add = add_avx2, .attention = attention_avx2,                 \
-    .kv_store = kv_store_avx2
+    .kv_store = kv_store_avx2, .gelu_mul = gelu_mul_ref, .rope_neox = rope_neox_ref
 
 /* The same names as on ARM, so the code both share reads alike. */
 EK_INLINE float f16_to_f32(ek_f16 h) { return _cvtsh_ss(h); }
