@@ -1,4 +1,6 @@
-"""Load a Llama-architecture GGUF and run it with the C forward pass.
+"""Load a GGUF model (Llama, Qwen2, Qwen3, Gemma 3) and run it with the C
+forward pass. The families differ in a few declared ways (Architecture
+below), read once at load; the pass itself is one.
 
 The file is memory-mapped by gguf-py's reader (read-only); tensors reach the
 C side as views of that map. Making a runtime copies them into memory of its
@@ -31,12 +33,41 @@ from .memory import release_free_memory
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+@dataclass(frozen=True)
+class Architecture:
+    """How a family differs from Llama, as llama.cpp runs it: the tensors a
+    layer has beyond Llama's, and what the forward pass does differently."""
+
+    required: tuple[str, ...] = ()  # layer tensors (after "blk.N.") beyond Llama's
+    optional: tuple[str, ...] = ()  # layer tensors used when present
+    rope_freqs: bool = False        # Llama 3's rope_freqs.weight may divide the angles
+    rope_neox: bool = False         # RoPE pairs element i with i + head_dim / 2
+    gelu: bool = False              # the FFN's gate is GELU (tanh form), not SiLU
+    embd_scale_sqrt_dim: bool = False  # embeddings times sqrt(dim)
+    sliding_window: bool = False    # has sliding-window layers (attention.sliding_window)
+    swa_pattern: int = 0            # then every swa_pattern-th layer is global
+    rope_base_swa: float = 0.0      # the sliding layers' RoPE base (llama.cpp's, not in the file)
+
+
+QKV_BIASES = ("attn_q.bias", "attn_k.bias", "attn_v.bias")
+QK_NORMS = ("attn_q_norm.weight", "attn_k_norm.weight")
+LLAMA_LAYER = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+               "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
+               "ffn_down.weight")
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture(optional=QKV_BIASES, rope_freqs=True),
+    "qwen2": Architecture(required=QKV_BIASES, rope_neox=True),
+    "qwen3": Architecture(required=QK_NORMS, rope_neox=True),
+    "gemma3": Architecture(required=QK_NORMS + ("post_attention_norm.weight", "post_ffw_norm.weight"),
+                           rope_neox=True, gelu=True, embd_scale_sqrt_dim=True, sliding_window=True,
+                           swa_pattern=6, rope_base_swa=10000.0),
+}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a Llama model, read from GGUF metadata."""
+    """Shape of a model and its family's differences, read from GGUF metadata."""
 
     n_layer: int
     dim: int            # residual stream width (embedding_length)
@@ -48,11 +79,25 @@ class ModelConfig:
     norm_eps: float     # RMSNorm epsilon
     rope_base: float    # RoPE frequency base
     context_length: int  # the longest context the model was trained for
+    arch: str = "llama"  # general.architecture, a key of ARCHITECTURES
+    rope_neox: bool = False
+    rope_scale: float = 1.0      # linear RoPE scaling of the global layers' positions
+    ffn_act: int = 0             # 0 SiLU, 1 GELU (kernels/include/edge_model.h, ek_ffn_act)
+    embd_scale: float = 0.0      # embeddings times this (0: not scaled)
+    attn_scale: float = 0.0      # attention scores times this (0: 1 / sqrt(head_dim))
+    swa_window: int = 0          # sliding-window layers see this many positions (0: none)
+    swa_pattern: int = 0         # every swa_pattern-th layer is global
+    rope_base_swa: float = 0.0   # the sliding-window layers' RoPE base
+
+    @property
+    def family(self) -> Architecture:
+        return ARCHITECTURES[self.arch]
 
     def core(self) -> dict[str, Any]:
         """The fields the C model takes."""
         d = asdict(self)
         d.pop("context_length")
+        d.pop("arch")
         return d
 
 
@@ -291,11 +336,19 @@ def _positive(f: GGUFFile, key: str, kind: MetaKind, default: Any = None) -> Any
 
 def read_config(f: GGUFFile) -> ModelConfig:
     arch = f.value("general.architecture", MetaKind.TEXT, required=True)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModel(f"{f.path}: architecture {arch!r} is not supported (supported: llama)")
+    family = ARCHITECTURES.get(arch)
+    if family is None:
+        raise UnsupportedModel(f"{f.path}: architecture {arch!r} is not supported "
+                               f"(supported: {', '.join(ARCHITECTURES)})")
     scaling = f.value(f"{arch}.rope.scaling.type", MetaKind.TEXT)
-    if scaling not in (None, "none"):
-        raise UnsupportedModel(f"{f.path}: RoPE scaling {scaling!r} is not supported")
+    if scaling not in (None, "none", "linear"):
+        raise UnsupportedModel(f"{f.path}: RoPE scaling {scaling!r} is not supported (supported: linear)")
+    rope_scale = 1.0
+    if scaling == "linear":
+        rope_scale = 1.0 / float(_positive(f, f"{arch}.rope.scaling.factor", MetaKind.NUMBER, 1.0))
+    swa_window = 0
+    if family.sliding_window:
+        swa_window = _positive(f, f"{arch}.attention.sliding_window", MetaKind.INT)
     n_head = _positive(f, f"{arch}.attention.head_count", MetaKind.INT)
     dim = _positive(f, f"{arch}.embedding_length", MetaKind.INT)
     tokens = f.value("tokenizer.ggml.tokens", MetaKind.TEXTS)
@@ -315,6 +368,14 @@ def read_config(f: GGUFFile) -> ModelConfig:
         norm_eps=float(_positive(f, f"{arch}.attention.layer_norm_rms_epsilon", MetaKind.NUMBER, 1e-5)),
         rope_base=float(_positive(f, f"{arch}.rope.freq_base", MetaKind.NUMBER, 10000.0)),
         context_length=_positive(f, f"{arch}.context_length", MetaKind.INT, 2048),
+        arch=arch,
+        rope_neox=family.rope_neox,
+        rope_scale=rope_scale,
+        ffn_act=1 if family.gelu else 0,
+        embd_scale=math.sqrt(dim) if family.embd_scale_sqrt_dim else 0.0,
+        swa_window=swa_window,
+        swa_pattern=family.swa_pattern,
+        rope_base_swa=family.rope_base_swa,
     )
     if cfg.n_head % cfg.n_kv_head:
         raise ModelError(f"{f.path}: {cfg.n_head} attention heads cannot share "
@@ -322,6 +383,38 @@ def read_config(f: GGUFFile) -> ModelConfig:
     if cfg.head_dim % 2:
         raise ModelError(f"{f.path}: head size {cfg.head_dim} is odd; RoPE rotates pairs")
     return cfg
+
+
+# Tensors outside the layers that some family has and we would not use.
+OTHER_TENSORS = ("output.bias", "output_norm.bias", "token_embd_norm.weight", "rope_freqs.weight",
+                 "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def expected_tensors(cfg: ModelConfig, tensors: dict[str, TensorView]) -> dict[str, tuple[int, int]]:
+    """The tensors the forward pass reads from this file, by name, with
+    their shapes (rows, cols): the family's, and its optional ones present."""
+    family = cfg.family
+    q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    shapes = {"attn_norm.weight": (1, cfg.dim), "attn_q.weight": (q_dim, cfg.dim),
+              "attn_k.weight": (kv_dim, cfg.dim), "attn_v.weight": (kv_dim, cfg.dim),
+              "attn_output.weight": (cfg.dim, q_dim), "ffn_norm.weight": (1, cfg.dim),
+              "ffn_gate.weight": (cfg.hidden_dim, cfg.dim), "ffn_up.weight": (cfg.hidden_dim, cfg.dim),
+              "ffn_down.weight": (cfg.dim, cfg.hidden_dim),
+              "attn_q.bias": (1, q_dim), "attn_k.bias": (1, kv_dim), "attn_v.bias": (1, kv_dim),
+              "attn_q_norm.weight": (1, cfg.head_dim), "attn_k_norm.weight": (1, cfg.head_dim),
+              "post_attention_norm.weight": (1, cfg.dim), "post_ffw_norm.weight": (1, cfg.dim)}
+    expected = {"token_embd.weight": (cfg.vocab, cfg.dim), "output_norm.weight": (1, cfg.dim)}
+    if "output.weight" in tensors:
+        expected["output.weight"] = (cfg.vocab, cfg.dim)
+    if family.rope_freqs and "rope_freqs.weight" in tensors:
+        expected["rope_freqs.weight"] = (1, cfg.head_dim // 2)
+    for i in range(cfg.n_layer):
+        for part in LLAMA_LAYER + family.required:
+            expected[f"blk.{i}.{part}"] = shapes[part]
+        for part in family.optional:
+            if f"blk.{i}.{part}" in tensors:
+                expected[f"blk.{i}.{part}"] = shapes[part]
+    return expected
 
 
 def check_tensors(path: Path, cfg: ModelConfig, tensors: dict[str, TensorView]) -> None:
@@ -333,17 +426,10 @@ def check_tensors(path: Path, cfg: ModelConfig, tensors: dict[str, TensorView]) 
     if cfg.n_layer > len(blocks):
         raise ModelError(f"{path}: metadata block_count is {cfg.n_layer}, but the file holds tensors "
                          f"for {len(blocks)} blocks")
-    q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-    shapes = {"attn_norm": (1, cfg.dim), "attn_q": (q_dim, cfg.dim), "attn_k": (kv_dim, cfg.dim),
-              "attn_v": (kv_dim, cfg.dim), "attn_output": (cfg.dim, q_dim), "ffn_norm": (1, cfg.dim),
-              "ffn_gate": (cfg.hidden_dim, cfg.dim), "ffn_up": (cfg.hidden_dim, cfg.dim),
-              "ffn_down": (cfg.dim, cfg.hidden_dim)}
-    expected = {"token_embd.weight": (cfg.vocab, cfg.dim), "output_norm.weight": (1, cfg.dim)}
-    if "output.weight" in tensors:
-        expected["output.weight"] = (cfg.vocab, cfg.dim)
-    for i in range(cfg.n_layer):
-        for part, shape in shapes.items():
-            expected[f"blk.{i}.{part}.weight"] = shape
+    expected = expected_tensors(cfg, tensors)
+    for name in tensors:
+        if name not in expected and (name.startswith("blk.") or name in OTHER_TENSORS):
+            raise UnsupportedModel(f"{path}: tensor {name} is not supported for architecture {cfg.arch}")
     for name, shape in expected.items():
         t = tensors.get(name)
         if t is None:
@@ -405,7 +491,8 @@ class Transformer:
             # the C side would quietly pick the best table instead
             raise EdgeSlmError(f"EDGE_SLM_BACKEND={forced}: no such kernel table on this CPU "
                                f"(available: {', '.join(_core.backends())})")
-        core_tensors = {name: (t.data, int(t.type), t.rows, t.cols) for name, t in tensors.items()}
+        core_tensors = {name: (tensors[name].data, int(tensors[name].type), tensors[name].rows,
+                               tensors[name].cols) for name in expected_tensors(cfg, tensors)}
         try:
             self._model = _core.Model(
                 cfg.core(), core_tensors, n_threads=opts.n_threads, n_slots=opts.n_slots,

@@ -1,6 +1,7 @@
 /*
  * The Llama forward pass over a batch of tokens, run by every pool thread
- * at once. Each op (rows of a matmul, tokens of a norm, heads of attention)
+ * at once; the other families (Qwen2, Qwen3, Gemma 3) are Llama with the
+ * differences ek_config and the optional tensors of ek_layer declare. Each op (rows of a matmul, tokens of a norm, heads of attention)
  * is cut into pieces that the threads claim, and no thread starts an op
  * before the last one is finished, so the pass reads top to bottom like the
  * single-threaded maths.
@@ -43,9 +44,10 @@ struct ek_model {
     float *kb, *vb;  /* [B, kv_dim] this batch's keys and values */
     float *hb, *hb2; /* [B, hidden_dim] FFN gate and up */
     float *cs;       /* [B, head_dim] RoPE cos/sin pairs per token */
+    float *cs_swa;   /* the same for the sliding-window layers' base (NULL: none slides) */
     float *scores;   /* [n_threads, n_ctx] attention weights */
     void *xq;        /* [B, widest activation row] quantized activations */
-    double *inv_freq; /* [head_dim / 2] */
+    double *inv_freq, *inv_freq_swa; /* [head_dim / 2] RoPE frequencies, scaling applied */
 };
 
 /* ---- creation and validation ---- */
@@ -73,9 +75,13 @@ static int check_tensor(const ek_kernels *k, const char *what, const ek_tensor *
     return EK_OK;
 }
 
-static int check_norm(const char *what, const ek_tensor *t, int dim, char *err, size_t err_len) {
-    if (!t->data || t->type != EK_TYPE_F32 || t->cols != dim || t->rows != 1) {
-        snprintf(err, err_len, "norm %s must be F32 [%d]", what, dim);
+/* A norm's weights, a bias or RoPE's factors: F32 [n]; absent is fine
+ * when optional. */
+static int check_vector(const char *what, const ek_tensor *t, int n, int optional, char *err,
+                        size_t err_len) {
+    if (!t->data && optional) return EK_OK;
+    if (!t->data || t->type != EK_TYPE_F32 || t->cols != n || t->rows != 1) {
+        snprintf(err, err_len, "tensor %s must be F32 [%d]", what, n);
         return EK_EINVAL;
     }
     return EK_OK;
@@ -107,8 +113,14 @@ static int validate(const ek_weights *w, const ek_model_params *p, char *err, si
     int rc;
     if ((rc = check_tensor(k, "token_embd", &w->tok_embd, c->vocab, c->dim, 0, err, err_len)) ||
         (rc = check_tensor(k, "output", &w->output, c->vocab, c->dim, 1, err, err_len)) ||
-        (rc = check_norm("output_norm", &w->out_norm, c->dim, err, err_len)))
+        (rc = check_vector("output_norm", &w->out_norm, c->dim, 0, err, err_len)) ||
+        (rc = check_vector("rope_freqs", &w->rope_freqs, c->head_dim / 2, 1, err, err_len)))
         return rc;
+    if (c->swa_window < 0 || c->swa_pattern < 0 || c->ffn_act < EK_ACT_SILU || c->ffn_act > EK_ACT_GELU ||
+        !(c->rope_scale >= 0) || !(c->embd_scale >= 0) || !(c->attn_scale >= 0) || !(c->rope_base_swa >= 0)) {
+        snprintf(err, err_len, "inconsistent configuration (window, scales or FFN activation)");
+        return EK_EINVAL;
+    }
     for (int l = 0; l < c->n_layer; l++) {
         const ek_layer *L = &w->layers[l];
         char name[64];
@@ -123,10 +135,19 @@ static int validate(const ek_weights *w, const ek_model_params *p, char *err, si
         CHECK(w_up, c->hidden_dim, c->dim)
         CHECK(w_down, c->dim, c->hidden_dim)
 #undef CHECK
-        snprintf(name, sizeof name, "blk.%d.attn_norm", l);
-        if ((rc = check_norm(name, &L->attn_norm, c->dim, err, err_len))) return rc;
-        snprintf(name, sizeof name, "blk.%d.ffn_norm", l);
-        if ((rc = check_norm(name, &L->ffn_norm, c->dim, err, err_len))) return rc;
+#define VECTOR(field, n, optional)                                                         \
+    snprintf(name, sizeof name, "blk.%d.%s", l, #field);                                    \
+    if ((rc = check_vector(name, &L->field, n, optional, err, err_len))) return rc;
+        VECTOR(attn_norm, c->dim, 0)
+        VECTOR(ffn_norm, c->dim, 0)
+        VECTOR(bq, q_dim, 1)
+        VECTOR(bk, kv_dim, 1)
+        VECTOR(bv, kv_dim, 1)
+        VECTOR(q_norm, c->head_dim, 1)
+        VECTOR(k_norm, c->head_dim, 1)
+        VECTOR(attn_post_norm, c->dim, 1)
+        VECTOR(ffn_post_norm, c->dim, 1)
+#undef VECTOR
     }
     return EK_OK;
 }
@@ -143,10 +164,10 @@ size_t ek_model_state_bytes(const ek_config *c, int B, int n_ctx, int n_threads)
     int widest = max3(c->dim, q_dim, c->hidden_dim);
     size_t floats = (size_t)B * (2 * (size_t)c->dim + (size_t)(q_dim > c->dim ? q_dim : c->dim) +
                                  (size_t)q_dim + 2 * (size_t)kv_dim + 2 * (size_t)c->hidden_dim +
-                                 (size_t)c->head_dim) +
+                                 (size_t)c->head_dim * (c->swa_window > 0 ? 2 : 1)) +
                     (size_t)n_threads * (size_t)n_ctx;
     return floats * sizeof(float) + (size_t)B * ek_row_bytes(EK_TYPE_Q8_1, widest) +
-           (size_t)c->head_dim / 2 * sizeof(double);
+           (size_t)c->head_dim * sizeof(double);
 }
 
 void ek_model_destroy(ek_model *m) {
@@ -165,9 +186,11 @@ void ek_model_destroy(ek_model *m) {
     free(m->hb);
     free(m->hb2);
     free(m->cs);
+    free(m->cs_swa);
     free(m->scores);
     free(m->xq);
     free(m->inv_freq);
+    free(m->inv_freq_swa);
     free(m);
 }
 
@@ -184,19 +207,28 @@ static float *alloc_floats(size_t n) { return calloc(n ? n : 1, sizeof(float)); 
 
 #define PACK_ALIGN 64 /* each tensor starts on a cache line */
 
-/* The tensors the pass reads, the output last: when it is the tied
- * embedding, token_embd is pointed at its copy afterwards. */
+/* The tensors the pass reads (those present), the output last: when it is
+ * the tied embedding, token_embd is pointed at its copy afterwards. With
+ * out NULL, only counts them. */
 static int read_tensors(ek_model *m, ek_tensor **out) {
     int n = 0;
     for (int l = 0; l < m->cfg.n_layer; l++) {
         ek_layer *L = &m->layers[l];
-        ek_tensor *all[] = {&L->attn_norm, &L->wq, &L->wk,     &L->wv,    &L->wo,
-                            &L->ffn_norm,  &L->w_gate, &L->w_up, &L->w_down};
-        for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) out[n++] = all[i];
+        ek_tensor *all[] = {&L->attn_norm, &L->wq,       &L->wk,       &L->wv,     &L->bq,
+                            &L->bk,        &L->bv,       &L->q_norm,   &L->k_norm, &L->wo,
+                            &L->attn_post_norm, &L->ffn_norm, &L->w_gate, &L->w_up, &L->w_down,
+                            &L->ffn_post_norm};
+        for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+            if (all[i]->data) {
+                if (out) out[n] = all[i];
+                n++;
+            }
     }
-    out[n++] = &m->w.out_norm;
-    out[n++] = &m->w.output;
-    return n;
+    if (out) {
+        out[n] = &m->w.out_norm;
+        out[n + 1] = &m->w.output;
+    }
+    return n + 2;
 }
 
 static int packable(const ek_model *m, const ek_tensor *t) {
@@ -229,7 +261,7 @@ static uint8_t *alloc_weights(size_t bytes) {
 }
 
 static int own_weights(ek_model *m) {
-    const int count = 9 * m->cfg.n_layer + 2;
+    const int count = read_tensors(m, NULL);
     ek_tensor **ts = malloc((size_t)count * sizeof *ts);
     if (!ts) return EK_ENOMEM;
     read_tensors(m, ts);
@@ -313,25 +345,36 @@ int ek_model_create(const ek_weights *w, const ek_model_params *p, ek_model **ou
     m->hb = alloc_floats(B * c->hidden_dim);
     m->hb2 = alloc_floats(B * c->hidden_dim);
     m->cs = alloc_floats(B * c->head_dim);
+    if (c->swa_window > 0) m->cs_swa = alloc_floats(B * c->head_dim);
     m->scores = alloc_floats((size_t)p->n_threads * p->n_ctx);
     m->xq = calloc(B, ek_row_bytes(EK_TYPE_Q8_1, widest));
     m->inv_freq = calloc((size_t)c->head_dim / 2, sizeof(double));
+    m->inv_freq_swa = calloc((size_t)c->head_dim / 2, sizeof(double));
     m->pool = ek_pool_create(p->n_threads);
     if (!m->layers || !m->kv_k || !m->kv_v || !m->x || !m->xb || !m->xo || !m->q || !m->kb ||
-        !m->vb || !m->hb || !m->hb2 || !m->cs || !m->scores || !m->xq || !m->inv_freq || !m->pool) {
+        !m->vb || !m->hb || !m->hb2 || !m->cs || (c->swa_window > 0 && !m->cs_swa) || !m->scores ||
+        !m->xq || !m->inv_freq || !m->inv_freq_swa || !m->pool) {
         ek_model_destroy(m);
         snprintf(err, err_len, "out of memory allocating the KV cache and run state");
         return EK_ENOMEM;
     }
     memcpy(m->layers, w->layers, (size_t)c->n_layer * sizeof(ek_layer));
     m->w.layers = m->layers;
+    /* Angles as llama.cpp makes them: the global layers' scaled linearly and
+     * divided by Llama 3's factors, the sliding-window layers' neither. */
+    const float *factors = w->rope_freqs.data;
+    double scale = c->rope_scale > 0 ? c->rope_scale : 1.0;
+    double base_swa = c->rope_base_swa > 0 ? c->rope_base_swa : c->rope_base;
+    for (int i = 0; i < c->head_dim / 2; i++) {
+        m->inv_freq[i] = scale * pow((double)c->rope_base, -2.0 * i / c->head_dim) /
+                         (factors ? (double)factors[i] : 1.0);
+        m->inv_freq_swa[i] = pow(base_swa, -2.0 * i / c->head_dim);
+    }
     if (own_weights(m)) {
         ek_model_destroy(m);
         snprintf(err, err_len, "out of memory copying the weights");
         return EK_ENOMEM;
     }
-    for (int i = 0; i < c->head_dim / 2; i++)
-        m->inv_freq[i] = pow((double)c->rope_base, -2.0 * i / c->head_dim);
     *out = m;
     return EK_OK;
 }
@@ -476,16 +519,28 @@ static uint8_t *kv_at(const ek_model *m, uint8_t *base, int layer, int slot, int
     return base + row * m->kv_pos_bytes;
 }
 
-/* xb = rmsnorm(x) * w for every token; the activations in xq go stale. */
-static void norm_tokens(worker *w, const ek_tensor *norm) {
+/* out = rmsnorm(in) * w for every token (out may be in); the activations
+ * in xq go stale. */
+static void norm_tokens(worker *w, float *out, const float *in, const ek_tensor *norm) {
     ek_model *m = w->m;
     int dim = m->cfg.dim, lo, hi;
     while (next_piece(w, w->j->n, 1, &lo, &hi))
         for (int t = lo; t < hi; t++)
-            m->k->rmsnorm(m->xb + (size_t)t * dim, m->x + (size_t)t * dim, norm->data, dim,
+            m->k->rmsnorm(out + (size_t)t * dim, in + (size_t)t * dim, norm->data, dim,
                           m->cfg.norm_eps);
     w->tag.src = NULL;
     mark(w, EK_PROF_NORM);
+}
+
+/* One token's heads of Q or K: the bias added, each head normed, rotated. */
+static void shape_heads(const ek_model *m, float *x, int n_heads, const ek_tensor *bias,
+                        const ek_tensor *norm, const float *cs) {
+    const ek_kernels *k = m->k;
+    int hd = m->cfg.head_dim;
+    if (bias->data) k->add(x, bias->data, n_heads * hd);
+    if (norm->data)
+        for (int h = 0; h < n_heads; h++) k->rmsnorm(x + h * hd, x + h * hd, norm->data, hd, m->cfg.norm_eps);
+    (m->cfg.rope_neox ? k->rope_neox : k->rope)(x, n_heads, hd, cs);
 }
 
 /* x += xo, the residual connection. */
@@ -504,17 +559,19 @@ static void attention_block(worker *w, int l) {
     const ek_layer *L = &m->layers[l];
     int n = j->n, hd = c->head_dim, lo, hi;
 
-    norm_tokens(w, &L->attn_norm);
+    const int slides = ek_layer_slides(c, l);
+    norm_tokens(w, m->xb, m->x, &L->attn_norm);
     matmuls(w, m->xb, n, (proj[]){{&L->wq, m->q}, {&L->wk, m->kb}, {&L->wv, m->vb}}, 3);
 
     /* Rotate this batch's queries and keys, then file keys and values in the
      * cache: attention below reads every position, this batch's included. */
     while (next_piece(w, n, 1, &lo, &hi)) {
         for (int t = lo; t < hi; t++) {
-            const float *cs = m->cs + (size_t)t * hd;
+            const float *cs = (slides ? m->cs_swa : m->cs) + (size_t)t * hd;
             float *kt = m->kb + (size_t)t * m->kv_dim, *vt = m->vb + (size_t)t * m->kv_dim;
-            k->rope(m->q + (size_t)t * m->q_dim, c->n_head, hd, cs);
-            k->rope(kt, c->n_kv_head, hd, cs);
+            shape_heads(m, m->q + (size_t)t * m->q_dim, c->n_head, &L->bq, &L->q_norm, cs);
+            shape_heads(m, kt, c->n_kv_head, &L->bk, &L->k_norm, cs);
+            if (L->bv.data) k->add(vt, L->bv.data, m->kv_dim);
             uint8_t *kd = kv_at(m, m->kv_k, l, j->slot[t], j->pos[t]);
             uint8_t *vd = kv_at(m, m->kv_v, l, j->slot[t], j->pos[t]);
             for (int h = 0; h < c->n_kv_head; h++) {
@@ -526,21 +583,24 @@ static void attention_block(worker *w, int l) {
     mark(w, EK_PROF_ROPE_KV);
 
     int group = c->n_head / c->n_kv_head;
-    float scale = 1.0f / sqrtf((float)hd);
+    float scale = c->attn_scale > 0 ? c->attn_scale : 1.0f / sqrtf((float)hd);
     float *scores = m->scores + (size_t)w->ith * m->p.n_ctx;
     while (next_piece(w, n * c->n_head, 1, &lo, &hi)) {
         for (int i = lo; i < hi; i++) {
             int t = i / c->n_head, h = i % c->n_head, kvh = h / group;
+            /* a sliding-window layer sees the last swa_window positions, itself included */
+            int first = slides && j->pos[t] >= c->swa_window ? j->pos[t] - c->swa_window + 1 : 0;
             size_t off = kvh * m->kv_head_bytes;
             k->attention(m->xb + (size_t)t * m->q_dim + h * hd, m->q + (size_t)t * m->q_dim + h * hd,
-                         kv_at(m, m->kv_k, l, j->slot[t], 0) + off,
-                         kv_at(m, m->kv_v, l, j->slot[t], 0) + off, m->kv_pos_bytes, m->p.kv_type,
-                         j->pos[t] + 1, hd, scale, scores);
+                         kv_at(m, m->kv_k, l, j->slot[t], first) + off,
+                         kv_at(m, m->kv_v, l, j->slot[t], first) + off, m->kv_pos_bytes, m->p.kv_type,
+                         j->pos[t] + 1 - first, hd, scale, scores);
         }
     }
     w->tag.src = NULL;
     mark(w, EK_PROF_ATTENTION);
     matmuls(w, m->xb, n, &(proj){&L->wo, m->xo}, 1);
+    if (L->attn_post_norm.data) norm_tokens(w, m->xo, m->xo, &L->attn_post_norm);
     residual_add(w);
 }
 
@@ -549,19 +609,22 @@ static void ffn_block(worker *w, int l) {
     const ek_layer *L = &m->layers[l];
     int n = w->j->n, lo, hi;
 
-    norm_tokens(w, &L->ffn_norm);
+    norm_tokens(w, m->xb, m->x, &L->ffn_norm);
     matmuls(w, m->xb, n, (proj[]){{&L->w_gate, m->hb}, {&L->w_up, m->hb2}}, 2);
+    void (*act_mul)(float *, const float *, const float *, int) =
+        m->cfg.ffn_act == EK_ACT_GELU ? m->k->gelu_mul : m->k->silu_mul;
     while (next_piece(w, n * m->cfg.hidden_dim, 16, &lo, &hi))
-        m->k->silu_mul(m->hb + lo, m->hb + lo, m->hb2 + lo, hi - lo);
+        act_mul(m->hb + lo, m->hb + lo, m->hb2 + lo, hi - lo);
     w->tag.src = NULL;
     mark(w, EK_PROF_FFN_ACT);
     matmuls(w, m->hb, n, &(proj){&L->w_down, m->xo}, 1);
+    if (L->ffn_post_norm.data) norm_tokens(w, m->xo, m->xo, &L->ffn_post_norm);
     residual_add(w);
 }
 
 /* out = the embedding of token, read from the x8 layout a block at a time
  * when the embedding is the packed output projection. */
-static void embed(const ek_model *m, int token, float *out) {
+static void embed_row(const ek_model *m, int token, float *out) {
     const ek_tensor *E = &m->w.tok_embd;
     ek_dequantize_fn dequantize = m->k->types[E->type].dequantize;
     const size_t row = ek_row_bytes(E->type, E->cols);
@@ -578,6 +641,21 @@ static void embed(const ek_model *m, int token, float *out) {
     }
 }
 
+static void embed(const ek_model *m, int token, float *out) {
+    embed_row(m, token, out);
+    if (m->cfg.embd_scale > 0)
+        for (int i = 0; i < m->cfg.dim; i++) out[i] *= m->cfg.embd_scale;
+}
+
+/* RoPE's cos/sin pairs for position pos (or a shift by it, negative). */
+static void rope_angles(const double *inv_freq, int head_dim, double pos, float *cs) {
+    for (int i = 0; i < head_dim / 2; i++) {
+        double theta = pos * inv_freq[i];
+        cs[2 * i] = (float)cos(theta);
+        cs[2 * i + 1] = (float)sin(theta);
+    }
+}
+
 static void forward_worker(void *ctx, int ith, int nth) {
     const fwd_job *j = ctx;
     ek_model *m = j->m;
@@ -588,12 +666,9 @@ static void forward_worker(void *ctx, int ith, int nth) {
     while (next_piece(&w, j->n, 1, &lo, &hi)) {
         for (int t = lo; t < hi; t++) {
             embed(m, j->tokens[t], m->x + (size_t)t * c->dim);
-            float *cs = m->cs + (size_t)t * c->head_dim;
-            for (int i = 0; i < c->head_dim / 2; i++) {
-                double theta = j->pos[t] * m->inv_freq[i];
-                cs[2 * i] = (float)cos(theta);
-                cs[2 * i + 1] = (float)sin(theta);
-            }
+            rope_angles(m->inv_freq, c->head_dim, j->pos[t], m->cs + (size_t)t * c->head_dim);
+            if (m->cs_swa)
+                rope_angles(m->inv_freq_swa, c->head_dim, j->pos[t], m->cs_swa + (size_t)t * c->head_dim);
         }
     }
     mark(&w, EK_PROF_EMBED);
@@ -663,19 +738,17 @@ int ek_kv_shift(ek_model *m, int slot, int keep, int n_drop, int n_used) {
     if (n_drop == 0) return EK_OK;
     const ek_config *c = &m->cfg;
     int hd = c->head_dim;
-    float cs[MAX_HEAD_DIM], row[MAX_HEAD_DIM];
-    for (int i = 0; i < hd / 2; i++) {
-        double theta = -(double)n_drop * m->inv_freq[i];
-        cs[2 * i] = (float)cos(theta);
-        cs[2 * i + 1] = (float)sin(theta);
-    }
+    float cs[MAX_HEAD_DIM], cs_swa[MAX_HEAD_DIM], row[MAX_HEAD_DIM];
+    rope_angles(m->inv_freq, hd, -(double)n_drop, cs);
+    rope_angles(m->inv_freq_swa, hd, -(double)n_drop, cs_swa);
     ek_dequantize_fn load = m->k->types[m->p.kv_type].dequantize;
     for (int l = 0; l < c->n_layer; l++) {
         for (int p = keep + n_drop; p < n_used; p++) {
             uint8_t *src = kv_at(m, m->kv_k, l, slot, p), *dst = kv_at(m, m->kv_k, l, slot, p - n_drop);
             for (int h = 0; h < c->n_kv_head; h++) {
                 load(src + h * m->kv_head_bytes, row, hd);
-                m->k->rope(row, 1, hd, cs);
+                (c->rope_neox ? m->k->rope_neox : m->k->rope)(row, 1, hd,
+                                                              ek_layer_slides(c, l) ? cs_swa : cs);
                 m->k->kv_store(dst + h * m->kv_head_bytes, row, hd, m->p.kv_type);
             }
         }

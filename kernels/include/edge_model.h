@@ -24,13 +24,25 @@ typedef struct {
     int x8; /* data is in the x8 layout (set by ek_model_create) */
 } ek_tensor;
 
+/* A layer's tensors. The optional ones (data NULL when absent) are the
+ * differences between the families: Qwen2's Q/K/V biases, Qwen3's and
+ * Gemma 3's per-head norms of Q and K, Gemma's norms of each sublayer's
+ * output. */
 typedef struct {
     ek_tensor attn_norm;           /* F32 [dim] */
     ek_tensor wq, wk, wv, wo;      /* [q_dim, dim] [kv_dim, dim] x2 [dim, q_dim] */
+    ek_tensor bq, bk, bv;          /* optional, F32 [q_dim] [kv_dim] x2 */
+    ek_tensor q_norm, k_norm;      /* optional, F32 [head_dim], shared by every head */
+    ek_tensor attn_post_norm;      /* optional, F32 [dim], on the attention's output */
     ek_tensor ffn_norm;            /* F32 [dim] */
     ek_tensor w_gate, w_up, w_down; /* [hidden, dim] x2, [dim, hidden] */
+    ek_tensor ffn_post_norm;       /* optional, F32 [dim], on the FFN's output */
 } ek_layer;
 
+enum ek_ffn_act { EK_ACT_SILU = 0, EK_ACT_GELU = 1 };
+
+/* The model's shape, and how its family differs from Llama's. Every field
+ * past rope_base is 0 for a plain Llama model, so zero means "as Llama". */
 typedef struct {
     int n_layer;
     int dim;        /* residual stream width */
@@ -39,13 +51,28 @@ typedef struct {
     int vocab;
     float norm_eps;
     float rope_base;
+    int rope_neox;       /* RoPE pairs element i with i + head_dim / 2, not i + 1 */
+    float rope_scale;    /* linear RoPE scaling: positions times this (0: 1) */
+    int ffn_act;         /* enum ek_ffn_act */
+    float embd_scale;    /* embeddings times this (Gemma: sqrt(dim); 0: 1) */
+    float attn_scale;    /* scores times this (0: 1 / sqrt(head_dim)) */
+    int swa_window;      /* sliding-window layers attend to this many positions (0: none) */
+    int swa_pattern;     /* with a window, every swa_pattern-th layer is global (0: none is) */
+    float rope_base_swa; /* the sliding-window layers' RoPE base, unscaled (0: rope_base) */
 } ek_config;
+
+/* Whether layer l attends over the sliding window only. */
+static inline int ek_layer_slides(const ek_config *c, int l) {
+    return c->swa_window > 0 && !(c->swa_pattern > 0 && (l + 1) % c->swa_pattern == 0);
+}
 
 typedef struct {
     ek_config cfg;
     ek_tensor tok_embd; /* [vocab, dim] */
     ek_tensor out_norm; /* F32 [dim] */
     ek_tensor output;   /* [vocab, dim]; the embedding itself when tied */
+    ek_tensor rope_freqs; /* optional, F32 [head_dim / 2]: Llama 3's RoPE
+                             frequency factors, each angle divided by its own */
     ek_layer *layers;   /* [n_layer], owned by the caller */
 } ek_weights;
 

@@ -84,12 +84,17 @@ static const ek_type_ops *type_ops(const ek_kernels *k, int type) {
 /* The model's hyperparameters from a dict with exactly these keys. */
 static int parse_config(PyObject *config, ek_config *c) {
     static char *names[] = {"n_layer", "dim", "hidden_dim", "n_head", "n_kv_head", "head_dim",
-                            "vocab", "norm_eps", "rope_base", NULL};
+                            "vocab", "norm_eps", "rope_base", "rope_neox", "rope_scale", "ffn_act",
+                            "embd_scale", "attn_scale", "swa_window", "swa_pattern",
+                            "rope_base_swa", NULL};
     *c = (ek_config){0};
     PyObject *empty = PyTuple_New(0);
-    int ok = empty && PyArg_ParseTupleAndKeywords(empty, config, "$iiiiiiiff", names, &c->n_layer,
-                                                  &c->dim, &c->hidden_dim, &c->n_head, &c->n_kv_head,
-                                                  &c->head_dim, &c->vocab, &c->norm_eps, &c->rope_base);
+    int ok = empty && PyArg_ParseTupleAndKeywords(
+                          empty, config, "$iiiiiiiffpfiffiif", names, &c->n_layer, &c->dim,
+                          &c->hidden_dim, &c->n_head, &c->n_kv_head, &c->head_dim, &c->vocab,
+                          &c->norm_eps, &c->rope_base, &c->rope_neox, &c->rope_scale, &c->ffn_act,
+                          &c->embd_scale, &c->attn_scale, &c->swa_window, &c->swa_pattern,
+                          &c->rope_base_swa);
     Py_XDECREF(empty);
     return ok ? 0 : -1;
 }
@@ -420,6 +425,32 @@ static void Model_dealloc(ModelObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* A layer's tensors by their GGUF names (after "blk.N."); which optional
+ * ones a family has is the Python side's business (edge_slm/model.py). */
+static const struct {
+    const char *name;
+    size_t offset;
+    int optional;
+} layer_parts[] = {
+    {"attn_norm.weight", offsetof(ek_layer, attn_norm), 0},
+    {"attn_q.weight", offsetof(ek_layer, wq), 0},
+    {"attn_k.weight", offsetof(ek_layer, wk), 0},
+    {"attn_v.weight", offsetof(ek_layer, wv), 0},
+    {"attn_q.bias", offsetof(ek_layer, bq), 1},
+    {"attn_k.bias", offsetof(ek_layer, bk), 1},
+    {"attn_v.bias", offsetof(ek_layer, bv), 1},
+    {"attn_q_norm.weight", offsetof(ek_layer, q_norm), 1},
+    {"attn_k_norm.weight", offsetof(ek_layer, k_norm), 1},
+    {"attn_output.weight", offsetof(ek_layer, wo), 0},
+    {"post_attention_norm.weight", offsetof(ek_layer, attn_post_norm), 1},
+    {"ffn_norm.weight", offsetof(ek_layer, ffn_norm), 0},
+    {"ffn_gate.weight", offsetof(ek_layer, w_gate), 0},
+    {"ffn_up.weight", offsetof(ek_layer, w_up), 0},
+    {"ffn_down.weight", offsetof(ek_layer, w_down), 0},
+    {"post_ffw_norm.weight", offsetof(ek_layer, ffn_post_norm), 1},
+};
+#define LAYER_TENSORS (sizeof layer_parts / sizeof layer_parts[0])
+
 /* tensors[name] = (buffer, type, rows, cols); names as in GGUF files. */
 static int take_tensor(ModelObject *self, PyObject *tensors, const char *name, ek_tensor *t,
                        int optional) {
@@ -470,7 +501,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
         return -1;
     }
 
-    self->bufs = PyMem_Calloc((size_t)c.n_layer * 9 + 3, sizeof(Py_buffer));
+    self->bufs = PyMem_Calloc((size_t)c.n_layer * LAYER_TENSORS + 4, sizeof(Py_buffer));
     ek_layer *layers = PyMem_Calloc((size_t)c.n_layer, sizeof(ek_layer));
     if (!self->bufs || !layers) {
         PyMem_Free(layers);
@@ -481,24 +512,16 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     int rc = -1;
     if (take_tensor(self, tensors, "token_embd.weight", &w.tok_embd, 0) ||
         take_tensor(self, tensors, "output_norm.weight", &w.out_norm, 0) ||
-        take_tensor(self, tensors, "output.weight", &w.output, 1))
+        take_tensor(self, tensors, "output.weight", &w.output, 1) ||
+        take_tensor(self, tensors, "rope_freqs.weight", &w.rope_freqs, 1))
         goto done;
     if (!w.output.data) w.output = w.tok_embd; /* tied embedding */
     for (int l = 0; l < c.n_layer; l++) {
-        static const struct {
-            const char *suffix;
-            size_t offset;
-        } parts[] = {
-            {"attn_norm", offsetof(ek_layer, attn_norm)}, {"attn_q", offsetof(ek_layer, wq)},
-            {"attn_k", offsetof(ek_layer, wk)},           {"attn_v", offsetof(ek_layer, wv)},
-            {"attn_output", offsetof(ek_layer, wo)},      {"ffn_norm", offsetof(ek_layer, ffn_norm)},
-            {"ffn_gate", offsetof(ek_layer, w_gate)},     {"ffn_up", offsetof(ek_layer, w_up)},
-            {"ffn_down", offsetof(ek_layer, w_down)},
-        };
-        for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
+        for (size_t i = 0; i < LAYER_TENSORS; i++) {
             char name[64];
-            snprintf(name, sizeof name, "blk.%d.%s.weight", l, parts[i].suffix);
-            if (take_tensor(self, tensors, name, (ek_tensor *)((char *)&layers[l] + parts[i].offset), 0))
+            snprintf(name, sizeof name, "blk.%d.%s", l, layer_parts[i].name);
+            if (take_tensor(self, tensors, name, (ek_tensor *)((char *)&layers[l] + layer_parts[i].offset),
+                            layer_parts[i].optional))
                 goto done;
         }
     }

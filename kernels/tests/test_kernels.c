@@ -1,15 +1,21 @@
 /* Every kernel table usable on this CPU, checked against the reference.
  *
  * Sizes are chosen so every SIMD loop runs its tails: block rows from one
- * block to 129, float vectors of 1 to 576 elements, gemm tiles with every
- * leftover of rows and activation rows, x8 groups with and without rows
- * past the last group. Data is random with a fixed seed.
+ * block to 129 (one super-block to 16 for the K-quants), float vectors of
+ * 1 to 576 elements, gemm tiles with every leftover of rows and activation
+ * rows, x8 groups with and without rows past the last group. Data is
+ * random with a fixed seed. A table without a kernel for a weight type (a
+ * NULL entry: SIMD versions not written yet) is skipped for that type,
+ * with a line saying so.
  * Quantizers, stores, add and rmsnorm must match the reference exactly;
  * dot products may differ only by float summation order and exp by its
  * approximation, so they are held to a normalised mean squared error far
  * below what any real bug gives.
  *
- * Last, a small random model runs through the whole forward pass (weights
+ * The reference gemms are also held to their definition: the dot product
+ * of the dequantized weights and the dequantized activations.
+ *
+ * Last, small random models run through the whole forward pass (weights
  * repacked, two slots, prompt chunks and batched decode) with every table,
  * held to the reference table's logits.
  *
@@ -36,8 +42,12 @@
  * difference can move one of them across a rounding boundary, and random
  * weights carry that on (seen: 4e-5). A broken kernel gives far more. */
 #define TOL_FORWARD 1e-3
+/* A quantized gemm against the unrounded activations: 8-bit rounding costs
+ * about 1 / (4 * 127^2) = 1.5e-5 of the signal; a lost block costs far more. */
+#define TOL_ROUNDING 1e-4
 
 static const int BLOCK_SIZES[] = {32, 64, 96, 288, 576, 1536, 4096 + 32};
+static const int K_SIZES[] = {256, 512, 768, 1536, 2304, 4096}; /* super-blocks of 256 */
 static const int FLOAT_SIZES[] = {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 100, 257, 576};
 static const int GEMM_ROWS[] = {1, 2, 3, 4, 5, 7, 8, 9, 17};
 static const int GEMM_COLS[] = {1, 2, 3, 4, 5, 8, 9};
@@ -71,20 +81,23 @@ static void fill_bytes(void *p, size_t n) {
     for (size_t i = 0; i < n; i++) ((uint8_t *)p)[i] = (uint8_t)rand_u32();
 }
 
-/* Random floats with a magnitude that changes every block, so quantizer
- * scales span a wide range, including f16 subnormals and all-zero blocks. */
-static void fill_activations(float *x, int n) {
+/* Random floats with a magnitude that changes every block of `block`
+ * elements (the activation format's), so quantizer scales span a wide
+ * range, including f16 subnormals and all-zero blocks. */
+static void fill_activations(float *x, int n, int block) {
     static const float mags[] = {1.0f, 0.0f, 1e-6f, 3e-3f, 40.0f, 0.25f, 1e4f};
     for (int i = 0; i < n; i++) {
-        float mag = mags[(i / EK_QK) % COUNT(mags)];
+        float mag = mags[(i / block) % COUNT(mags)];
         x[i] = mag * rand_uniform(-1.0f, 1.0f);
     }
     /* a block whose scale is exactly 1, with every quant a rounding tie */
-    if (n >= 3 * EK_QK)
-        for (int j = 0; j < EK_QK; j++) x[2 * EK_QK + j] = j == 0 ? 127.0f : (float)(j - 16) + 0.5f;
+    if (n >= 3 * block)
+        for (int j = 0; j < block; j++)
+            x[2 * block + j] = j == 0 ? 127.0f : (float)(j % EK_QK - 16) + 0.5f;
 }
 
-/* A weight row of any type: random quants, random but sane scales. */
+/* A weight row of any type: random quants (and K-quant sub-block scales),
+ * random but sane f16 scales, so values stay within a few units. */
 static void fill_weight_row(int type, void *row, int n) {
     if (type == EK_TYPE_F32) {
         fill_uniform(row, n, -1.0f, 1.0f);
@@ -95,13 +108,32 @@ static void fill_weight_row(int type, void *row, int n) {
         return;
     }
     fill_bytes(row, ek_row_bytes(type, n));
-    for (int b = 0; b < n / EK_QK; b++) {
-        ek_f16 d = ek_f32_to_f16(rand_uniform(-0.05f, 0.05f));
-        if (type == EK_TYPE_Q4_0) ((block_q4_0 *)row)[b].d = d;
-        if (type == EK_TYPE_Q8_0) ((block_q8_0 *)row)[b].d = d;
-        if (type == EK_TYPE_Q4_1) {
-            ((block_q4_1 *)row)[b].d = ek_f32_to_f16(fabsf(rand_uniform(-0.05f, 0.05f)));
-            ((block_q4_1 *)row)[b].m = ek_f32_to_f16(rand_uniform(-0.4f, 0.0f));
+    for (int b = 0; b < n / ek_type_block_elems(type); b++) {
+        float d = rand_uniform(-0.05f, 0.05f), m = rand_uniform(-0.4f, 0.0f);
+        ek_f16 signed_d = ek_f32_to_f16(d), min = ek_f32_to_f16(m);
+        /* the K-quants' d times a 6-bit scale (Q6_K: 8-bit) */
+        ek_f16 k_d = ek_f32_to_f16(fabsf(d) / 32), k_dmin = ek_f32_to_f16(-m / 32);
+        switch (type) {
+        case EK_TYPE_Q4_0: ((block_q4_0 *)row)[b].d = signed_d; break;
+        case EK_TYPE_Q8_0: ((block_q8_0 *)row)[b].d = signed_d; break;
+        case EK_TYPE_Q5_0: ((block_q5_0 *)row)[b].d = signed_d; break;
+        case EK_TYPE_Q4_1:
+            ((block_q4_1 *)row)[b].d = ek_f32_to_f16(fabsf(d));
+            ((block_q4_1 *)row)[b].m = min;
+            break;
+        case EK_TYPE_Q5_1:
+            ((block_q5_1 *)row)[b].d = ek_f32_to_f16(fabsf(d) / 2);
+            ((block_q5_1 *)row)[b].m = min;
+            break;
+        case EK_TYPE_Q4_K:
+            ((block_q4_K *)row)[b].d = k_d;
+            ((block_q4_K *)row)[b].dmin = k_dmin;
+            break;
+        case EK_TYPE_Q5_K:
+            ((block_q5_K *)row)[b].d = ek_f32_to_f16(fabsf(d) / 64);
+            ((block_q5_K *)row)[b].dmin = k_dmin;
+            break;
+        case EK_TYPE_Q6_K: ((block_q6_K *)row)[b].d = ek_f32_to_f16(d / 64); break;
         }
     }
 }
@@ -170,30 +202,59 @@ static const char *type_name(int type) {
     case EK_TYPE_F16: return "f16";
     case EK_TYPE_Q4_0: return "q4_0";
     case EK_TYPE_Q4_1: return "q4_1";
+    case EK_TYPE_Q5_0: return "q5_0";
+    case EK_TYPE_Q5_1: return "q5_1";
     case EK_TYPE_Q8_0: return "q8_0";
     case EK_TYPE_Q8_1: return "q8_1";
+    case EK_TYPE_Q4_K: return "q4_K";
+    case EK_TYPE_Q5_K: return "q5_K";
+    case EK_TYPE_Q6_K: return "q6_K";
+    case EK_TYPE_Q8_K: return "q8_K";
     default: return "?";
     }
 }
 
-static const int WEIGHT_TYPES[] = {EK_TYPE_Q4_0, EK_TYPE_Q4_1, EK_TYPE_Q8_0, EK_TYPE_F16,
-                                   EK_TYPE_F32};
+static const int WEIGHT_TYPES[] = {EK_TYPE_Q4_0, EK_TYPE_Q4_1, EK_TYPE_Q5_0, EK_TYPE_Q5_1,
+                                   EK_TYPE_Q8_0, EK_TYPE_Q4_K, EK_TYPE_Q5_K, EK_TYPE_Q6_K,
+                                   EK_TYPE_F16,  EK_TYPE_F32};
+
+static int is_float(int type) { return type == EK_TYPE_F32 || type == EK_TYPE_F16; }
+
+/* The row lengths swept for a type: any length for the float types, whole
+ * blocks (super-blocks) otherwise. */
+static const int *sizes_for(int type, int *count) {
+    if (is_float(type)) return *count = COUNT(FLOAT_SIZES), FLOAT_SIZES;
+    if (ek_type_block_elems(type) == EK_QK_K) return *count = COUNT(K_SIZES), K_SIZES;
+    return *count = COUNT(BLOCK_SIZES), BLOCK_SIZES;
+}
+
+/* A table without this kernel is not failed but named, so a run shows
+ * which SIMD kernels are still to be written. */
+static void report_skipped(const ek_kernels *t, const char *kernel) {
+    printf("%-4s %-13s %-26s no kernel in this table\n", "skip", t->name, kernel);
+}
 
 /* ---- block kernels ---- */
 
 static void test_quantize(const ek_kernels *t) {
     /* each activation format once, through a weight type that uses it */
-    static const int via[] = {EK_TYPE_Q4_0, EK_TYPE_Q4_1};
+    static const int via[] = {EK_TYPE_Q4_0, EK_TYPE_Q4_1, EK_TYPE_Q4_K};
     for (int v = 0; v < COUNT(via); v++) {
         const ek_type_ops *ops = &t->types[via[v]], *ref = &ek_kernels_ref.types[via[v]];
         char name[40];
         snprintf(name, sizeof name, "quantize %s", type_name(ref->act_type));
+        if (!ops->quantize) {
+            report_skipped(t, name);
+            continue;
+        }
         result r = begin(t, name, 0.0);
         if (ops->act_type != ref->act_type) record(&r, INFINITY);
-        for (int s = 0; s < COUNT(BLOCK_SIZES); s++) {
-            int n = BLOCK_SIZES[s];
+        int count;
+        const int *sizes = sizes_for(ref->act_type, &count);
+        for (int s = 0; s < count; s++) {
+            int n = sizes[s];
             size_t bytes = ek_row_bytes(ref->act_type, n);
-            fill_activations(fa, n);
+            fill_activations(fa, n, ek_type_block_elems(ref->act_type));
             memset(qb, 0xa5, bytes + 8);
             memset(qc, 0xa5, bytes + 8);
             ops->quantize(fa, qb, n);
@@ -209,10 +270,13 @@ static void test_dequantize(const ek_kernels *t) {
         int type = WEIGHT_TYPES[w];
         char name[40];
         snprintf(name, sizeof name, "dequantize %s", type_name(type));
+        if (!t->types[type].dequantize) {
+            report_skipped(t, name);
+            continue;
+        }
         result r = begin(t, name, TOL_DOT);
-        const int *sizes = type == EK_TYPE_F32 || type == EK_TYPE_F16 ? FLOAT_SIZES : BLOCK_SIZES;
-        int count = type == EK_TYPE_F32 || type == EK_TYPE_F16 ? COUNT(FLOAT_SIZES)
-                                                                : COUNT(BLOCK_SIZES);
+        int count;
+        const int *sizes = sizes_for(type, &count);
         for (int s = 0; s < count; s++) {
             int n = sizes[s];
             fill_weight_row(type, qa, n);
@@ -233,7 +297,7 @@ static double gemm_case(const ek_kernels *t, int type, int n, int nrows, int nx)
     size_t y_stride = (size_t)nrows + 3;
     for (int i = 0; i < nrows; i++) fill_weight_row(type, qa + i * w_stride, n);
     for (int j = 0; j < nx; j++) {
-        fill_activations(fa, n);
+        fill_activations(fa, n, ek_type_block_elems(ref->act_type));
         if (ref->quantize)
             ref->quantize(fa, qx + j * x_stride, n);
         else
@@ -262,7 +326,7 @@ static double gemm_x8_case(const ek_kernels *t, int type, int n, int nrows, int 
     }
     ek_x8_pack(type, wa, wb, nrows, n, 0);
     for (int j = 0; j < nx; j++) {
-        fill_activations(fa, n);
+        fill_activations(fa, n, EK_QK);
         ref->quantize(fa, qx + j * x_stride, n);
     }
     size_t ny = (size_t)nx * y_stride;
@@ -302,7 +366,7 @@ static void test_x8_layout(void) {
                                              (size_t)(nrows - whole) * row);
                 record(&r, (double)differing);
 
-                fill_activations(fa, n);
+                fill_activations(fa, n, EK_QK);
                 ek_kernels_ref.types[type].quantize(fa, qx, n);
                 ek_kernels_ref.types[type].gemm_x8(n, wb, row, nrows, qx, 0, 1, ya, 0);
                 ek_kernels_ref.types[type].gemm(n, wa, row, nrows, qx, 0, 1, yb, 0);
@@ -318,17 +382,20 @@ static void test_gemm(const ek_kernels *t) {
         const ek_type_ops *ref = &ek_kernels_ref.types[type];
         char name[40];
         snprintf(name, sizeof name, "gemm %s x %s", type_name(type), type_name(ref->act_type));
+        if (!t->types[type].gemm) {
+            report_skipped(t, name);
+            continue;
+        }
         result r = begin(t, name, TOL_DOT);
         if (t->types[type].act_type != ref->act_type) record(&r, INFINITY);
-        int is_float = type == EK_TYPE_F32 || type == EK_TYPE_F16;
-        const int *sizes = is_float ? FLOAT_SIZES : BLOCK_SIZES;
-        int count = is_float ? COUNT(FLOAT_SIZES) : COUNT(BLOCK_SIZES);
+        int count;
+        const int *sizes = sizes_for(type, &count);
         for (int s = 0; s < count; s++)
             for (int a = 0; a < COUNT(GEMM_ROWS); a++)
                 for (int b = 0; b < COUNT(GEMM_COLS); b++)
                     record(&r, gemm_case(t, type, sizes[s], GEMM_ROWS[a], GEMM_COLS[b]));
         /* the widest float rows too, for the long main loops */
-        if (is_float)
+        if (is_float(type))
             for (int s = 4; s < COUNT(BLOCK_SIZES); s++)
                 record(&r, gemm_case(t, type, BLOCK_SIZES[s], 5, 5));
         report(&r);
@@ -561,7 +628,7 @@ static void test_kv_store(const ek_kernels *t) {
     }
     for (int s = 0; s < COUNT(BLOCK_SIZES); s++) { /* q8_0: whole blocks */
         int n = BLOCK_SIZES[s];
-        fill_activations(fa, n);
+        fill_activations(fa, n, EK_QK);
         t->kv_store(qb, fa, n, EK_TYPE_Q8_0);
         kv_store_ref(qc, fa, n, EK_TYPE_Q8_0);
         record(&r, bytes_differing(qb, qc, ek_row_bytes(EK_TYPE_Q8_0, n)));
