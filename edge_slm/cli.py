@@ -360,7 +360,11 @@ def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots, max_to
         f"layers        {cfg.n_layer}, width {cfg.dim}, FFN {cfg.hidden_dim}",
         f"heads         {cfg.n_head} query / {cfg.n_kv_head} KV, head size {cfg.head_dim}",
         f"vocabulary    {cfg.vocab} ({f.get('tokenizer.ggml.model', '?')})",
-        f"context       {cfg.context_length} trained; RoPE base {cfg.rope_base:g}",
+        f"context       {cfg.context_length} trained; RoPE base {cfg.rope_base:g}"
+        + (f", scaled x{1 / cfg.rope_scale:g}" if cfg.rope_scale != 1 else "")
+        + (", with per-dimension factors" if "rope_freqs.weight" in tensors else ""),
+        *([f"window        {cfg.swa_window} positions on {cfg.sliding_layers} of {cfg.n_layer} layers "
+           f"(RoPE base {cfg.rope_base_swa:g}); the others see the whole context"] if cfg.swa_window else []),
         f"tensors       {len(tensors)}: " + ", ".join(
             f"{n} x {t} ({type_bytes[t] / MIB:.1f} MiB)" for t, n in types.most_common()),
     ]

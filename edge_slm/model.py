@@ -93,6 +93,13 @@ class ModelConfig:
     def family(self) -> Architecture:
         return ARCHITECTURES[self.arch]
 
+    @property
+    def sliding_layers(self) -> int:
+        """Layers that attend over the sliding window only (ek_layer_slides)."""
+        if not self.swa_window:
+            return 0
+        return sum(1 for i in range(self.n_layer) if not (self.swa_pattern and (i + 1) % self.swa_pattern == 0))
+
     def core(self) -> dict[str, Any]:
         """The fields the C model takes."""
         d = asdict(self)

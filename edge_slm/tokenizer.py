@@ -39,6 +39,9 @@ EOG_TEXTS = frozenset({
     "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
 })
 
+# Token types whose text becomes the token itself when special=True (and
+# stays text otherwise), as in llama.cpp's cache_special_tokens.
+PARSED_WHEN_SPECIAL = frozenset({TokenType.CONTROL, TokenType.UNKNOWN})
 # How a BYTE token's text spells its byte.
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # llama.cpp shows an unknown token as this block character.
@@ -240,11 +243,12 @@ class _ByteLevelBPE:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.splits]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        # Control tokens are matched in text only when special=True; user-defined
-        # ones always, as llama.cpp's tokenizer_st_partition does.
+        # Control tokens (and the unknown token) are matched in text only when
+        # special=True; user-defined ones always, as llama.cpp's
+        # tokenizer_st_partition does.
         tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
                                 for t, ty in zip(vocab.tokens, vocab.types)
-                                if ty == TokenType.CONTROL])
+                                if ty in PARSED_WHEN_SPECIAL])
         tok.add_tokens([AddedToken(t, normalized=False, special=False)
                         for t, ty in zip(vocab.tokens, vocab.types)
                         if ty == TokenType.USER_DEFINED])
@@ -287,9 +291,9 @@ class _SentencePiece:
         except (RuntimeError, OSError) as e:
             raise ModelError(f"{vocab.source}: sentencepiece rejected the vocabulary ({e})") from None
         # llama.cpp splits these out of the text before SentencePiece sees it;
-        # control tokens only when special=True.
+        # control tokens (and the unknown token) only when special=True.
         self._user = [t for t, ty in zip(vocab.tokens, vocab.types) if ty == TokenType.USER_DEFINED]
-        self._control = [t for t, ty in zip(vocab.tokens, vocab.types) if ty == TokenType.CONTROL]
+        self._control = [t for t, ty in zip(vocab.tokens, vocab.types) if ty in PARSED_WHEN_SPECIAL]
         self._ids = {t: i for i, t in enumerate(vocab.tokens)}
         self._splitters = {special: _special_splitter(self._user + (self._control if special else []))
                            for special in (False, True)}
@@ -418,7 +422,7 @@ class Tokenizer:
         # and after each token split out of the text (control or user-defined).
         self._strip_run_space = vocab.model == "llama" and vocab.add_space_prefix
         self._run_breaks = frozenset(i for i, t in enumerate(vocab.types)
-                                     if t in (TokenType.CONTROL, TokenType.USER_DEFINED))
+                                     if t in PARSED_WHEN_SPECIAL or t == TokenType.USER_DEFINED)
         self._control_ids = {vocab.tokens[i]: i for i in sorted(self._controls)}  # a duplicate's last id
         # Finds the markup's control tokens in a rendered chat; and what a message's
         # fields have marked: their control-token texts, and the mark character,
