@@ -18,22 +18,35 @@ class TensorType(IntEnum):
     F16 = 1
     Q4_0 = 2
     Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
     Q8_0 = 8
     Q8_1 = 9  # activations only; our block keeps d and s in f32 (40 bytes)
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    Q8_K = 15  # activations only, paired with the K-quants
 
 
-# (elements per block, bytes per block)
+# (elements per block, bytes per block); the K-quants' blocks are super-blocks of 256
 BLOCK_SIZES: dict[TensorType, tuple[int, int]] = {
     TensorType.F32: (1, 4),
     TensorType.F16: (1, 2),
     TensorType.Q4_0: (32, 18),
     TensorType.Q4_1: (32, 20),
+    TensorType.Q5_0: (32, 22),
+    TensorType.Q5_1: (32, 24),
     TensorType.Q8_0: (32, 34),
     TensorType.Q8_1: (32, 40),
+    TensorType.Q4_K: (256, 144),
+    TensorType.Q5_K: (256, 176),
+    TensorType.Q6_K: (256, 210),
+    TensorType.Q8_K: (256, 292),
 }
 
 # Types a weight matrix may have in a file we load.
-WEIGHT_TYPES = (TensorType.F32, TensorType.F16, TensorType.Q4_0, TensorType.Q4_1, TensorType.Q8_0)
+WEIGHT_TYPES = (TensorType.F32, TensorType.F16, TensorType.Q4_0, TensorType.Q4_1, TensorType.Q5_0,
+                TensorType.Q5_1, TensorType.Q8_0, TensorType.Q4_K, TensorType.Q5_K, TensorType.Q6_K)
 
 # KV cache element types, by the name users give them.
 KV_TYPES: dict[str, TensorType] = {"f16": TensorType.F16, "q8_0": TensorType.Q8_0}

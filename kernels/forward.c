@@ -46,7 +46,8 @@ struct ek_model {
     float *cs;       /* [B, head_dim] RoPE cos/sin pairs per token */
     float *cs_swa;   /* the same for the sliding-window layers' base (NULL: none slides) */
     float *scores;   /* [n_threads, n_ctx] attention weights */
-    void *xq;        /* [B, widest activation row] quantized activations */
+    void *xq;        /* [B, widest activation row] quantized activations, sized in
+                        Q8_1, the widest per element of the activation formats */
     double *inv_freq, *inv_freq_swa; /* [head_dim / 2] RoPE frequencies, scaling applied */
 };
 

@@ -33,6 +33,14 @@ def test_q8_1_is_our_own_activation_layout():
     assert TensorType.Q8_1 not in WEIGHT_TYPES
 
 
+def test_q8_K_is_ggml_activation_layout():
+    """Q8_K (d in f32, 256 quants, 16 sums of 16) is ggml's own layout, so
+    gguf-py's size applies; like Q8_1 it is an activation format only."""
+    assert BLOCK_SIZES[TensorType.Q8_K] == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_K]
+    assert BLOCK_SIZES[TensorType.Q8_K] == (256, 4 + 256 + 2 * 16)
+    assert TensorType.Q8_K not in WEIGHT_TYPES
+
+
 def test_kv_types_are_the_cache_formats():
     assert KV_TYPES == {"f16": TensorType.F16, "q8_0": TensorType.Q8_0}
 
@@ -40,5 +48,8 @@ def test_kv_types_are_the_cache_formats():
 def test_row_bytes():
     assert row_bytes(TensorType.Q4_0, 64) == 2 * 18
     assert row_bytes(TensorType.F16, 7) == 14
+    assert row_bytes(TensorType.Q6_K, 1536) == 6 * 210
     with pytest.raises(ValueError, match="48 elements"):
         row_bytes(TensorType.Q4_1, 48)
+    with pytest.raises(ValueError, match="576 elements is not a whole number of Q4_K blocks"):
+        row_bytes(TensorType.Q4_K, 576)

@@ -8,7 +8,10 @@ types' matmuls run twice: over the file's layout and, repacked, over the
 x8 layout the model multiplies by (whole groups of 8 rows, then a tail).
 
 Weights are made by gguf-py's quantizers and read back by its dequantizers,
-so the numpy side never shares code with the kernels. Tolerances are
+so the numpy side never shares code with the kernels; gguf-py cannot make
+the K-quants, whose weights are random blocks. The last block-format tests
+hold the kernels to ggml's own quantizers, readers and dot products, when
+llama-cpp-python is installed. Tolerances are
 normalised mean squared errors, sum((a - b)^2) / sum(b^2), against float64
 references. Each bound sits one to three orders of magnitude above what
 correct kernels reach (measured values below) and far below what a bug
@@ -17,6 +20,9 @@ touches, an NMSE of 1e-4 or more even when pooled over a whole sweep.
 """
 
 from __future__ import annotations
+
+import ctypes
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -27,15 +33,19 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edge_slm import _core
-from edge_slm.formats import WEIGHT_TYPES, TensorType
+from edge_slm.formats import BLOCK_SIZES, WEIGHT_TYPES, TensorType
 
 T = TensorType
 GGML = {t: gguf.GGMLQuantizationType[t.name] for t in TensorType}
 # The activation format each weight type is dotted with, as in the kernel tables.
-ACT_TYPE = {T.F32: T.F32, T.F16: T.F32, T.Q4_0: T.Q8_0, T.Q4_1: T.Q8_1, T.Q8_0: T.Q8_0}
+ACT_TYPE = {T.F32: T.F32, T.F16: T.F32, T.Q4_0: T.Q8_0, T.Q4_1: T.Q8_1, T.Q5_0: T.Q8_0,
+            T.Q5_1: T.Q8_1, T.Q8_0: T.Q8_0, T.Q4_K: T.Q8_K, T.Q5_K: T.Q8_K, T.Q6_K: T.Q8_K}
 
-BLOCK_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0)
+FLOAT_TYPES = (T.F32, T.F16)
+X8_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0)  # the block types with an x8 layout
+K_QUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)  # super-blocks of 256; gguf-py reads them but cannot make them
 BLOCK_COLS = (32, 64, 96, 160, 576, 1536)
+K_COLS = (256, 512, 768, 1536, 2304)
 ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 17, 33)
 NX = (1, 2, 3, 4, 5, 8, 9)
 # The x8 layout packs groups of 8 rows and leaves a tail of 1..7 in the
@@ -46,11 +56,17 @@ X8_NX = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 FLOAT_NS = (1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 65, 100, 257, 576)
 # F16 and F32 rows may have any length: these also reach the 8-wide loops' tails.
 FLOAT_COLS = (1, 7, 9, 33, 100) + BLOCK_COLS
+
+def block_cols(t: TensorType) -> tuple[int, ...]:
+    """Row lengths that are whole blocks of t (any length for the float types: FLOAT_COLS)."""
+    return K_COLS if t in K_QUANTS else BLOCK_COLS
+
+
 MATMUL_CASES = [
     (t, cols, x8)
     for t in WEIGHT_TYPES
-    for cols in (BLOCK_COLS if t in BLOCK_TYPES else FLOAT_COLS)
-    for x8 in ((False, True) if t in BLOCK_TYPES else (False,))
+    for cols in (FLOAT_COLS if t in FLOAT_TYPES else block_cols(t))
+    for x8 in ((False, True) if t in X8_TYPES else (False,))
 ]
 KV_CASES = [(T.F16, d) for d in (8, 32, 40, 64, 100, 128)] + [(T.Q8_0, d) for d in (32, 64, 128)]
 
@@ -83,6 +99,24 @@ def backend(request) -> str:
     return request.param
 
 
+def has_kernel(backend: str, t: TensorType) -> bool:
+    """Whether backend's table has an entry for weight type t (SIMD tables
+    gain the newer types one at a time; the reference has them all)."""
+    try:
+        elems, nbytes = BLOCK_SIZES[t]
+        _core.dequantize(backend, int(t), bytes(nbytes), np.empty(elems, np.float32))
+    except ValueError as e:
+        if "no kernel" in str(e):
+            return False
+        raise
+    return True
+
+
+def require_kernel(backend: str, t: TensorType) -> None:
+    if not has_kernel(backend, t):
+        pytest.skip(f"{backend} has no {t.name} kernel yet")
+
+
 def case_id(v) -> str:
     return getattr(v, "name", str(v))
 
@@ -108,6 +142,36 @@ def decode(data: np.ndarray, t: TensorType) -> np.ndarray:
     return dequantize(data, GGML[t]).astype(np.float64)
 
 
+# Typical |sc * q| of a random K-quant element, in units of d (sc the 6-bit
+# scale, or Q6_K's signed 8-bit one, times a random quant), and of |mn| in
+# units of dmin: d set to a block's RMS over it gives values of that size.
+K_SPREAD = {T.Q4_K: (32 * 8, 32), T.Q5_K: (32 * 16, 32), T.Q6_K: (64 * 16, None)}
+# Where d and dmin are in each K-quant block (bytes).
+K_SCALES_AT = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208, None)}
+
+
+def random_k_blocks(rng: np.random.Generator, values: np.ndarray, t: TensorType) -> np.ndarray:
+    """Rows of t blocks shaped like values (a row, or rows): every bit random
+    (quants, sub-block scales and mins) but the f16 super-block scales, set
+    so each super-block is about as large as values are there (zero where
+    they are, f16 subnormal where they are tiny)."""
+    values = np.asarray(values, np.float32)
+    elems, nbytes = BLOCK_SIZES[t]
+    n_blocks = values.size // elems
+    blocks = rng.integers(0, 256, (n_blocks, nbytes), dtype=np.uint8)
+    rms = np.sqrt(np.mean(values.reshape(n_blocks, elems).astype(np.float64) ** 2, axis=1))
+    (d_spread, dmin_spread), (d_at, dmin_at) = K_SPREAD[t], K_SCALES_AT[t]
+    for at, spread in ((d_at, d_spread), (dmin_at, dmin_spread)):
+        if at is not None:
+            blocks[:, at:at + 2] = (rms / spread).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(*values.shape[:-1], -1)
+
+
+def weights(rng: np.random.Generator, values: np.ndarray, t: TensorType) -> np.ndarray:
+    """Weights of type t in GGUF layout, from values where gguf-py can quantize t."""
+    return random_k_blocks(rng, values, t) if t in K_QUANTS else encode(values, t)
+
+
 def round_half_away(v: np.ndarray) -> np.ndarray:
     """C's roundf, in float64 where x + 0.5 is exact for these magnitudes."""
     v = np.asarray(v, np.float64)
@@ -124,6 +188,20 @@ def q8_scales(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return blocks, d, inv
 
 
+def q8_K(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x as Q8_K, computed as ggml's quantize_row_q8_K_ref does (and ours;
+    tests/test_kquants.py checks this against ggml's bytes): per 256, the
+    element of largest magnitude, sign kept, sets iscale = -127 / max, quants
+    round half to even, d = 1 / iscale; an all-zero block has d = 0.
+    Returns (d [blocks, 1] float32, quants [blocks, 256] int8)."""
+    blocks = np.asarray(x, np.float32).reshape(-1, 256)
+    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1, keepdims=True), axis=1)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(peak == 0, np.float32(0), np.float32(-127) / peak)
+        d = np.where(peak == 0, np.float32(0), np.float32(1) / iscale)
+    return d.astype(np.float32), np.rint(blocks * iscale).astype(np.int8)
+
+
 def activations_as_seen(x: np.ndarray, wtype: TensorType) -> np.ndarray:
     """x as the gemm of wtype sees it: after its activation quantizer."""
     act = ACT_TYPE[wtype]
@@ -131,6 +209,9 @@ def activations_as_seen(x: np.ndarray, wtype: TensorType) -> np.ndarray:
         return x.astype(np.float64)
     if act == T.Q8_0:  # gguf-py's Q8_0 is bit-exact with ggml's, as ours is (tested below)
         return decode(encode(x, T.Q8_0), T.Q8_0)
+    if act == T.Q8_K:
+        d, q = q8_K(x)
+        return (q.astype(np.float64) * d).reshape(x.shape)
     blocks, d, inv = q8_scales(x)  # Q8_1 keeps the f32 scale
     return (round_half_away(blocks * inv) * d).reshape(x.shape)
 
@@ -213,9 +294,10 @@ class SweepError:
 
 @pytest.mark.parametrize("wtype", WEIGHT_TYPES, ids=case_id)
 def test_dequantize_matches_gguf_exactly(backend, wtype):
+    require_kernel(backend, wtype)
     rng = np.random.default_rng(int(wtype))
-    for n in BLOCK_COLS if wtype in BLOCK_TYPES else FLOAT_NS:
-        data = encode(mixed_blocks(rng, n), wtype)
+    for n in FLOAT_NS if wtype in FLOAT_TYPES else block_cols(wtype):
+        data = weights(rng, mixed_blocks(rng, n), wtype)
         out = np.empty(n, np.float32)
         _core.dequantize(backend, int(wtype), data, out)
         want = dequantize(data, GGML[wtype])
@@ -275,9 +357,10 @@ def matmul_case_id(v) -> str:
 
 @pytest.mark.parametrize("wtype, cols, x8", MATMUL_CASES, ids=matmul_case_id)
 def test_matmul_sweep(backend, wtype, cols, x8):
+    require_kernel(backend, wtype)
     all_rows, all_nx = (X8_ROWS, X8_NX) if x8 else (ROWS, NX)
     rng = np.random.default_rng([int(wtype), cols])
-    w = encode(rng.standard_normal((max(all_rows), cols), dtype=np.float32), wtype)
+    w = weights(rng, rng.standard_normal((max(all_rows), cols), dtype=np.float32), wtype)
     x = rng.standard_normal((max(all_nx), cols), dtype=np.float32)
     w_seen, x_seen = decode(w, wtype), activations_as_seen(x, wtype)
     vs_seen, vs_exact, vs_ref = SweepError(), SweepError(), SweepError()
@@ -306,7 +389,7 @@ def test_matmul_sweep(backend, wtype, cols, x8):
 @given(
     wtype=st.sampled_from(WEIGHT_TYPES),
     rows=st.integers(1, 40),
-    n_blocks=st.integers(1, 24),
+    n_blocks=st.integers(1, 24),  # of 32 (the K-quants: rounded up to whole super-blocks)
     short_by=st.integers(0, 31),  # F16/F32 only: rows of any length
     nx=st.integers(1, 10),
     seed=st.integers(0, 2**32 - 1),
@@ -321,15 +404,18 @@ def test_matmul_random(
 ):
     # at least 16 outputs, so their NMSE is not one output near zero (see SweepError)
     assume(rows * nx >= 16)
+    assume(has_kernel(backend, wtype))
     rng = np.random.default_rng(seed)
-    cols = 32 * n_blocks - (0 if wtype in BLOCK_TYPES else short_by)
+    if wtype in K_QUANTS:
+        n_blocks = -(-n_blocks // 8) * 8
+    cols = 32 * n_blocks - (short_by if wtype in FLOAT_TYPES else 0)
     w = random_values(rng, (rows, 32 * n_blocks), w_exponent, zero_blocks, outliers)
-    w = encode(w[:, :cols], wtype)
+    w = weights(rng, w[:, :cols], wtype)
     x = random_values(rng, (nx, 32 * n_blocks), x_exponent, zero_blocks, outliers)
     x = np.ascontiguousarray(x[:, :cols])
     want = activations_as_seen(x, wtype) @ decode(w, wtype).T
     ref = matmul("ref", wtype, w, x)
-    for x8 in (False, True) if wtype in BLOCK_TYPES else (False,):
+    for x8 in (False, True) if wtype in X8_TYPES else (False,):
         y = matmul(backend, wtype, w, x, x8)
         assert nmse(y, want) < NMSE_MATMUL, f"x8={x8}"
         assert nmse(y, ref) < NMSE_MATMUL, f"x8={x8}"
@@ -341,6 +427,170 @@ def test_default_backend_is_the_best():
     assert _core.best_backend() in _core.backends()
     best = matmul(_core.best_backend(), T.Q4_1, w, x)
     np.testing.assert_array_equal(matmul(None, T.Q4_1, w, x), best)
+
+
+# ---- against ggml's own C code ----
+# The blocks ggml's quantizers really make, read by its own readers, the
+# Q8_K activations llama.cpp's K-quant dot products see, and those dot
+# products: from the peer's libggml-base and libggml-cpu (llama-cpp-python,
+# installed by `make bench`); skipped without it.
+
+NEW_TYPES = (T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+Q8_K_BLOCK = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
+# ggml's Q8_1 keeps d and s in f16 (ours in f32): its Q5_1 dots differ from
+# ours by those roundings, up to 2^-11 of each term (measured 3.6e-7; the
+# other types agree to float summation order, measured <= 7e-14).
+NMSE_GGML_Q8_1 = 1e-5
+
+
+def ggml_library(name: str) -> ctypes.CDLL:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = Path(llama_cpp.__file__).parent / "lib" / name
+    if not path.exists():
+        pytest.skip(f"no {path}")
+    return ctypes.CDLL(str(path))
+
+
+@pytest.fixture(scope="module")
+def ggml() -> ctypes.CDLL:
+    return ggml_library("libggml-base.so")
+
+
+@pytest.fixture(scope="module")
+def ggml_cpu() -> ctypes.CDLL:
+    lib = ggml_library("libggml-cpu.so")
+    lib.ggml_cpu_init()  # its f16 tables, before any dot product
+    return lib
+
+
+def ggml_call(ggml: ctypes.CDLL, name: str, src: np.ndarray, out: np.ndarray, n: int) -> None:
+    """ggml's row functions all take (source, destination, elements)."""
+    fn = getattr(ggml, name)
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    fn(src.ctypes.data, out.ctypes.data, n)
+
+
+def ggml_name(t: TensorType) -> str:
+    return t.name[0].lower() + t.name[1:]  # q5_0, q4_K
+
+
+def ggml_quantize(ggml: ctypes.CDLL, values: np.ndarray, t: TensorType) -> np.ndarray:
+    """values quantized to t by ggml's reference quantizer, rows kept. The
+    output starts zeroed: for an all-zero block ggml leaves Q8_K's sums unset."""
+    x = np.ascontiguousarray(values, np.float32)
+    elems, nbytes = BLOCK_SIZES[t]
+    out = np.zeros(x.size // elems * nbytes, np.uint8)
+    ggml_call(ggml, f"quantize_row_{ggml_name(t)}_ref", x, out, x.size)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def ggml_dequantize(ggml: ctypes.CDLL, data: np.ndarray, t: TensorType) -> np.ndarray:
+    elems, nbytes = BLOCK_SIZES[t]
+    out = np.empty(data.size // nbytes * elems, np.float32)
+    ggml_call(ggml, f"dequantize_row_{ggml_name(t)}", np.ascontiguousarray(data), out, out.size)
+    return out
+
+
+def q8_K_cases(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n values in super-blocks at scales 1e-4..1e2; where n has room,
+    super-blocks 1-4 are the awkward ones: all zero, a negative peak, a
+    peak of 127 with every other element a tie (x.5), and two peaks of
+    equal magnitude and opposite sign (the first sets the sign)."""
+    v = rng.standard_normal((n // 256, 256)) * 10.0 ** rng.uniform(-4, 2, (n // 256, 1))
+    negative_peak, opposite_peaks = rng.standard_normal((2, 256))  # |x| < 5 or so
+    negative_peak[17] = -10.0
+    opposite_peaks[3], opposite_peaks[200] = 10.0, -10.0
+    ties = np.concatenate([[127.0], np.arange(255) % 64 - 31.5])
+    for i, block in enumerate((np.zeros(256), negative_peak, ties, opposite_peaks), start=1):
+        if i < len(v):
+            v[i] = block
+    return v.ravel().astype(np.float32)
+
+
+@pytest.mark.parametrize("wtype", NEW_TYPES, ids=case_id)
+def test_dequantize_matches_ggml_on_its_own_blocks(ggml, backend, wtype):
+    """Our reader, ggml's and gguf-py's agree exactly on blocks ggml made."""
+    require_kernel(backend, wtype)
+    rng = np.random.default_rng(int(wtype) + 100)
+    for n in block_cols(wtype):
+        data = ggml_quantize(ggml, mixed_blocks(rng, n), wtype)
+        out = np.empty(n, np.float32)
+        _core.dequantize(backend, int(wtype), data, out)
+        np.testing.assert_array_equal(out, ggml_dequantize(ggml, data, wtype), err_msg=f"n={n}")
+        np.testing.assert_array_equal(out, dequantize(data, GGML[wtype]), err_msg=f"n={n}")
+
+
+@pytest.mark.parametrize("n", K_COLS)
+def test_q8_K_as_ggml_makes_it(ggml, n):
+    """q8_K, the Q8_K the sweeps above hold our K-quant gemms to, is ggml's
+    to the bit: scale, quants and the sums of each 16."""
+    x = q8_K_cases(np.random.default_rng(n), n)
+    blocks = ggml_quantize(ggml, x, T.Q8_K).view(Q8_K_BLOCK)
+    d, q = q8_K(x)
+    np.testing.assert_array_equal(d[:, 0], blocks["d"])
+    np.testing.assert_array_equal(q, blocks["qs"])
+    sums = q.reshape(-1, 16, 16).sum(axis=2, dtype=np.int16)
+    np.testing.assert_array_equal(sums, blocks["bsums"])
+
+
+@pytest.mark.parametrize("n", K_COLS)
+def test_quantize_q8_K_matches_ggml(ggml, backend, n):
+    x = q8_K_cases(np.random.default_rng(n), n)
+    out = np.empty(n // 256 * 292, np.uint8)
+    try:
+        _core.quantize(backend, int(T.Q8_K), x, out)
+    except ValueError as e:
+        if "no activation quantizer" in str(e):
+            pytest.skip("the binding has no Q8_K quantizer (kernels/python/module.c)")
+        raise
+    assert out.tobytes() == ggml_quantize(ggml, x, T.Q8_K).tobytes(), f"{backend} n={n}"
+
+
+@pytest.mark.parametrize("wtype", NEW_TYPES, ids=case_id)
+def test_matmul_on_ggml_blocks(ggml, backend, wtype):
+    """The sweeps' random blocks, again with the blocks ggml's quantizers make
+    of Gaussian rows (scales fitted, quants clustered as in real files)."""
+    require_kernel(backend, wtype)
+    rng = np.random.default_rng(int(wtype) + 200)
+    err = SweepError()
+    for cols in block_cols(wtype):
+        w = ggml_quantize(ggml, rng.standard_normal((9, cols)), wtype)
+        x = rng.standard_normal((5, cols)).astype(np.float32)
+        want = activations_as_seen(x, wtype) @ decode(w, wtype).T
+        err.add((cols,), matmul(backend, wtype, w, x), want)
+    where = f"{backend} {wtype.name}"
+    assert err.nmse < NMSE_MATMUL, f"{where}: NMSE {err.nmse:.3g}, worst at {err.worst()}"
+
+
+@pytest.mark.parametrize("wtype", NEW_TYPES, ids=case_id)
+def test_matmul_matches_llama_cpp_dot_products(ggml, ggml_cpu, backend, wtype):
+    """Each output against llama.cpp's own dot product of the same weight
+    row with its own quantization of the activations (ggml_vec_dot_*, as
+    built for this machine): what "runs like llama.cpp" means per matmul."""
+    require_kernel(backend, wtype)
+    act = ACT_TYPE[wtype]
+    ggml_act_bytes = 36 if act == T.Q8_1 else BLOCK_SIZES[act][1]  # ggml's Q8_1: f16 d and s
+    dot = getattr(ggml_cpu, f"ggml_vec_dot_{ggml_name(wtype)}_{ggml_name(act)}")
+    # (n, &out, stride, weight row, stride, activations, stride, rows: 1)
+    size, ptr = ctypes.c_size_t, ctypes.c_void_p
+    dot.argtypes = [ctypes.c_int, ptr, size, ptr, size, ptr, size, ctypes.c_int]
+    rng = np.random.default_rng(int(wtype) + 300)
+    err = SweepError()
+    for cols in block_cols(wtype):
+        w = ggml_quantize(ggml, rng.standard_normal((9, cols)), wtype)
+        x = rng.standard_normal((3, cols)).astype(np.float32)
+        want = np.empty((3, 9), np.float32)
+        for j in range(3):
+            xq = np.zeros(cols // BLOCK_SIZES[act][0] * ggml_act_bytes, np.uint8)
+            ggml_call(ggml_cpu, f"quantize_row_{ggml_name(act)}", x[j], xq, cols)
+            for i in range(9):
+                out = np.empty(1, np.float32)
+                dot(cols, out.ctypes.data, 0, w[i].ctypes.data, 0, xq.ctypes.data, 0, 1)
+                want[j, i] = out[0]
+        err.add((cols,), matmul(backend, wtype, w, x), want)
+    bound = NMSE_GGML_Q8_1 if act == T.Q8_1 else NMSE_MATMUL
+    where = f"{backend} {wtype.name}"
+    assert err.nmse < bound, f"{where}: NMSE {err.nmse:.3g}, worst at {err.worst()}"
 
 
 # ---- float kernels ----

@@ -165,7 +165,7 @@ typedef void (*ek_quantize_fn)(const float *x, void *y, int n);
 typedef void (*ek_dequantize_fn)(const void *x, float *y, int n);
 
 typedef struct {
-    int              act_type;   /* activation format: Q8_0, Q8_1 or F32 */
+    int              act_type;   /* activation format: Q8_0, Q8_1, Q8_K or F32 */
     ek_quantize_fn   quantize;   /* f32 -> act_type (NULL when F32) */
     ek_gemm_fn       gemm;       /* NULL when the weight type is unsupported */
     ek_dequantize_fn dequantize; /* weight row -> f32 (embedding lookups) */

@@ -166,6 +166,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     ek_quantize_fn q = NULL;
     if (type == EK_TYPE_Q8_0) q = k->types[EK_TYPE_Q4_0].quantize;
     if (type == EK_TYPE_Q8_1) q = k->types[EK_TYPE_Q4_1].quantize;
+    if (type == EK_TYPE_Q8_K) q = k->types[EK_TYPE_Q4_K].quantize;
     if (!q) {
         PyErr_Format(PyExc_ValueError, "no activation quantizer for type %d", type);
         goto done;

@@ -42,8 +42,9 @@
  * difference can move one of them across a rounding boundary, and random
  * weights carry that on (seen: 4e-5). A broken kernel gives far more. */
 #define TOL_FORWARD 1e-3
-/* A quantized gemm against the unrounded activations: 8-bit rounding costs
- * about 1 / (4 * 127^2) = 1.5e-5 of the signal; a lost block costs far more. */
+/* A quantized gemm against the unrounded activations: 8-bit rounding of
+ * uniform values costs 1 / (4 * 127^2) = 1.5e-5 of the signal; a lost block
+ * or a wrong min term costs 1e-2 or more. */
 #define TOL_ROUNDING 1e-4
 
 static const int BLOCK_SIZES[] = {32, 64, 96, 288, 576, 1536, 4096 + 32};
@@ -223,9 +224,16 @@ static int is_float(int type) { return type == EK_TYPE_F32 || type == EK_TYPE_F1
 /* The row lengths swept for a type: any length for the float types, whole
  * blocks (super-blocks) otherwise. */
 static const int *sizes_for(int type, int *count) {
-    if (is_float(type)) return *count = COUNT(FLOAT_SIZES), FLOAT_SIZES;
-    if (ek_type_block_elems(type) == EK_QK_K) return *count = COUNT(K_SIZES), K_SIZES;
-    return *count = COUNT(BLOCK_SIZES), BLOCK_SIZES;
+    if (is_float(type)) {
+        *count = COUNT(FLOAT_SIZES);
+        return FLOAT_SIZES;
+    }
+    if (ek_type_block_elems(type) == EK_QK_K) {
+        *count = COUNT(K_SIZES);
+        return K_SIZES;
+    }
+    *count = COUNT(BLOCK_SIZES);
+    return BLOCK_SIZES;
 }
 
 /* A table without this kernel is not failed but named, so a run shows
@@ -413,13 +421,110 @@ static void test_gemm(const ek_kernels *t) {
     }
 }
 
+/* An activation row as the gemms read it, back in f32: x = d * q. */
+static void dequantize_activations(int act_type, const void *x, float *y, int n) {
+    int be = ek_type_block_elems(act_type);
+    for (int b = 0; b < n / be; b++) {
+        const int8_t *q;
+        float d;
+        if (act_type == EK_TYPE_Q8_0) {
+            const block_q8_0 *blk = (const block_q8_0 *)x + b;
+            d = ek_f16_to_f32(blk->d);
+            q = blk->qs;
+        } else if (act_type == EK_TYPE_Q8_1) {
+            const block_q8_1 *blk = (const block_q8_1 *)x + b;
+            d = blk->d;
+            q = blk->qs;
+        } else {
+            const block_q8_K *blk = (const block_q8_K *)x + b;
+            d = blk->d;
+            q = blk->qs;
+        }
+        for (int j = 0; j < be; j++) y[b * be + j] = d * q[j];
+    }
+}
+
+/* The reference gemm of type on 8 weight rows and 4 activation rows of n,
+ * held to its definition: each output is the dot product, in double, of a
+ * dequantized weight row with the activations as dequantized (to summation
+ * order), or, with unrounded set, as they were before quantizing (so the
+ * quantizer's scale, sign and sums are right, to its rounding). The
+ * unrounded activations are uniform: fill_activations' tie block, all
+ * halves, is rounding at its worst. */
+static double ref_gemm_error(int type, int n, int unrounded) {
+    enum { ROWS = 8, COLS = 4 };
+    const ek_type_ops *ref = &ek_kernels_ref.types[type];
+    size_t w_stride = ek_row_bytes(type, n), x_stride = ek_row_bytes(ref->act_type, n);
+    static float x[COLS][MAX_N];
+    for (int i = 0; i < ROWS; i++) fill_weight_row(type, qa + i * w_stride, n);
+    for (int j = 0; j < COLS; j++) {
+        if (unrounded)
+            fill_uniform(x[j], n, -1.0f, 1.0f);
+        else
+            fill_activations(x[j], n, ek_type_block_elems(ref->act_type));
+        ref->quantize(x[j], qx + j * x_stride, n);
+        if (!unrounded) dequantize_activations(ref->act_type, qx + j * x_stride, x[j], n);
+    }
+    ref->gemm(n, qa, w_stride, ROWS, qx, x_stride, COLS, ya, ROWS);
+    float want[ROWS * COLS];
+    for (int i = 0; i < ROWS; i++) {
+        ref->dequantize(qa + i * w_stride, fa, n);
+        for (int j = 0; j < COLS; j++) {
+            double dot = 0.0;
+            for (int k = 0; k < n; k++) dot += (double)fa[k] * x[j][k];
+            want[j * ROWS + i] = (float)dot;
+        }
+    }
+    return nmse(ya, want, ROWS * COLS);
+}
+
+static void test_ref_gemm_definition(void) {
+    for (int w = 0; w < COUNT(WEIGHT_TYPES); w++) {
+        int type = WEIGHT_TYPES[w];
+        if (is_float(type)) continue;
+        char name[40];
+        int count;
+        const int *sizes = sizes_for(type, &count);
+        for (int unrounded = 0; unrounded < 2; unrounded++) {
+            snprintf(name, sizeof name, "gemm %s as %s", type_name(type),
+                     unrounded ? "unrounded" : "dequantized");
+            result r = begin(&ek_kernels_ref, name, unrounded ? TOL_ROUNDING : TOL_DOT);
+            for (int s = 0; s < count; s++) record(&r, ref_gemm_error(type, sizes[s], unrounded));
+            report(&r);
+        }
+    }
+}
+
 /* ---- the forward pass ---- */
 
-/* A tiny Llama with every block type and shapes that leave rows past the
- * last x8 group (vocab 100): Q4_1 layer 0, Q4_0 layer 1 with a Q8_0 output
- * projection of attention, a tied Q8_0 embedding. */
-enum { FWD_LAYERS = 2, FWD_DIM = 64, FWD_HIDDEN = 96, FWD_HEADS = 4, FWD_KV_HEADS = 2,
-       FWD_HEAD_DIM = 16, FWD_VOCAB = 100, FWD_CTX = 32, FWD_BATCH = 8 };
+/* Tiny Llamas whose vocab (100) leaves rows past the last x8 group, with a
+ * tied Q8_0 embedding; each layer names the types of its matrices. */
+enum { FWD_MAX_LAYERS = 3, FWD_DIM = 64, FWD_HEADS = 4, FWD_KV_HEADS = 2, FWD_HEAD_DIM = 16,
+       FWD_VOCAB = 100, FWD_CTX = 32, FWD_BATCH = 8 };
+
+typedef struct {
+    int attn, wo, ffn, down; /* wq, wk, wv; wo; w_gate, w_up; w_down */
+} fwd_layer_types;
+
+typedef struct {
+    const char *name;
+    int hidden, n_layers;
+    fwd_layer_types layers[FWD_MAX_LAYERS];
+} fwd_variant;
+
+static const fwd_variant FWD_VARIANTS[] = {
+    /* the block types with an x8 layout: Q4_1, then Q4_0 with a Q8_0 wo */
+    {"forward, 2 slots", 96, 2,
+     {{EK_TYPE_Q4_1, EK_TYPE_Q4_1, EK_TYPE_Q4_1, EK_TYPE_Q4_1},
+      {EK_TYPE_Q4_0, EK_TYPE_Q8_0, EK_TYPE_Q4_0, EK_TYPE_Q4_0}}},
+    /* the 5-bit types, and a K-quant w_down (rows of 256, one super-block)
+     * in each layer: types mixed as llama.cpp's Q4_K_M files mix them, so
+     * Q8_0, Q8_1 and Q8_K activations alternate within a layer */
+    {"forward, 5-bit and K", 256, 3,
+     {{EK_TYPE_Q5_0, EK_TYPE_Q5_1, EK_TYPE_Q5_0, EK_TYPE_Q4_K},
+      {EK_TYPE_Q5_1, EK_TYPE_Q5_0, EK_TYPE_Q5_1, EK_TYPE_Q5_K},
+      {EK_TYPE_Q5_0, EK_TYPE_Q8_0, EK_TYPE_Q5_1, EK_TYPE_Q6_K}}},
+};
 
 static uint8_t *fwd_matrix(int type, int rows, int cols, ek_tensor *t) {
     size_t row = ek_row_bytes(type, cols);
@@ -468,29 +573,42 @@ static int fwd_run(ek_model *m, float *out) {
     return rows;
 }
 
-static void test_forward(void) {
+/* Whether t has a gemm for every matrix of v. */
+static int fwd_supported(const ek_kernels *t, const fwd_variant *v) {
+    for (int l = 0; l < v->n_layers; l++) {
+        const fwd_layer_types *L = &v->layers[l];
+        if (!t->types[L->attn].gemm || !t->types[L->wo].gemm || !t->types[L->ffn].gemm ||
+            !t->types[L->down].gemm)
+            return 0;
+    }
+    return 1;
+}
+
+static void test_forward(const fwd_variant *v) {
     const int q_dim = FWD_HEADS * FWD_HEAD_DIM, kv_dim = FWD_KV_HEADS * FWD_HEAD_DIM;
-    ek_layer layers[FWD_LAYERS];
-    void *owned[FWD_LAYERS * 9 + 2];
+    ek_layer layers[FWD_MAX_LAYERS] = {0}; /* every optional tensor absent */
+    void *owned[FWD_MAX_LAYERS * 9 + 2];
     int n_owned = 0;
-    ek_weights w = {{FWD_LAYERS, FWD_DIM, FWD_HIDDEN, FWD_HEADS, FWD_KV_HEADS, FWD_HEAD_DIM,
-                     FWD_VOCAB, 1e-5f, 10000.0f},
-                    {0}, {0}, {0}, layers};
+    ek_weights w = {.cfg = {.n_layer = v->n_layers, .dim = FWD_DIM, .hidden_dim = v->hidden,
+                            .n_head = FWD_HEADS, .n_kv_head = FWD_KV_HEADS,
+                            .head_dim = FWD_HEAD_DIM, .vocab = FWD_VOCAB, .norm_eps = 1e-5f,
+                            .rope_base = 10000.0f},
+                    .layers = layers};
     owned[n_owned++] = fwd_matrix(EK_TYPE_Q8_0, FWD_VOCAB, FWD_DIM, &w.tok_embd);
     w.output = w.tok_embd;
     owned[n_owned++] = fwd_norm(FWD_DIM, &w.out_norm);
-    for (int l = 0; l < FWD_LAYERS; l++) {
+    for (int l = 0; l < v->n_layers; l++) {
         ek_layer *L = &layers[l];
-        int type = l == 0 ? EK_TYPE_Q4_1 : EK_TYPE_Q4_0;
+        const fwd_layer_types *T = &v->layers[l];
         owned[n_owned++] = fwd_norm(FWD_DIM, &L->attn_norm);
         owned[n_owned++] = fwd_norm(FWD_DIM, &L->ffn_norm);
-        owned[n_owned++] = fwd_matrix(type, q_dim, FWD_DIM, &L->wq);
-        owned[n_owned++] = fwd_matrix(type, kv_dim, FWD_DIM, &L->wk);
-        owned[n_owned++] = fwd_matrix(type, kv_dim, FWD_DIM, &L->wv);
-        owned[n_owned++] = fwd_matrix(l == 1 ? EK_TYPE_Q8_0 : type, FWD_DIM, q_dim, &L->wo);
-        owned[n_owned++] = fwd_matrix(type, FWD_HIDDEN, FWD_DIM, &L->w_gate);
-        owned[n_owned++] = fwd_matrix(type, FWD_HIDDEN, FWD_DIM, &L->w_up);
-        owned[n_owned++] = fwd_matrix(type, FWD_DIM, FWD_HIDDEN, &L->w_down);
+        owned[n_owned++] = fwd_matrix(T->attn, q_dim, FWD_DIM, &L->wq);
+        owned[n_owned++] = fwd_matrix(T->attn, kv_dim, FWD_DIM, &L->wk);
+        owned[n_owned++] = fwd_matrix(T->attn, kv_dim, FWD_DIM, &L->wv);
+        owned[n_owned++] = fwd_matrix(T->wo, FWD_DIM, q_dim, &L->wo);
+        owned[n_owned++] = fwd_matrix(T->ffn, v->hidden, FWD_DIM, &L->w_gate);
+        owned[n_owned++] = fwd_matrix(T->ffn, v->hidden, FWD_DIM, &L->w_up);
+        owned[n_owned++] = fwd_matrix(T->down, FWD_DIM, v->hidden, &L->w_down);
     }
 
     enum { ROWS = 2 * 5 + 2 * 3 + 4 * 2 };
@@ -502,8 +620,13 @@ static void test_forward(void) {
         if (*k != &ek_kernels_ref) tables[n_tables++] = *k;
     for (int i = 0; i < n_tables; i++) {
         const ek_kernels *t = tables[i];
-        result r = begin(t, "forward, 2 slots", TOL_FORWARD);
-        ek_model_params p = {2, 2, FWD_CTX, FWD_BATCH, EK_TYPE_F16, t, 0};
+        if (!fwd_supported(t, v)) {
+            report_skipped(t, v->name);
+            continue;
+        }
+        result r = begin(t, v->name, TOL_FORWARD);
+        ek_model_params p = {.n_threads = 2, .n_slots = 2, .n_ctx = FWD_CTX,
+                             .max_batch = FWD_BATCH, .kv_type = EK_TYPE_F16, .kernels = t};
         float *out = i ? got : want_logits;
         for (int run = 0; run < 2; run++) {
             ek_model *m = NULL;
@@ -548,10 +671,13 @@ static void test_rmsnorm(const ek_kernels *t) {
     report(&r);
 }
 
-static void test_rope(const ek_kernels *t) {
+typedef void (*rope_fn)(float *x, int n_heads, int head_dim, const float *cs);
+
+/* rope and rope_neox: the same angles, different pairs. */
+static void test_rope(const ek_kernels *t, const char *kernel, rope_fn rope, rope_fn want) {
     static const int heads[] = {1, 3, 9};
     static const int dims[] = {2, 4, 6, 8, 10, 16, 18, 32, 64, 128};
-    result r = begin(t, "rope", TOL_DOT);
+    result r = begin(t, kernel, TOL_DOT);
     for (int h = 0; h < COUNT(heads); h++)
         for (int d = 0; d < COUNT(dims); d++) {
             int n = heads[h] * dims[d];
@@ -563,24 +689,27 @@ static void test_rope(const ek_kernels *t) {
             }
             fill_uniform(fa, n, -2.0f, 2.0f);
             memcpy(fb, fa, (size_t)n * sizeof(float));
-            t->rope(fa, heads[h], dims[d], cs);
-            rope_ref(fb, heads[h], dims[d], cs);
+            rope(fa, heads[h], dims[d], cs);
+            want(fb, heads[h], dims[d], cs);
             record(&r, nmse(fa, fb, n));
         }
     report(&r);
 }
 
-static void test_silu_mul(const ek_kernels *t) {
-    result r = begin(t, "silu_mul", TOL_EXP);
+typedef void (*gated_fn)(float *out, const float *gate, const float *up, int n);
+
+/* silu_mul and gelu_mul: an activation of the gate times up. */
+static void test_gated(const ek_kernels *t, const char *kernel, gated_fn fn, gated_fn want) {
+    result r = begin(t, kernel, TOL_EXP);
     for (int s = 0; s < COUNT(FLOAT_SIZES); s++) {
         int n = FLOAT_SIZES[s];
         fill_uniform(fa, n, -12.0f, 12.0f);
         if (n > 9) fa[3] = -95.0f, fa[5] = 95.0f, fa[7] = 0.0f; /* beyond exp's range */
         fill_uniform(fb, n, -2.0f, 2.0f);
-        t->silu_mul(fc, fa, fb, n);
-        silu_mul_ref(fd, fa, fb, n);
+        fn(fc, fa, fb, n);
+        want(fd, fa, fb, n);
         record(&r, nmse(fc, fd, n));
-        t->silu_mul(fa, fa, fb, n); /* in place */
+        fn(fa, fa, fb, n); /* in place */
         record(&r, nmse(fa, fd, n));
     }
     report(&r);
@@ -721,6 +850,7 @@ int main(int argc, char **argv) {
 
     test_dispatch(expect, expect_best);
     test_x8_layout();
+    test_ref_gemm_definition();
     int n_tables = 0;
     for (const ek_kernels *const *k = ek_available(); *k; k++) {
         const ek_kernels *t = *k;
@@ -730,15 +860,17 @@ int main(int argc, char **argv) {
         test_dequantize(t);
         test_gemm(t);
         test_rmsnorm(t);
-        test_rope(t);
-        test_silu_mul(t);
+        test_rope(t, "rope", t->rope, rope_ref);
+        test_rope(t, "rope_neox", t->rope_neox, rope_neox_ref);
+        test_gated(t, "silu_mul", t->silu_mul, silu_mul_ref);
+        test_gated(t, "gelu_mul", t->gelu_mul, gelu_mul_ref);
         test_softmax(t);
         test_add(t);
         test_kv_store(t);
         test_attention(t);
     }
     if (n_tables == 0) printf("no table other than ref is usable here\n");
-    test_forward();
+    for (int v = 0; v < COUNT(FWD_VARIANTS); v++) test_forward(&FWD_VARIANTS[v]);
     printf("%s: %d failing\n", n_failed ? "FAILED" : "PASSED", n_failed);
     return n_failed ? 1 : 0;
 }
