@@ -10,7 +10,8 @@
  * of it; leftover rows fill part of a tile. For the block types the rows'
  * sums are folded into the four lanes of one vector by pairwise adds, so
  * each activation row needs one accumulator and one int-to-float
- * conversion per block.
+ * conversion per block. The K-quants' tiles, with sub-block scales inside
+ * each super-block, are in gemm_k_neon.h.
  */
 #ifndef EDGE_KERNELS_ARM_GEMM_NEON_H
 #define EDGE_KERNELS_ARM_GEMM_NEON_H
@@ -24,10 +25,10 @@
 #endif
 
 
-/* Block b of an activation row: its quants, scale and (for Q4_1's Q8_1)
- * d * sum of quants; s is 0 for Q8_0. */
+/* Block b of an activation row: its quants, scale and (for the Q8_1 of
+ * Q4_1 and Q5_1) d * sum of quants; s is 0 for Q8_0. */
 EK_INLINE quants32 act_block(const int wtype, const char *row, int b, float *dx, float *s) {
-    if (wtype == EK_TYPE_Q4_1) {
+    if (has_min(wtype)) {
         const block_q8_1 *blk = (const block_q8_1 *)row + b;
         *dx = blk->d;
         *s = blk->s;
@@ -55,8 +56,9 @@ EK_INLINE int32x4_t dot_block(quants32 w, quants32 x) {
 }
 
 #if !EK_NEON_DOTPROD
-/* Four products per 16-bit lane: only for Q4 weights (|w| <= 15, so a lane
- * holds at most 4 * 15 * 127 = 7620, and four rows folded 30480). */
+/* Four products per 16-bit lane: only for weights within -16..16 (Q4, Q5
+ * as q - 16, Q4_K and Q5_K), so a lane holds at most 4 * 16 * 127 = 8128,
+ * and four rows folded 32512. */
 EK_INLINE int16x8_t dot_block_q4(quants32 w, quants32 x) {
     int16x8_t p = vmull_s8(vget_low_s8(w.lo), vget_low_s8(x.lo));
     p = vmlal_s8(p, vget_high_s8(w.lo), vget_high_s8(x.lo));
@@ -91,35 +93,20 @@ EK_INLINE void gemm_tile_q(const int wtype, const int RW, const int RX, int nb,
 #pragma GCC unroll 4
     for (int j = 0; j < RX; j++) acc[j] = vdupq_n_f32(0.0f);
     const size_t ahead = prefetch_ahead(w_stride);
-    const size_t block_bytes = wtype == EK_TYPE_Q4_0   ? sizeof(block_q4_0)
-                               : wtype == EK_TYPE_Q4_1 ? sizeof(block_q4_1)
-                                                       : sizeof(block_q8_0);
 
     for (int b = 0; b < nb; b++) {
         quants32 wq[TILE_ROWS];
         const ek_f16 *d[TILE_ROWS], *m[TILE_ROWS];
 #pragma GCC unroll 4
         for (int i = 0; i < TILE_ROWS; i++) {
-            const char *row = w + (i < RW ? i : 0) * w_stride; /* absent rows: any scale */
-            __builtin_prefetch(row + ahead + b * block_bytes);
-            if (wtype == EK_TYPE_Q4_0) {
-                const block_q4_0 *blk = (const block_q4_0 *)row + b;
-                if (i < RW) wq[i] = unpack_q4(blk->qs, 8);
-                d[i] = m[i] = &blk->d;
-            } else if (wtype == EK_TYPE_Q4_1) {
-                const block_q4_1 *blk = (const block_q4_1 *)row + b;
-                if (i < RW) wq[i] = unpack_q4(blk->qs, 0);
-                d[i] = &blk->d;
-                m[i] = &blk->m;
-            } else {
-                const block_q8_0 *blk = (const block_q8_0 *)row + b;
-                if (i < RW) wq[i] = load_q8(blk->qs);
-                d[i] = m[i] = &blk->d;
-            }
+            /* absent rows: any scale; their quants are never used */
+            const char *row = w + (i < RW ? i : 0) * w_stride;
+            __builtin_prefetch(row + ahead + b * block_bytes(wtype));
+            wq[i] = weight_quants(wtype, row, b, &d[i], &m[i]);
         }
         const float32x4_t dw = f16x4_gather(d[0], d[1], d[2], d[3]);
-        const float32x4_t mw =
-            wtype == EK_TYPE_Q4_1 ? f16x4_gather(m[0], m[1], m[2], m[3]) : vdupq_n_f32(0.0f);
+        const float32x4_t mw = has_min(wtype) ? block_offsets(wtype, dw, m[0], m[1], m[2], m[3])
+                                              : vdupq_n_f32(0.0f);
 
 #pragma GCC unroll 4
         for (int j = 0; j < RX; j++) {
@@ -127,7 +114,7 @@ EK_INLINE void gemm_tile_q(const int wtype, const int RW, const int RX, int nb,
             const quants32 xq = act_block(wtype, x + j * x_stride, b, &dx, &s);
             const int32x4_t sum = dot_rows(wtype, RW, wq, xq);
             acc[j] = vfmaq_f32(acc[j], vcvtq_f32_s32(sum), vmulq_n_f32(dw, dx));
-            if (wtype == EK_TYPE_Q4_1) acc[j] = vfmaq_n_f32(acc[j], mw, s);
+            if (has_min(wtype)) acc[j] = vfmaq_n_f32(acc[j], mw, s);
         }
     }
 
@@ -185,11 +172,15 @@ EK_INLINE void gemm_tile_f(const int wtype, const int RW, const int RX, int n,
     }
 }
 
+#include "gemm_k_neon.h"
+
 EK_INLINE void gemm_tile(const int wtype, const int RW, const int RX, int n, const char *w,
                          size_t w_stride, const char *x, size_t x_stride, float *y,
                          size_t y_stride) {
     if (wtype == EK_TYPE_F32 || wtype == EK_TYPE_F16)
         gemm_tile_f(wtype, RW, RX, n, w, w_stride, x, x_stride, y, y_stride);
+    else if (is_k_quant(wtype))
+        gemm_tile_k(wtype, RW, RX, n / EK_QK_K, w, w_stride, x, x_stride, y, y_stride);
     else
         gemm_tile_q(wtype, RW, RX, n / EK_QK, w, w_stride, x, x_stride, y, y_stride);
 }

@@ -72,6 +72,28 @@ void rope_neon(float *x, int n_heads, int head_dim, const float *cs) {
     }
 }
 
+/* Element i of a head pairs with element i + head_dim / 2, rotated by
+ * angle i (cs[2i] = cos, cs[2i+1] = sin): four pairs a step. */
+void rope_neox_neon(float *x, int n_heads, int head_dim, const float *cs) {
+    const int half = head_dim / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *a = x + h * head_dim, *b = a + half;
+        int i = 0;
+        for (; i + 4 <= half; i += 4) {
+            const float32x4x2_t c = vld2q_f32(cs + 2 * i); /* cos, sin */
+            const float32x4_t va = vld1q_f32(a + i), vb = vld1q_f32(b + i);
+            vst1q_f32(a + i, vfmsq_f32(vmulq_f32(va, c.val[0]), vb, c.val[1]));
+            vst1q_f32(b + i, vfmaq_f32(vmulq_f32(vb, c.val[0]), va, c.val[1]));
+        }
+        for (; i < half; i++) {
+            const float c = cs[2 * i], s = cs[2 * i + 1];
+            const float va = a[i], vb = b[i];
+            a[i] = va * c - vb * s;
+            b[i] = va * s + vb * c;
+        }
+    }
+}
+
 void silu_mul_neon(float *out, const float *gate, const float *up, int n) {
     int i = 0;
     for (; i + 4 <= n; i += 4) {
@@ -81,6 +103,25 @@ void silu_mul_neon(float *out, const float *gate, const float *up, int n) {
         vst1q_f32(out + i, vmulq_f32(silu, vld1q_f32(up + i)));
     }
     for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* GELU's tanh form through one exp: 0.5 (1 + tanh u) = 1 / (1 + e^(-2u)),
+ * so gelu(g) = g / (1 + e^(-2u)), u = sqrt(2 / pi) (g + 0.044715 g^3). At
+ * large |g| the exp saturates to 0 or infinity, giving g or 0. */
+void gelu_mul_neon(float *out, const float *gate, const float *up, int n) {
+    const float k = -2.0f * 0.7978845608028654f, c = 0.044715f;
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t g = vld1q_f32(gate + i);
+        const float32x4_t u = vmulq_f32(vmulq_n_f32(g, k),
+                                        vfmaq_f32(vdupq_n_f32(1.0f), vmulq_n_f32(g, c), g));
+        const float32x4_t gelu = vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0f), exp_f32x4(u)));
+        vst1q_f32(out + i, vmulq_f32(gelu, vld1q_f32(up + i)));
+    }
+    for (; i < n; i++) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + expf(k * g * (1.0f + c * g * g))) * up[i];
+    }
 }
 
 void softmax_neon(float *x, int n) {

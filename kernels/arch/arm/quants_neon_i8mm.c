@@ -47,7 +47,7 @@ EK_INLINE float32x4_t f32_abab(float a, float b) {
  * their scales and (Q8_1) d * sums as [row 0, row 1, row 0, row 1]. */
 EK_INLINE block_pair act_pair(const int wtype, const char *row, size_t x_stride, int b,
                               float32x4_t *dx, float32x4_t *s) {
-    if (wtype == EK_TYPE_Q4_1) {
+    if (has_min(wtype)) {
         const block_q8_1 *b0 = (const block_q8_1 *)row + b;
         const block_q8_1 *b1 = (const block_q8_1 *)(row + x_stride) + b;
         *dx = f32_abab(b0->d, b1->d);
@@ -59,24 +59,6 @@ EK_INLINE block_pair act_pair(const int wtype, const char *row, size_t x_stride,
     *dx = f16x4_gather(&b0->d, &b1->d, &b0->d, &b1->d);
     *s = vdupq_n_f32(0.0f);
     return interleave(load_q8(b0->qs), load_q8(b1->qs));
-}
-
-EK_INLINE quants32 weight_quants(const int wtype, const char *row, int b, const ek_f16 **d,
-                                 const ek_f16 **m) {
-    if (wtype == EK_TYPE_Q4_0) {
-        const block_q4_0 *blk = (const block_q4_0 *)row + b;
-        *d = *m = &blk->d;
-        return unpack_q4(blk->qs, 8);
-    }
-    if (wtype == EK_TYPE_Q4_1) {
-        const block_q4_1 *blk = (const block_q4_1 *)row + b;
-        *d = &blk->d;
-        *m = &blk->m;
-        return unpack_q4(blk->qs, 0);
-    }
-    const block_q8_0 *blk = (const block_q8_0 *)row + b;
-    *d = *m = &blk->d;
-    return load_q8(blk->qs);
 }
 
 /* RP pairs of weight rows by CP pairs of activation rows. */
@@ -100,7 +82,8 @@ EK_INLINE void gemm_tile_mmla(const int wtype, const int RP, const int CP, int n
             const quants32 q1 = weight_quants(wtype, row + w_stride, b, &d1, &m1);
             wp[p] = interleave(q0, q1);
             dw[p] = f16x4_gather(d0, d0, d1, d1);
-            mw[p] = wtype == EK_TYPE_Q4_1 ? f16x4_gather(m0, m0, m1, m1) : vdupq_n_f32(0.0f);
+            mw[p] = has_min(wtype) ? block_offsets(wtype, dw[p], m0, m0, m1, m1)
+                                   : vdupq_n_f32(0.0f);
         }
 #pragma GCC unroll 2
         for (int c = 0; c < CP; c++) {
@@ -110,7 +93,7 @@ EK_INLINE void gemm_tile_mmla(const int wtype, const int RP, const int CP, int n
             for (int p = 0; p < RP; p++) {
                 const float32x4_t sum = vcvtq_f32_s32(mmla_block(wp[p], xp));
                 acc[p][c] = vfmaq_f32(acc[p][c], sum, vmulq_f32(dw[p], dx));
-                if (wtype == EK_TYPE_Q4_1) acc[p][c] = vfmaq_f32(acc[p][c], mw[p], s);
+                if (has_min(wtype)) acc[p][c] = vfmaq_f32(acc[p][c], mw[p], s);
             }
         }
     }
@@ -183,6 +166,28 @@ static void gemm_q8_0_q8_0_neon_i8mm(int n, const void *w, size_t w_stride, int 
     gemm_mmla(EK_TYPE_Q8_0, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride,
               gemm_q8_0_q8_0_neon_dotprod);
 }
+
+static void gemm_q5_0_q8_0_neon_i8mm(int n, const void *w, size_t w_stride, int nrows,
+                                     const void *x, size_t x_stride, int nx, float *y,
+                                     size_t y_stride) {
+    gemm_mmla(EK_TYPE_Q5_0, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride,
+              gemm_q5_0_q8_0_neon_dotprod);
+}
+
+static void gemm_q5_1_q8_1_neon_i8mm(int n, const void *w, size_t w_stride, int nrows,
+                                     const void *x, size_t x_stride, int nx, float *y,
+                                     size_t y_stride) {
+    gemm_mmla(EK_TYPE_Q5_1, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride,
+              gemm_q5_1_q8_1_neon_dotprod);
+}
+
+/* The K-quants take the dotprod gemms whole: the boards this targets
+ * (Cortex-A72, A76) have no i8mm, and an smmla tile for them (both
+ * operands interleaved, per-sub-block scales for each pair of rows) is
+ * not written yet. */
+#define gemm_q4_K_q8_K_neon_i8mm gemm_q4_K_q8_K_neon_dotprod
+#define gemm_q5_K_q8_K_neon_i8mm gemm_q5_K_q8_K_neon_dotprod
+#define gemm_q6_K_q8_K_neon_i8mm gemm_q6_K_q8_K_neon_dotprod
 
 /* ---- the x8 layout ----
  * Each 16-byte load holds the same 4 columns of 4 rows (row i in 32-bit
