@@ -38,9 +38,10 @@ EK_INLINE __m256i dot_u8s8(__m256i c, __m256i u, __m256i s) {
 #endif
 }
 
-/* The same over two blocks of nibbles (u <= 15): AVX2 adds them while
- * still 16-bit (each pair sum is at most 2 * 15 * 127), saving a madd. */
-EK_INLINE __m256i dot2_u4s8(__m256i c, __m256i u1, __m256i s1, __m256i u2, __m256i s2) {
+/* The same over two blocks of 4- or 5-bit codes (u <= 31): AVX2 adds them
+ * while still 16-bit (the two pair sums are at most 4 * 31 * 127), saving a
+ * madd. */
+EK_INLINE __m256i dot2_u5s8(__m256i c, __m256i u1, __m256i s1, __m256i u2, __m256i s2) {
 #if EK_X86_VNNI
     return dot_u8s8(dot_u8s8(c, u1, s1), u2, s2);
 #else
@@ -55,10 +56,59 @@ EK_INLINE __m256i sum4_times(int8_t k, __m256i c, __m256i s) {
     return dot_u8s8(c, _mm256_set1_epi8(k), s);
 }
 
-/* Block b of an activation row: its quants, and its scale and (for Q4_1's
- * Q8_1) d * sum of quants in every lane; s is 0 for Q8_0. */
+/* The 32-element types with 4-bit codes (Q4_0, Q4_1) or 5-bit ones (Q5_0,
+ * Q5_1, whose fifth bits sit in qh): where a block keeps what. */
+EK_INLINE int has_fifth_bit(const int wtype) {
+    return wtype == EK_TYPE_Q5_0 || wtype == EK_TYPE_Q5_1;
+}
+/* Q4_1 and Q5_1 add an offset m, paired with Q8_1's d * sum(q). */
+EK_INLINE int has_offset(const int wtype) {
+    return wtype == EK_TYPE_Q4_1 || wtype == EK_TYPE_Q5_1;
+}
+/* Q4_0 and Q5_0 codes are centred: w = q - 8 or q - 16. */
+EK_INLINE int8_t code_centre(const int wtype) {
+    return wtype == EK_TYPE_Q4_0 ? 8 : wtype == EK_TYPE_Q5_0 ? 16 : 0;
+}
+EK_INLINE size_t block_bytes(const int wtype) {
+    switch (wtype) {
+    case EK_TYPE_Q4_0: return sizeof(block_q4_0);
+    case EK_TYPE_Q4_1: return sizeof(block_q4_1);
+    case EK_TYPE_Q5_0: return sizeof(block_q5_0);
+    default: return sizeof(block_q5_1);
+    }
+}
+EK_INLINE size_t qs_offset(const int wtype) {
+    switch (wtype) {
+    case EK_TYPE_Q4_0: return offsetof(block_q4_0, qs);
+    case EK_TYPE_Q4_1: return offsetof(block_q4_1, qs);
+    case EK_TYPE_Q5_0: return offsetof(block_q5_0, qs);
+    default: return offsetof(block_q5_1, qs);
+    }
+}
+EK_INLINE size_t qh_offset(const int wtype) {
+    return wtype == EK_TYPE_Q5_0 ? offsetof(block_q5_0, qh) : offsetof(block_q5_1, qh);
+}
+
+/* -c * sum(x), as eight int32 partial sums laid out as dot2_u5s8's: the
+ * offset of a block of centred codes (w = q - c) against an activation
+ * block's halves xlo and xhi (each in both 128-bit lanes). */
+EK_INLINE __m256i centre_offset(const int8_t c, __m256i xlo, __m256i xhi) {
+#if EK_X86_VNNI
+    return _mm256_sub_epi32(_mm256_setzero_si256(),
+                            sum4_times(c, sum4_times(c, _mm256_setzero_si256(), xlo), xhi));
+#else
+    /* the pair sums of both halves while 16-bit (at most 4 * 128), then -c once */
+    const __m256i one = _mm256_set1_epi8(1);
+    const __m256i pairs =
+        _mm256_add_epi16(_mm256_maddubs_epi16(one, xlo), _mm256_maddubs_epi16(one, xhi));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(-c));
+#endif
+}
+
+/* Block b of an activation row: its quants, and its scale and (for the
+ * Q8_1 of Q4_1 and Q5_1) d * sum of quants in every lane; s is 0 for Q8_0. */
 EK_INLINE const int8_t *act_block(const int wtype, const char *row, int b, __m256 *dx, __m256 *s) {
-    if (wtype == EK_TYPE_Q4_1) {
+    if (has_offset(wtype)) {
         const block_q8_1 *blk = (const block_q8_1 *)row + b;
         *dx = _mm256_set1_ps(blk->d);
         *s = _mm256_set1_ps(blk->s);
@@ -76,18 +126,62 @@ EK_INLINE __m256i load_pair(const uint8_t *a, const uint8_t *b) {
                                    _mm_loadu_si128((const __m128i *)b), 1);
 }
 
-/* Q4 weights, two rows per register. The low nibbles of weight rows a and
- * b fill one register ([a 0..15 | b 0..15]), the high nibbles another, and
- * each half of the activation block is broadcast to both 128-bit lanes:
- * the two rows' sums land in the two lanes, so one conversion, scale and
- * accumulate serve both, and one load, shift and two ands unpack both.
+/* 0x10 in each byte whose fifth bit is set, from bytes that each hold the
+ * qh byte with that bit, at bit (byte index % 8). */
+EK_INLINE __m256i fifth_bit_bytes(__m256i spread) {
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201ll);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
+/* The fifth bits of a row pair, laid out as its low (lo) and high (hi)
+ * nibbles are, ORed into them. head holds the first 8 bytes of the two
+ * rows' blocks, with qh at byte qh_at: the first row's in the low 128-bit
+ * lane, the second's at the same place of the high one. A shuffle copies
+ * the qh byte holding each code's bit into that code's byte. */
+EK_INLINE void add_fifth_bits(__m256i head, const size_t qh_at, __m256i *lo, __m256i *hi) {
+    const long long rep = 0x0101010101010101ll, a = (long long)qh_at;
+    const __m256i pick_lo = _mm256_setr_epi64x(rep * a, rep * (a + 1), rep * a, rep * (a + 1));
+    const __m256i pick_hi =
+        _mm256_setr_epi64x(rep * (a + 2), rep * (a + 3), rep * (a + 2), rep * (a + 3));
+    *lo = _mm256_or_si256(*lo, fifth_bit_bytes(_mm256_shuffle_epi8(head, pick_lo)));
+    *hi = _mm256_or_si256(*hi, fifth_bit_bytes(_mm256_shuffle_epi8(head, pick_hi)));
+}
+
+/* Pair p of a tile's rows (rows 2p and 2p + 1), at byte `at` of each (the
+ * block being read): the codes, [row 2p | row 2p + 1] per register, low
+ * nibbles (and fifth bits) in lo and high in hi; the rows' d's in every
+ * element of each half in dw, and m's (Q4_1, Q5_1) in element 0 of each
+ * half in mw. dmf and head are as gemm_tile_q4 gathers them. */
+EK_INLINE void unpack_pair(const int wtype, const char *const rows[TILE_ROWS], size_t at,
+                           __m256i head, __m256 dmf, const int p, __m256i *lo, __m256i *hi,
+                           __m256 *dw, __m256 *mw) {
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    const __m256i q = load_pair((const uint8_t *)rows[2 * p] + at + qs_offset(wtype),
+                                (const uint8_t *)rows[2 * p + 1] + at + qs_offset(wtype));
+    *lo = _mm256_and_si256(q, nibble);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
+    if (has_fifth_bit(wtype))
+        add_fifth_bits(p ? _mm256_srli_si256(head, 8) : head, qh_offset(wtype), lo, hi);
+    *dw = _mm256_permute_ps(dmf, 0x55 * 2 * p);
+    *mw = has_offset(wtype) ? _mm256_blend_ps(_mm256_setzero_ps(),
+                                              _mm256_permute_ps(dmf, 0x55 * (2 * p + 1)), 0x11)
+                            : _mm256_setzero_ps();
+}
+
+/* Q4 and Q5 weights, two rows per register. The low nibbles of weight rows
+ * a and b fill one register ([a 0..15 | b 0..15]), the high nibbles another
+ * (Q5 ORs in the fifth bits), and each half of the activation block is
+ * broadcast to both 128-bit lanes: the two rows' sums land in the two
+ * lanes, so one conversion, scale and accumulate serve both, and one load,
+ * shift and two ands unpack both. The codes are dotted unsigned (at most
+ * 31) and a centred type's offset is taken out once per activation block.
  * RW is 1 to 4; an odd last row is paired with itself and not stored. */
 EK_INLINE void gemm_tile_q4(const int wtype, const int RW, const int RX, int nb,
                             const char *w, size_t w_stride, const char *x, size_t x_stride,
                             float *y, size_t y_stride) {
     const int RP = (RW + 1) / 2;
-    const size_t ahead = prefetch_ahead(w_stride);
-    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    const size_t ahead = prefetch_ahead(w_stride), bb = block_bytes(wtype);
     const char *rows[TILE_ROWS];
 #pragma GCC unroll 4
     for (int i = 0; i < TILE_ROWS; i++) rows[i] = w + (i < RW ? i : RW - 1) * w_stride;
@@ -99,51 +193,42 @@ EK_INLINE void gemm_tile_q4(const int wtype, const int RW, const int RX, int nb,
         for (int j = 0; j < RX; j++) acc[p][j] = _mm256_setzero_ps();
 
     for (int b = 0; b < nb; b++) {
-        __m256i lo[TILE_ROWS / 2], hi[TILE_ROWS / 2];
-        __m256 dw[TILE_ROWS / 2], mw[TILE_ROWS / 2];
-        /* the scales of the four rows in one conversion: 32 bits from each
-         * block header bring d, and m for q4_1 (for q4_0 two quant bytes,
-         * never used) */
-        uint32_t dm[TILE_ROWS];
+        /* The four rows' scales in one conversion, rows 0 and 2 in the low
+         * 128-bit lane and 1 and 3 in the high, so pair p's d's are lane
+         * element 2p of both halves and its m's (q4_1, q5_1) element 2p + 1.
+         * Q4 blocks bring d (and m) in their first 32 bits; of Q5 blocks
+         * the first 64 are kept, rows laid out alike, for their qh too. */
+        __m256 dmf;
+        __m256i head = _mm256_setzero_si256();
+        if (has_fifth_bit(wtype)) {
+            int64_t h[TILE_ROWS];
 #pragma GCC unroll 4
-        for (int i = 0; i < TILE_ROWS; i++) {
-            const uint8_t *hdr = wtype == EK_TYPE_Q4_0
-                                     ? (const uint8_t *)&((const block_q4_0 *)rows[i] + b)->d
-                                     : (const uint8_t *)&((const block_q4_1 *)rows[i] + b)->d;
-            memcpy(&dm[i], hdr, sizeof dm[i]);
+            for (int i = 0; i < TILE_ROWS; i++) memcpy(&h[i], rows[i] + b * bb, sizeof h[i]);
+            head = _mm256_setr_epi64x(h[0], h[2], h[1], h[3]);
+            const __m256i dm = _mm256_shuffle_epi8(
+                head, _mm256_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, -1, -1, -1, -1, -1, -1, -1, -1,
+                                       0, 1, 2, 3, 8, 9, 10, 11, -1, -1, -1, -1, -1, -1, -1, -1));
+            dmf = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(dm, 0x08)));
+        } else {
+            uint32_t dm[TILE_ROWS];
+#pragma GCC unroll 4
+            for (int i = 0; i < TILE_ROWS; i++) memcpy(&dm[i], rows[i] + b * bb, sizeof dm[i]);
+            dmf = _mm256_cvtph_ps(_mm_setr_epi32(dm[0], dm[2], dm[1], dm[3]));
         }
-        const __m256 dmf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dm));
-        const size_t bb = wtype == EK_TYPE_Q4_0 ? sizeof(block_q4_0) : sizeof(block_q4_1);
 #pragma GCC unroll 4
         for (int i = 0; i < TILE_ROWS; i++)
             _mm_prefetch(rows[i] + ahead + b * bb, _MM_HINT_T0);
-#pragma GCC unroll 2
-        for (int p = 0; p < RP; p++) {
-            const uint8_t *qa, *qb;
-            if (wtype == EK_TYPE_Q4_0) {
-                qa = ((const block_q4_0 *)rows[2 * p] + b)->qs;
-                qb = ((const block_q4_0 *)rows[2 * p + 1] + b)->qs;
-            } else {
-                qa = ((const block_q4_1 *)rows[2 * p] + b)->qs;
-                qb = ((const block_q4_1 *)rows[2 * p + 1] + b)->qs;
-            }
-            const __m256i q = load_pair(qa, qb);
-            lo[p] = _mm256_and_si256(q, nibble);
-            hi[p] = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
-            /* dmf has row i's d in lane 2i, and its m (q4_1) in lane 2i + 1 */
-            const int da = 4 * p;
-            const __m256i pick_d =
-                _mm256_setr_epi32(da, da, da, da, da + 2, da + 2, da + 2, da + 2);
-            dw[p] = _mm256_permutevar8x32_ps(dmf, pick_d);
-            /* m once per row: in lane 0 of each half, zero elsewhere */
-            const __m256i pick_m = _mm256_setr_epi32(da + 1, 0, 0, 0, da + 3, 0, 0, 0);
-            mw[p] = wtype == EK_TYPE_Q4_1
-                        ? _mm256_and_ps(_mm256_permutevar8x32_ps(dmf, pick_m),
-                                        _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, 0, 0, -1,
-                                                                              0, 0, 0)))
-                        : _mm256_setzero_ps();
-        }
 
+        /* Pair p's codes and scales. With one activation row, each pair is
+         * unpacked just before use, so few registers are live; with more,
+         * every pair first, so each activation block is read once a tile. */
+        __m256i lo[TILE_ROWS / 2], hi[TILE_ROWS / 2];
+        __m256 dw[TILE_ROWS / 2], mw[TILE_ROWS / 2];
+        if (RX > 1) {
+#pragma GCC unroll 2
+            for (int p = 0; p < RP; p++)
+                unpack_pair(wtype, rows, b * bb, head, dmf, p, &lo[p], &hi[p], &dw[p], &mw[p]);
+        }
 #pragma GCC unroll 4
         for (int j = 0; j < RX; j++) {
             __m256 dx, s;
@@ -151,16 +236,17 @@ EK_INLINE void gemm_tile_q4(const int wtype, const int RW, const int RX, int nb,
             const __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xs));
             const __m256i xhi =
                 _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xs + 16)));
-            /* q4_0: sum (w - 8) x = sum w x - 8 sum x, with w the raw nibbles */
-            __m256i start = _mm256_setzero_si256();
-            if (wtype == EK_TYPE_Q4_0)
-                start = _mm256_sub_epi32(start, sum4_times(8, sum4_times(8, start, xlo), xhi));
+            /* centred codes: sum (q - c) x = sum q x - c sum x */
+            const __m256i start = code_centre(wtype) ? centre_offset(code_centre(wtype), xlo, xhi)
+                                                     : _mm256_setzero_si256();
 #pragma GCC unroll 2
             for (int p = 0; p < RP; p++) {
-                const __m256i sum = dot2_u4s8(start, lo[p], xlo, hi[p], xhi);
+                if (RX == 1)
+                    unpack_pair(wtype, rows, b * bb, head, dmf, p, &lo[p], &hi[p], &dw[p], &mw[p]);
+                const __m256i sum = dot2_u5s8(start, lo[p], xlo, hi[p], xhi);
                 acc[p][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(dw[p], dx),
                                             acc[p][j]);
-                if (wtype == EK_TYPE_Q4_1) acc[p][j] = _mm256_fmadd_ps(mw[p], s, acc[p][j]);
+                if (has_offset(wtype)) acc[p][j] = _mm256_fmadd_ps(mw[p], s, acc[p][j]);
             }
         }
     }

@@ -76,6 +76,33 @@ void rope_avx2(float *x, int n_heads, int head_dim, const float *cs) {
     }
 }
 
+/* Eight pairs (x[i], x[i + half]) at a time: their eight angles' (cos, sin)
+ * are interleaved in cs, and come apart with a shuffle that leaves them in
+ * the order [0 1 4 5 | 2 3 6 7] and a permute that restores it. */
+void rope_neox_avx2(float *x, int n_heads, int head_dim, const float *cs) {
+    const int half = head_dim / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *xh = x + h * head_dim;
+        int i = 0;
+        for (; i + 8 <= half; i += 8) {
+            const __m256 p0 = _mm256_loadu_ps(cs + 2 * i), p1 = _mm256_loadu_ps(cs + 2 * i + 8);
+            const __m256 c = _mm256_castpd_ps(_mm256_permute4x64_pd(
+                _mm256_castps_pd(_mm256_shuffle_ps(p0, p1, _MM_SHUFFLE(2, 0, 2, 0))), 0xd8));
+            const __m256 s = _mm256_castpd_ps(_mm256_permute4x64_pd(
+                _mm256_castps_pd(_mm256_shuffle_ps(p0, p1, _MM_SHUFFLE(3, 1, 3, 1))), 0xd8));
+            const __m256 a = _mm256_loadu_ps(xh + i), b = _mm256_loadu_ps(xh + i + half);
+            _mm256_storeu_ps(xh + i, _mm256_fmsub_ps(a, c, _mm256_mul_ps(b, s)));
+            _mm256_storeu_ps(xh + i + half, _mm256_fmadd_ps(a, s, _mm256_mul_ps(b, c)));
+        }
+        for (; i < half; i++) {
+            const float c = cs[2 * i], s = cs[2 * i + 1];
+            const float a = xh[i], b = xh[i + half];
+            xh[i] = a * c - b * s;
+            xh[i + half] = a * s + b * c;
+        }
+    }
+}
+
 void silu_mul_avx2(float *out, const float *gate, const float *up, int n) {
     const __m256 one = _mm256_set1_ps(1.0f);
     int i = 0;
@@ -86,6 +113,24 @@ void silu_mul_avx2(float *out, const float *gate, const float *up, int n) {
         _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
     }
     for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* GELU's tanh form through the identity 0.5 (1 + tanh(u)) = 1 / (1 + e^-2u):
+ * gelu(g) = g / (1 + e^(-2u)), u = sqrt(2 / pi) g (1 + 0.044715 g^2). Where
+ * tanh(u) is near -1 this is the more accurate of the two (the reference
+ * loses bits to 1 + tanh there), by far less than the tests' tolerance. */
+void gelu_mul_avx2(float *out, const float *gate, const float *up, int n) {
+    const float k1 = -2.0f * 0.7978845608028654f, k3 = k1 * 0.044715f; /* -2u = g (k1 + k3 g^2) */
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 t = _mm256_fmadd_ps(_mm256_mul_ps(g, g), _mm256_set1_ps(k3), _mm256_set1_ps(k1));
+        const __m256 e = exp_ps(_mm256_mul_ps(g, t));
+        const __m256 gelu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(up + i)));
+    }
+    gelu_mul_ref(out + i, gate + i, up + i, n - i);
 }
 
 void softmax_avx2(float *x, int n) {

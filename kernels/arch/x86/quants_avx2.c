@@ -1,5 +1,5 @@
-/* AVX2 kernels for the block formats: activation quantizers, dequantizers
- * and the gemm entries of the AVX2 table. */
+/* AVX2 kernels for the 32-element block formats: activation quantizers,
+ * dequantizers and the gemm entries of the AVX2 table. */
 #define EK_X86_VNNI 0
 #include "gemm_avx2.h"
 
@@ -25,10 +25,7 @@ EK_INLINE float quantize_block(const float *x, int8_t *qs, int *sum) {
         v[k] = _mm256_loadu_ps(x + 8 * k);
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v[k]));
     }
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    const float d = _mm_cvtss_f32(m) / 127.0f;
+    const float d = hmax_ps(amax) / 127.0f;
     const __m256 id = _mm256_set1_ps(d ? 1.0f / d : 0.0f);
 
     __m256i q[4];
@@ -39,31 +36,19 @@ EK_INLINE float quantize_block(const float *x, int8_t *qs, int *sum) {
     t = _mm_hadd_epi32(t, t);
     *sum = _mm_cvtsi128_si32(t);
 
-    /* the packs interleave 128-bit lanes; the permute restores element order */
-    __m256i q16 =
-        _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-    q16 = _mm256_permutevar8x32_epi32(q16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256((__m256i *)qs, q16);
+    _mm256_storeu_si256((__m256i *)qs, pack_i32_to_i8(q));
     return d;
 }
 
 #include "../row_quantizers.h"
 EK_ROW_QUANTIZERS(avx2)
 
-/* ---- dequantizers ----
- * Same operations as the reference (a multiply, then an add for q4_1; no
- * fused multiply-add), so the results are identical. */
+/* ---- dequantizers ---- */
 
+/* One block of 32 signed codes: y = d * q (+ m). */
 EK_INLINE void store_scaled_i8(float *y, __m256i q, __m256 d, __m256 m, int with_m) {
-    const __m128i halves[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
-    for (int h = 0; h < 2; h++) {
-        for (int k = 0; k < 2; k++) {
-            __m128i part = k ? _mm_unpackhi_epi64(halves[h], halves[h]) : halves[h];
-            __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part)), d);
-            if (with_m) f = _mm256_add_ps(f, m);
-            _mm256_storeu_ps(y + 16 * h + 8 * k, f);
-        }
-    }
+    store_scaled16(y, _mm256_castsi256_si128(q), d, m, with_m);
+    store_scaled16(y + 16, _mm256_extracti128_si256(q, 1), d, m, with_m);
 }
 
 void dequantize_row_q4_0_avx2(const void *vx, float *y, int n) {
@@ -80,6 +65,33 @@ void dequantize_row_q4_1_avx2(const void *vx, float *y, int n) {
     for (int b = 0; b < n / EK_QK; b++)
         store_scaled_i8(y + b * EK_QK, unpack_nibbles(x[b].qs), _mm256_set1_ps(f16_to_f32(x[b].d)),
                         _mm256_set1_ps(f16_to_f32(x[b].m)), 1);
+}
+
+/* A Q5 block's codes (0..31) in element order. */
+EK_INLINE __m256i unpack_q5(const uint8_t *qs, const uint8_t *qh) {
+    int32_t h;
+    memcpy(&h, qh, sizeof h);
+    /* element j's byte gets qh byte j / 8 */
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(h), _mm256_setr_epi64x(0, 0x0101010101010101ll, 0x0202020202020202ll,
+                                                 0x0303030303030303ll));
+    return _mm256_or_si256(unpack_nibbles(qs), fifth_bit_bytes(spread));
+}
+
+void dequantize_row_q5_0_avx2(const void *vx, float *y, int n) {
+    const block_q5_0 *x = vx;
+    for (int b = 0; b < n / EK_QK; b++) {
+        const __m256i q = _mm256_sub_epi8(unpack_q5(x[b].qs, x[b].qh), _mm256_set1_epi8(16));
+        store_scaled_i8(y + b * EK_QK, q, _mm256_set1_ps(f16_to_f32(x[b].d)), _mm256_setzero_ps(),
+                        0);
+    }
+}
+
+void dequantize_row_q5_1_avx2(const void *vx, float *y, int n) {
+    const block_q5_1 *x = vx;
+    for (int b = 0; b < n / EK_QK; b++)
+        store_scaled_i8(y + b * EK_QK, unpack_q5(x[b].qs, x[b].qh),
+                        _mm256_set1_ps(f16_to_f32(x[b].d)), _mm256_set1_ps(f16_to_f32(x[b].m)), 1);
 }
 
 void dequantize_row_q8_0_avx2(const void *vx, float *y, int n) {
@@ -101,6 +113,8 @@ void dequantize_row_f16_avx2(const void *vx, float *y, int n) {
 
 EK_GEMM_ENTRY(gemm_q4_0_q8_0_avx2, EK_TYPE_Q4_0)
 EK_GEMM_ENTRY(gemm_q4_1_q8_1_avx2, EK_TYPE_Q4_1)
+EK_GEMM_ENTRY(gemm_q5_0_q8_0_avx2, EK_TYPE_Q5_0)
+EK_GEMM_ENTRY(gemm_q5_1_q8_1_avx2, EK_TYPE_Q5_1)
 EK_GEMM_ENTRY(gemm_q8_0_q8_0_avx2, EK_TYPE_Q8_0)
 EK_GEMM_ENTRY(gemm_f16_f32_avx2, EK_TYPE_F16)
 EK_GEMM_ENTRY(gemm_f32_f32_avx2, EK_TYPE_F32)
