@@ -2,9 +2,10 @@
 
 Both runtimes get the same file, thread count, context size and token ids.
 Every measurement round is a fresh process (edge_slm.bench_worker) running
-the whole suite once for one runtime; rounds alternate between the runtimes
-so slow drift on the machine (thermal state, other load) hits both alike, and
-every figure reported is the median over rounds."""
+the whole suite once for one runtime on one file; rounds alternate between
+the runtimes (and the weight types, see --types) so slow drift on the
+machine (thermal state, other load) hits all alike, and every figure
+reported is the median over rounds."""
 
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ import click
 
 from . import bench_grounding as bg
 from . import bench_profile as bp
+from . import requantize as rq
 from .bench_worker import OURS, PEER, RoundResult, Workload
 from .engine import common_prefix
 from .errors import EdgeSlmError
-from .paths import check_writable, model_or_default, output_file
+from .paths import check_writable, default_model_path, model_or_default, output_file
 from .pull import sha256_file
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ CHECK_TEXT = ("A centrifugal pump turns the rotation of a motor into the motion 
               "Water enters at the eye of the impeller and the vanes throw it outward, which "
               "raises its pressure. When a pump loses pressure, check the suction line for air "
               "leaks first, then the impeller for wear.")
+# Logits of this many fixed vocabulary ids are compared after each token of
+# CHECK_TEXT (their correlation between the runtimes).
+CHECK_SUBSET = 256
 # Top-1 margins below this are near-ties on which llama.cpp disagrees with
 # itself (NOTES.md), so only positions above it count as a real disagreement.
 CONFIDENT_MARGIN = 1.0
@@ -64,6 +69,9 @@ BANDWIDTH_REPS = 5
 MIN_REPS = 5                 # fewer rounds than this make medians noisy
 CHILD_TIMEOUT_S = 900.0
 MIB = 1024 * 1024
+# Made from the reference model by default, besides its own type: the
+# K-quant mix llama.cpp users most often pick, and the 8-bit type.
+DEFAULT_REQUANTIZED = ("q4_k_m", "q8_0")
 
 
 @dataclass
@@ -107,6 +115,18 @@ def weight_bytes_per_token(model_path: Path) -> tuple[int, dict[str, int]]:
     return sum(parts.values()), parts
 
 
+def tensor_types(model_path: Path) -> dict[str, int]:
+    """How many tensors of each type the file holds, most common first: a
+    quantizer's file type names a mix (llama.cpp's Q4_K_M of SmolLM2 is
+    mostly Q5_0)."""
+    from collections import Counter
+
+    from .model import GGUFFile
+
+    counts = Counter(t.type.name for t in GGUFFile(model_path).tensors().values())
+    return dict(counts.most_common())
+
+
 def make_workload(model_path: Path) -> tuple[Workload, str]:
     """The suite's token ids, and where the decode prompt came from.
 
@@ -128,13 +148,14 @@ def make_workload(model_path: Path) -> tuple[Workload, str]:
 
     prefill = {n: ids(n) for n in PREFILL_LENGTHS}
     ttft = ids(TTFT_PROMPT)
+    subset = sorted(int(x) for x in rng.choice(vocab, min(CHECK_SUBSET, vocab), replace=False))
     try:
         tok = model.tokenizer()
         decode_prompt, check, source = tok.encode(DECODE_TEXT), tok.encode(CHECK_TEXT), "text"
     except ImportError:  # the tokenizer module is not there yet
         decode_prompt, check, source = ids(16), ttft, "fixed ids"
     return Workload(prefill=prefill, ttft_prompt=ttft, decode_prompt=decode_prompt,
-                    check_ids=check, n_decode=N_DECODE), source
+                    check_ids=check, n_decode=N_DECODE, check_subset=subset), source
 
 
 def measure_bandwidth(threads: list[int]) -> dict[int, float]:
@@ -223,19 +244,28 @@ class Agreement:
     positions: int
     confident_agree: int      # the same, counting only positions where both margins >= CONFIDENT_MARGIN
     confident_positions: int
+    # Correlation of the two runtimes' logits (of Workload.check_subset) at
+    # each position of the fixed text: the least and the median.
+    logit_corr_min: float | None = None
+    logit_corr_median: float | None = None
 
 
 def compare(ours: list[RoundResult], peer: list[RoundResult]) -> Agreement:
+    import numpy as np
+
     a, b = ours[0], peer[0]  # the fixed-text check is deterministic per build
     confident = [x == y for x, y, ma, mb in zip(a.check_top1, b.check_top1, a.check_margin,
                                                 b.check_margin)
                  if min(ma, mb) >= CONFIDENT_MARGIN]
+    corr = [float(np.corrcoef(x, y)[0, 1]) for x, y in zip(a.check_logits, b.check_logits)]
     return Agreement(
         greedy_prefix=[common_prefix(r.greedy_ids, q.greedy_ids) for r, q in zip(ours, peer)],
         greedy_tokens=len(a.greedy_ids),
         top1_agree=sum(x == y for x, y in zip(a.check_top1, b.check_top1)),
         positions=len(a.check_top1), confident_agree=sum(confident),
-        confident_positions=len(confident))
+        confident_positions=len(confident),
+        logit_corr_min=min(corr) if corr else None,
+        logit_corr_median=statistics.median(corr) if corr else None)
 
 
 def last_level_cache(cpu: int = 0) -> tuple[int, int] | None:
@@ -302,6 +332,13 @@ def spread(values: list[float]) -> float:
     return max(values) / min(values) if values and min(values) > 0 else 1.0
 
 
+def _cell(value: float, samples: list[float]) -> tuple[str, bool]:
+    """A median right-aligned in 12 characters, marked * if its rounds were
+    too far apart; and whether they were."""
+    noisy = spread(samples) > NOISY_SPREAD
+    return f"{_fmt(value):>11}{'*' if noisy else ' '}", noisy
+
+
 def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
                  agreement: dict[int, Agreement], in_cache: bool = False) -> str:
     """`in_cache`: the weights fit in the last-level cache, so the bandwidth
@@ -333,9 +370,9 @@ def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
         for label, get, raw, better in figures:
             row = f"  {label:26}"
             for r in runtimes:
-                mark = "*" if spread(raw(by[(r, t)])) > NOISY_SPREAD else " "
-                noisy |= mark == "*"
-                row += f"{_fmt(get(by[(r, t)])):>11}{mark}"
+                cell, was_noisy = _cell(get(by[(r, t)]), raw(by[(r, t)]))
+                row += cell
+                noisy |= was_noisy
             if peer:
                 row += f"{get(by[(OURS, t)]) / get(by[(PEER, t)]):>12.2f}  {better}"
             lines.append(row)
@@ -346,6 +383,9 @@ def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
             lines.append(f"  top-1 along a fixed text: {a.top1_agree}/{a.positions} positions agree, "
                          f"{a.confident_agree}/{a.confident_positions} where both margins "
                          f">= {CONFIDENT_MARGIN:g}")
+            if a.logit_corr_min is not None:
+                lines.append(f"  logits there (a fixed sample of ids) correlate: min "
+                             f"{a.logit_corr_min:.4f}, median {a.logit_corr_median:.4f}")
         lines.append("")
     if noisy:
         lines.append(f"* rounds differ by more than {NOISY_SPREAD:g}x: the machine was busy; "
@@ -467,15 +507,157 @@ def spinners(n: int) -> Iterator[list[subprocess.Popen]]:
             p.wait()
 
 
+
+
+# ---- weight types: the model as given and its copies made by llama.cpp ----
+
+@dataclass
+class TypeReport:
+    """What was measured on one weight type of the model."""
+
+    variant: rq.ModelVariant
+    weight_bytes: int            # read per decoded token (weight_bytes_per_token)
+    weight_parts: dict[str, int]
+    in_cache: bool               # those bytes fit in the last-level cache
+    tensor_types: dict[str, int]
+    summaries: list[RunSummary] = field(default_factory=list)
+    agreement: dict[int, Agreement] = field(default_factory=dict)  # by thread count
+    greedy_sequences: int = 1    # distinct greedy outputs of ours over rounds and thread counts
+
+
+def parse_types(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    """--types: comma-separated names from requantize.FILE_TYPES, each kept once, in order."""
+    if value is None:
+        return None
+    names = [n.strip().lower() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in rq.FILE_TYPES]
+    if unknown or not names:
+        raise click.BadParameter(f"{', '.join(unknown) or 'no type given'}: choose from "
+                                 f"{', '.join(rq.FILE_TYPES)}")
+    return tuple(dict.fromkeys(names))
+
+
+def default_types(path: Path, peer: bool) -> list[str]:
+    """The model's own type; for the pulled reference model compared with
+    llama.cpp, DEFAULT_REQUANTIZED too (llama-cpp-python, installed for the
+    peer, makes them; another model's copies are made only when asked for)."""
+    own = rq.file_type(path) or rq.AS_GIVEN
+    reference = path.resolve() == default_model_path().resolve()
+    return [own, *(t for t in DEFAULT_REQUANTIZED if t != own and reference and peer)]
+
+
+def variant_shown(source: Path, type_name: str) -> rq.ModelVariant:
+    """requantize.variant, saying so when llama.cpp has to make the file (a
+    few seconds), with a progress bar on a terminal."""
+    made = False
+    with contextlib.ExitStack() as stack:
+        bar: Any = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar, made
+            if not made:
+                made = True
+                click.echo(f"{type_name}: requantizing {source.name} with llama.cpp's quantizer", err=True)
+                if sys.stderr.isatty():
+                    bar = stack.enter_context(click.progressbar(length=total, label="tensors",
+                                                                file=sys.stderr))
+            if bar is not None:
+                bar.update(done - bar.pos)
+
+        v = rq.variant(source, type_name, progress)
+    if made:
+        click.echo(f"{type_name}: wrote {v.path} ({v.path.stat().st_size / MIB:.1f} MiB)", err=True)
+    return v
+
+
+def type_heading(r: TypeReport) -> str:
+    v = r.variant
+    line = f"{v.type}: {v.path.name}, {v.path.stat().st_size / MIB:.1f} MiB"
+    if v.made_from is not None:
+        line += f", made from {Path(v.made_from['source']).name} by {v.made_from['quantizer']}"
+    return line + "\ntensors: " + ", ".join(f"{n} x {t}" for t, n in r.tensor_types.items())
+
+
+def format_types(reports: list[TypeReport], thread_counts: list[int]) -> str:
+    """The summary: a row per weight type and thread count, with decode and
+    the longest prefill beside llama.cpp's and the top-1 check against it."""
+    n = str(max(PREFILL_LENGTHS))
+    runtimes = [rt for rt in (OURS, PEER) if any(s.runtime == rt for s in reports[0].summaries)]
+    peer = PEER in runtimes
+    figures = [(f"decode {N_DECODE} tok", lambda s: s.decode_tps,
+                lambda s: s.samples.get("decode_tps", [])),
+               (f"prefill {n} tok", lambda s: s.prefill_tps[n],
+                lambda s: s.samples.get("prefill_tps", {}).get(n, []))]
+    width = 12 * len(runtimes) + 7 * peer
+    head = f"{'':26}" + "".join(f"{label:>{width}}" for label, _, _ in figures)
+    sub = f"  {'type':10}{'MiB/token':>10}{'thr':>4}" + (
+        "".join(f"{rt:>12}" for rt in runtimes) + ("  ratio" if peer else "")) * len(figures)
+    if peer:
+        head += f"{'top-1 agrees':>16}{'logit corr':>12}"
+        sub += f"{'(confident)':>16}{'(least)':>12}"
+    lines = ["by weight type, tok/s" + ("; ratio edge-slm / llama.cpp, higher is faster" if peer else ""),
+             head, sub]
+    noisy = False
+    for r in reports:
+        for i, t in enumerate(thread_counts):
+            by = {s.runtime: s for s in r.summaries if s.threads == t}
+            name, mib = (r.variant.type, f"{r.weight_bytes / MIB:.1f}") if i == 0 else ("", "")
+            row = f"  {name:10}{mib:>10}{t:>4}"
+            for _, get, raw in figures:
+                for rt in runtimes:
+                    cell, was_noisy = _cell(get(by[rt]), raw(by[rt]))
+                    row += cell
+                    noisy |= was_noisy
+                if peer:
+                    row += f"{get(by[OURS]) / get(by[PEER]):>7.2f}"
+            if peer:
+                a = r.agreement[t]
+                corr = "" if a.logit_corr_min is None else f"{a.logit_corr_min:.4f}"
+                row += f"{f'{a.confident_agree}/{a.confident_positions}':>16}{corr:>12}"
+            lines.append(row)
+    if noisy:
+        lines.append(f"* rounds differ by more than {NOISY_SPREAD:g}x: the machine was busy; "
+                     "see the raw samples")
+    return "\n".join(lines)
+
+
+def type_doc(r: TypeReport, decode_source: str) -> dict[str, Any]:
+    """One weight type's part of the JSON."""
+    v = r.variant
+    return {
+        "type": v.type,
+        "model": {"path": str(v.path), "sha256": sha256_file(v.path), "bytes": v.path.stat().st_size,
+                  "made_from": v.made_from, "tensor_types": r.tensor_types,
+                  "weight_bytes_per_token": r.weight_bytes,
+                  "fits_in_last_level_cache": r.in_cache, "weight_bytes_per_token_parts": r.weight_parts},
+        "runs": [{k: val for k, val in asdict(s).items() if k != "greedy_ids"} for s in r.summaries],
+        "greedy_agreement": {
+            "prompts": decode_source,
+            "decode_text": DECODE_TEXT if decode_source == "text" else None,
+            "check_text": CHECK_TEXT if decode_source == "text" else None,
+            "confident_margin": CONFIDENT_MARGIN,
+            "by_threads": {str(t): asdict(a) for t, a in r.agreement.items()},
+            "edge_slm_consistent": r.greedy_sequences == 1,
+            "greedy_ids": {f"{s.runtime}/{s.threads}": s.greedy_ids for s in r.summaries},
+        },
+    }
+
+
 @click.command()
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="GGUF file (default: the pulled SmolLM2-135M).")
+@click.option("--types", callback=parse_types, default=None, metavar="TYPE,...",
+              help="Weight types to measure, e.g. q4_1,q4_k_m,q8_0: the model's own type is the "
+                   "file as given, any other a copy made from it by llama.cpp's quantizer "
+                   "(llama-cpp-python), kept beside the pulled model and reused while the "
+                   "model's sha256 is the same. Default: the model's own type, and for the "
+                   f"pulled model compared with llama.cpp also {', '.join(DEFAULT_REQUANTIZED)}.")
 @click.option("--threads", type=click.IntRange(1, 256), multiple=True, default=(1, 2),
               show_default=True, help="Thread count to measure at (repeatable).")
 @click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True,
               help="Context length, the same for both runtimes.")
 @click.option("--reps", type=click.IntRange(1), default=MIN_REPS, show_default=True,
-              help="Rounds per runtime and thread count; figures are medians.")
+              help="Rounds per runtime, type and thread count; figures are medians.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every figure and raw sample here.")
 @click.option("--no-peer", is_flag=True, help="Measure edge-slm only (no llama-cpp-python needed).")
@@ -488,13 +670,14 @@ def spinners(n: int) -> Iterator[list[subprocess.Popen]]:
 @click.option("--profile", is_flag=True,
               help="Instead of the comparison: where a decoded token's time goes, per kind "
                    "of op (each weight type's gemm with the GB/s it streamed, attention, "
-                   "norms, ..., sampling, the Python step), at each --threads.")
+                   "norms, ..., sampling, the Python step), at each --threads, on the model "
+                   "as given.")
 @click.option("--grounding/--no-grounding", default=True, show_default=True,
               help="Also measure what grounding costs: retrieval alone on a corpus of "
                    f"{bg.CORPUS_PAGES:,} pages, and the first token of the same questions "
-                   "grounded and ungrounded (one each per --reps).")
-def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: int,
-          json_path: Path | None, no_peer: bool, backend: str | None, busy_cores: int,
+                   "grounded and ungrounded (one each per --reps), on the model as given.")
+def bench(model_path: Path | None, types: tuple[str, ...] | None, threads: tuple[int, ...], n_ctx: int,
+          reps: int, json_path: Path | None, no_peer: bool, backend: str | None, busy_cores: int,
           profile: bool, grounding: bool) -> None:
     """Measure speed and memory against llama.cpp (llama-cpp-python) on the same model."""
     path = model_or_default(model_path)
@@ -510,18 +693,25 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
     thread_counts = sorted(set(threads))
     runtimes = (OURS,) if no_peer else (OURS, PEER)
 
+    variants = [variant_shown(path, t) for t in types or default_types(path, peer=not no_peer)]
     workload, decode_source = make_workload(path)
     if workload.positions_needed > n_ctx:
         raise EdgeSlmError(f"--ctx {n_ctx} is too small: the suite needs {workload.positions_needed} positions")
-    bytes_per_token, byte_parts = weight_bytes_per_token(path)
     machine = machine_info()
+    llc = machine["last_level_cache"]
+    reports = []
+    for v in variants:
+        # This loads the file: one edge-slm cannot run fails the bench here, before any round.
+        nbytes, parts = weight_bytes_per_token(v.path)
+        reports.append(TypeReport(v, nbytes, parts, in_cache=bool(llc) and nbytes <= llc["bytes"],
+                                  tensor_types=tensor_types(v.path)))
     if machine["loadavg_start"][0] > 0.5 and not busy_cores:
         log.warning("load average %.1f: other work on this machine will skew the figures",
                     machine["loadavg_start"][0])
     bandwidth = measure_bandwidth(thread_counts)
 
-    rounds: dict[tuple[str, int], list[RoundResult]] = {}
-    cpu: dict[tuple[str, int], list[float]] = {}
+    rounds: dict[tuple[str, str, int], list[RoundResult]] = {}
+    cpu: dict[tuple[str, str, int], list[float]] = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edge-slm-bench-") as tmp, spinners(busy_cores):
         # First: it takes a fraction of the rounds' time, and a model it
@@ -531,61 +721,62 @@ def bench(model_path: Path | None, threads: tuple[int, ...], n_ctx: int, reps: i
         wpath = Path(tmp) / "workload.json"
         wpath.write_text(workload.to_json())
         for rep in range(reps):
-            for t in thread_counts:
-                for rt in runtimes:
-                    click.echo(f"round {rep + 1}/{reps}: {rt}, {t} thread{'s' * (t > 1)}", err=True)
-                    result, cpu_s = run_child(rt, path, t, n_ctx, wpath, backend)
-                    rounds.setdefault((rt, t), []).append(result)
-                    cpu.setdefault((rt, t), []).append(cpu_s)
+            for v in variants:
+                for t in thread_counts:
+                    for rt in runtimes:
+                        click.echo(f"round {rep + 1}/{reps}: {v.type}, {rt}, {t} thread{'s' * (t > 1)}",
+                                   err=True)
+                        result, cpu_s = run_child(rt, v.path, t, n_ctx, wpath, backend)
+                        rounds.setdefault((v.type, rt, t), []).append(result)
+                        cpu.setdefault((v.type, rt, t), []).append(cpu_s)
     elapsed = time.monotonic() - started
     machine["loadavg_end"] = list(os.getloadavg())
 
-    summaries = [summarize(rounds[(rt, t)], cpu[(rt, t)], bandwidth[t], bytes_per_token)
-                 for t in thread_counts for rt in runtimes]
-    agreement = {} if no_peer else {t: compare(rounds[(OURS, t)], rounds[(PEER, t)])
-                                    for t in thread_counts}
-    # Whether our own greedy output is the same in every round and at every
-    # thread count: a cheap check that threading does not change the result.
-    ours_ids = {tuple(r.greedy_ids) for t in thread_counts for r in rounds[(OURS, t)]}
+    for r in reports:
+        of = {(rt, t): rounds[(r.variant.type, rt, t)] for rt in runtimes for t in thread_counts}
+        r.summaries = [summarize(of[(rt, t)], cpu[(r.variant.type, rt, t)], bandwidth[t], r.weight_bytes)
+                       for t in thread_counts for rt in runtimes]
+        r.agreement = {} if no_peer else {t: compare(of[(OURS, t)], of[(PEER, t)]) for t in thread_counts}
+        # Whether our own greedy output is the same in every round and at every
+        # thread count: a cheap check that threading does not change the result.
+        r.greedy_sequences = len({tuple(x.greedy_ids) for t in thread_counts for x in of[(OURS, t)]})
 
     click.echo(f"{path.name}: n_ctx {n_ctx}, median of {reps} round{'s' * (reps > 1)} "
                f"per figure, one fresh process each ({elapsed:.0f} s)"
                + (f"; {busy_cores} other process{'es' * (busy_cores > 1)} spinning" if busy_cores else ""))
-    kernels = {s.runtime: s.backend for s in summaries}
+    kernels = {s.runtime: s.backend for s in reports[0].summaries}
     click.echo("kernels: " + "; ".join(f"{rt} {name}" for rt, name in kernels.items()))
-    click.echo(cache_note(machine, bytes_per_token))
-    in_cache = bool(machine["last_level_cache"]) and bytes_per_token <= machine["last_level_cache"]["bytes"]
-    click.echo(format_table(summaries, bandwidth, agreement, in_cache))
+    for r in reports:
+        click.echo("\n" + type_heading(r))
+        click.echo(cache_note(machine, r.weight_bytes))
+        click.echo(format_table(r.summaries, bandwidth, r.agreement, r.in_cache))
+        if r.greedy_sequences > 1:
+            click.echo(f"note: edge-slm's greedy tokens differ between rounds or thread counts "
+                       f"({r.greedy_sequences} distinct sequences)")
+    if len(reports) > 1:
+        click.echo("\n" + format_types(reports, thread_counts))
     if grounding_doc is not None:
         click.echo("\n" + format_grounding(grounding_doc))
-    if len(ours_ids) > 1:
-        click.echo(f"note: edge-slm's greedy tokens differ between rounds or thread counts "
-                   f"({len(ours_ids)} distinct sequences)")
 
     if json_path is not None:
         top = max(thread_counts)
+        # The first type's figures also at the top level, where they were
+        # before the bench measured more than one type.
+        types_doc = [type_doc(r, decode_source) for r in reports]
         doc = {
             "bandwidth_gbs": bandwidth[top],
             "bandwidth_gbs_by_threads": {str(t): bw for t, bw in bandwidth.items()},
-            "runs": [{k: v for k, v in asdict(s).items() if k != "greedy_ids"} for s in summaries],
-            "greedy_agreement": {
-                "prompts": decode_source,
-                "decode_text": DECODE_TEXT if decode_source == "text" else None,
-                "check_text": CHECK_TEXT if decode_source == "text" else None,
-                "confident_margin": CONFIDENT_MARGIN,
-                "by_threads": {str(t): asdict(a) for t, a in agreement.items()},
-                "edge_slm_consistent": len(ours_ids) == 1,
-                "greedy_ids": {f"{s.runtime}/{s.threads}": s.greedy_ids for s in summaries},
-            },
+            "runs": types_doc[0]["runs"],
+            "greedy_agreement": types_doc[0]["greedy_agreement"],
             "grounding": grounding_doc,
-            "model": {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                      "weight_bytes_per_token": bytes_per_token,
-                      "fits_in_last_level_cache": in_cache,
-                      "weight_bytes_per_token_parts": byte_parts},
+            "model": types_doc[0]["model"],
+            "types": types_doc,
             "settings": {"n_ctx": n_ctx, "reps": reps, "threads": thread_counts,
+                         "types": [v.type for v in variants],
                          "backend_requested": backend, "busy_cores": busy_cores,
                          "prefill_lengths": list(PREFILL_LENGTHS), "ttft_prompt": TTFT_PROMPT,
                          "n_decode": N_DECODE, "kv_type": "f16", "n_batch": 512,
+                         "check_subset": len(workload.check_subset),
                          "bandwidth_bytes": BANDWIDTH_BYTES, "bandwidth_reps": BANDWIDTH_REPS,
                          "peak_rss": "VmHWM of the round's own process, MiB"},
             "machine": machine,

@@ -45,6 +45,9 @@ class Workload:
     decode_prompt: list[int]       # short prompt the greedy decode continues
     check_ids: list[int] = field(default_factory=list)  # fed one at a time, untimed, to compare top-1
     n_decode: int = 128            # decode steps timed
+    # Vocabulary ids whose logits are returned after each check id, to
+    # correlate the runtimes' logits (the whole rows would be megabytes a round).
+    check_subset: list[int] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, text: str) -> Workload:
@@ -80,6 +83,7 @@ class RoundResult:
     rss_baseline_mb: float     # after the imports, before the model is loaded
     peak_rss_mb: float         # VmHWM at the end of the round
     info: dict[str, object] = field(default_factory=dict)
+    check_logits: list[list[float]] = field(default_factory=list)  # [check id][Workload.check_subset]
 
 
 class Runner(Protocol):
@@ -211,9 +215,11 @@ def run_suite(runner: Runner, w: Workload) -> tuple[dict[int, float], float, flo
     return prefill_tps, decode_tps, ttft_ms, greedy
 
 
-def top1_along(runner: Runner, ids: list[int]) -> tuple[list[int], list[float]]:
+def top1_along(runner: Runner, ids: list[int],
+               subset: list[int]) -> tuple[list[int], list[float], list[list[float]]]:
     """Top-1 id and its margin over the runner-up after each token of a fixed
-    sequence, fed one at a time (the decode path).
+    sequence, fed one at a time (the decode path), and the logits of the
+    `subset` ids there.
 
     Free-running greedy output stops being comparable at the first near-tie,
     where the two runtimes may rightly pick different tokens; on a fixed
@@ -222,13 +228,14 @@ def top1_along(runner: Runner, ids: list[int]) -> tuple[list[int], list[float]]:
     import numpy as np
 
     runner.reset()
-    top1, margin = [], []
+    top1, margin, rows = [], [], []
     for pos, tok in enumerate(ids):
         logits = runner.prefill([tok], pos)
         second, first = np.partition(logits, -2)[-2:]
         top1.append(int(logits.argmax()))
         margin.append(float(first - second))
-    return top1, margin
+        rows.append(logits[subset].tolist())
+    return top1, margin, rows
 
 
 def status_mb(key: str) -> float:
@@ -249,7 +256,7 @@ def run_round(runtime: str, model_path: Path, threads: int, ctx: int, w: Workloa
     runner = make_runner(runtime, model_path, threads, ctx, backend)
     load_s = time.perf_counter() - t0
     prefill_tps, decode_tps, ttft_ms, greedy = run_suite(runner, w)
-    top1, margin = top1_along(runner, w.check_ids)
+    top1, margin, check_logits = top1_along(runner, w.check_ids, w.check_subset)
     # The peak is read by this process rather than taken from the parent's
     # wait4() rusage: Linux carries the spawning process's own peak RSS into a
     # child's ru_maxrss across fork/vfork + exec, so that figure would include
@@ -259,7 +266,8 @@ def run_round(runtime: str, model_path: Path, threads: int, ctx: int, w: Workloa
                        version=runner.version, prefill_tps=prefill_tps, decode_tps=decode_tps,
                        ttft_ms=ttft_ms, greedy_ids=greedy, check_top1=top1,
                        check_margin=margin, load_s=load_s,
-                       rss_baseline_mb=baseline, peak_rss_mb=status_mb("VmHWM"), info=runner.info)
+                       rss_baseline_mb=baseline, peak_rss_mb=status_mb("VmHWM"), info=runner.info,
+                       check_logits=check_logits)
 
 
 def main(argv: list[str] | None = None) -> int:

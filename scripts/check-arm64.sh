@@ -21,8 +21,10 @@
 # Environment:
 #   EDGE_SLM_ARM64_ROOT    cached arm64 root (default ~/.cache/edge-slm/arm64-root)
 #   EDGE_SLM_ARM64_MIRROR  Debian mirror for debootstrap (default deb.debian.org)
-#   EDGE_SLM_ARM64_TESTS   pytest paths to run inside
-#                          (default: tests/test_forward.py tests/test_parity.py)
+#   EDGE_SLM_ARM64_TESTS   pytest arguments to run inside, read there as shell
+#                          words (so quote a -k expression); default: the
+#                          reference model's forward pass and parity, and the
+#                          tiny models' parity for K-quants (DEFAULT_TESTS)
 #   EDGE_SLM_PARITY_PROMPTS  prompts the parity test checks (default 2 here)
 #   EDGE_SLM_HOME          where the host keeps the model (as edge_slm/paths.py)
 set -euo pipefail
@@ -30,7 +32,15 @@ set -euo pipefail
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROOT=$(realpath -m "${EDGE_SLM_ARM64_ROOT:-$HOME/.cache/edge-slm/arm64-root}")
 MIRROR=${EDGE_SLM_ARM64_MIRROR:-http://deb.debian.org/debian}
-TESTS=${EDGE_SLM_ARM64_TESTS:-tests/test_forward.py tests/test_parity.py}
+# Besides the Q4_1 reference model, the tiny models of tests/fixtures/arch/,
+# so the NEON tables run K-quants end to end: llama's Q4_K and Q6_K files and
+# Gemma 3's Q4_K_M (Q4_K, Q6_K and Q8_0 in one model, with GELU, a sliding
+# window and 256-wide heads), and each vocabulary's tokenization, whose F32
+# models must hash as the fixture's under the board's numpy. -k filters every
+# file given, so it names the first two files' tests too ("not test_arch_parity.py").
+ARCH_TESTS="not test_arch_parity.py or llama-Q4_K or llama-Q6_K or gemma3-Q4_K_M or tokenization"
+DEFAULT_TESTS="tests/test_forward.py tests/test_parity.py tests/test_arch_parity.py -k '$ARCH_TESTS'"
+TESTS=${EDGE_SLM_ARM64_TESTS:-$DEFAULT_TESTS}
 PARITY_PROMPTS=${EDGE_SLM_PARITY_PROMPTS:-2}
 MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf # edge_slm/paths.py MODEL_FILE
 HOST_MODEL=${EDGE_SLM_HOME:-$HOME/.cache/edge-slm}/models/$MODEL_FILE
@@ -82,7 +92,7 @@ summary() {
     [ -s "$LOGS/complete" ] && printf '  complete: %s\n' "$(tail -n 1 "$LOGS/complete")"
     if [ -s "$LOGS/pytest" ]; then
         printf '  pytest:   %s\n' "$(tail -n 1 "$LOGS/pytest")"
-        grep -E '^(parity|greedy) \[' "$LOGS/pytest" | sed 's/^/    /' || true
+        grep -E '^(parity|greedy|arch parity [^ ]+) \[' "$LOGS/pytest" | sed 's/^/    /' || true
     fi
     if [ "$rc" = 0 ]; then echo "arm64: PASS"; else echo "arm64: FAIL (exit $rc)"; fi
     rm -rf "$LOGS"

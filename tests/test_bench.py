@@ -232,3 +232,178 @@ def test_profile_shows_where_a_tokens_time_goes(real_model, tmp_path):
     q4 = raw["c"]["ops"]["gemm:3"][1] / tokens
     q8 = raw["c"]["ops"]["gemm:8"][1] / tokens
     assert q4 == 66_355_200 and q8 == 30_081_024  # every weight once a token
+
+
+# ---- weight types: copies made by llama.cpp's quantizer (faked here) ----
+
+@pytest.fixture
+def fake_quantizer(monkeypatch, tmp_path):
+    """requantize's call into llama.cpp replaced by one writing a tiny model
+    whose matrices have the asked type; EDGE_SLM_HOME in tmp_path. Returns
+    the calls made, as (source, type)."""
+    from tiny_models import write_tiny_model
+
+    from edge_slm import requantize as rq
+
+    monkeypatch.setenv("EDGE_SLM_HOME", str(tmp_path / "home"))
+    calls = []
+
+    def quantize(source, dest, type_name, progress):
+        calls.append((source, type_name))
+        for k in (1, 2):
+            if progress is not None:
+                progress(k, 2)
+        write_tiny_model(dest, TinySpec(context_length=4096, weight_type=type_name.upper()))
+        return "a fake quantizer"
+
+    monkeypatch.setattr(rq, "llama_cpp_quantize", quantize)
+    return calls
+
+
+def test_a_requantized_copy_is_made_once_and_again_when_either_file_changes(long_model, tmp_path,
+                                                                            fake_quantizer):
+    import os
+    import shutil
+
+    from edge_slm import requantize as rq
+
+    source = tmp_path / "source.gguf"
+    shutil.copy(long_model, source)
+    seen = []
+    v = rq.variant(source, "q8_0", lambda done, total: seen.append((done, total)))
+    assert v.path == tmp_path / "home" / "models" / "source.requantized-Q8_0.gguf"
+    assert v.path.stat().st_mode & 0o777 == 0o644 and seen == [(1, 2), (2, 2)]
+    assert v.made_from["source"] == str(source) and v.made_from["quantizer"] == "a fake quantizer"
+    assert v.made_from["source_sha256"] == bench_mod.sha256_file(source)
+    assert rq.variant(source, "q8_0") == v and len(fake_quantizer) == 1  # reused
+    assert not list(v.path.parent.glob(".*.part"))
+
+    os.utime(v.path, ns=(0, 0))  # the copy changed since it was made
+    rq.variant(source, "q8_0")
+    with open(source, "r+b") as f:  # the source is other bytes now
+        f.seek(-1, 2)
+        f.write(b"\x01")
+    rq.variant(source, "q8_0")
+    assert len(fake_quantizer) == 3
+    rq.variant(source, "q4_0")  # another type, another file
+    assert [t for _, t in fake_quantizer] == ["q8_0", "q8_0", "q8_0", "q4_0"]
+    assert (tmp_path / "home" / "models" / "source.requantized-Q4_0.gguf").exists()
+
+
+def test_a_file_in_the_type_asked_for_is_taken_as_it_is(real_model, fake_quantizer):
+    from edge_slm import requantize as rq
+
+    assert rq.file_type(real_model) == "q4_1"
+    assert rq.variant(real_model, "q4_1") == rq.ModelVariant("q4_1", real_model, None)
+    assert fake_quantizer == []
+
+
+def test_a_failed_quantize_leaves_nothing_behind(long_model, tmp_path, monkeypatch):
+    from edge_slm import requantize as rq
+    from edge_slm.errors import EdgeSlmError
+
+    monkeypatch.setenv("EDGE_SLM_HOME", str(tmp_path / "home"))
+
+    def quantize(source, dest, type_name, progress):
+        dest.write_bytes(b"half a file")
+        raise EdgeSlmError("llama.cpp could not requantize it")
+
+    monkeypatch.setattr(rq, "llama_cpp_quantize", quantize)
+    with pytest.raises(EdgeSlmError, match="could not requantize"):
+        rq.variant(long_model, "q8_0")
+    assert list((tmp_path / "home" / "models").iterdir()) == []
+
+
+def test_the_file_type_ids_are_llama_cpps():
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from edge_slm.requantize import FILE_TYPES
+
+    for name, ftype in FILE_TYPES.items():
+        constant = "LLAMA_FTYPE_ALL_F32" if name == "f32" else f"LLAMA_FTYPE_MOSTLY_{name.upper()}"
+        assert getattr(llama_cpp, constant) == ftype, name
+
+
+def test_default_types(real_model, long_model):
+    from edge_slm.bench import default_types
+    from edge_slm.requantize import AS_GIVEN
+
+    # the reference model: its own type, and with the peer the two llama.cpp makes from it
+    assert default_types(real_model, peer=True) == ["q4_1", "q4_k_m", "q8_0"]
+    assert default_types(real_model, peer=False) == ["q4_1"]
+    # any other model only as given (the tiny ones declare no file type)
+    assert default_types(long_model, peer=True) == [AS_GIVEN]
+
+
+def test_bench_refuses_an_unknown_type(long_model):
+    res = CliRunner().invoke(main, ["bench", "--model", str(long_model), "--no-peer",
+                                    "--types", "q4_1,q9_9"])
+    assert res.exit_code == 2
+    assert "q9_9: choose from" in res.output and "q4_k_m" in res.output
+
+
+def test_bench_measures_each_type(long_model, tmp_path, fake_quantizer):
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(main, ["bench", "--model", str(long_model), "--no-peer", "--reps", "1",
+                                    "--threads", "1", "--ctx", "1024", "--no-grounding",
+                                    "--types", "q8_0, Q4_0,q8_0", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "q8_0: requantizing model.gguf with llama.cpp's quantizer" in res.output
+    assert "q8_0: model.requantized-Q8_0.gguf" in res.output and "by a fake quantizer" in res.output
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["types"] == ["q8_0", "q4_0"]
+    assert [t["type"] for t in doc["types"]] == ["q8_0", "q4_0"]
+    q8, q4 = doc["types"]
+    assert q8["model"]["tensor_types"]["Q8_0"] == 15 and q4["model"]["tensor_types"]["Q4_0"] == 14
+    assert q8["model"]["made_from"]["source"] == str(long_model)
+    assert q8["model"]["weight_bytes_per_token"] > q4["model"]["weight_bytes_per_token"]
+    for t in doc["types"]:
+        assert [(r["runtime"], r["threads"]) for r in t["runs"]] == [(OURS, 1)]
+        assert t["runs"][0]["decode_tps"] > 0 and t["greedy_agreement"]["by_threads"] == {}
+    # the first type's figures are where a single model's were
+    assert doc["runs"] == q8["runs"] and doc["model"] == q8["model"]
+    rows = res.output[res.output.index("by weight type"):].splitlines()
+    assert [r.split()[0] for r in rows[3:5]] == ["q8_0", "q4_0"]
+    # made once: a second run reuses both copies
+    res = CliRunner().invoke(main, ["bench", "--model", str(long_model), "--no-peer", "--reps", "1",
+                                    "--threads", "1", "--ctx", "1024", "--no-grounding",
+                                    "--types", "q8_0,q4_0"])
+    assert res.exit_code == 0, res.output
+    assert "requantizing" not in res.output and len(fake_quantizer) == 2
+
+
+def test_bench_refuses_a_type_edge_slm_cannot_load_before_any_round(long_model, monkeypatch, tmp_path):
+    from tiny_models import write_tiny_model
+
+    from edge_slm import requantize as rq
+
+    monkeypatch.setenv("EDGE_SLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(rq, "llama_cpp_quantize", lambda source, dest, type_name, progress: (
+        write_tiny_model(dest, TinySpec(context_length=4096, down_type="IQ4_NL")), "fake")[1])
+    monkeypatch.setattr(bench_mod, "run_child", lambda *a: pytest.fail("a round ran"))
+    res = CliRunner().invoke(main, ["bench", "--model", str(long_model), "--no-peer",
+                                    "--no-grounding", "--types", "q4_k_m"])
+    assert res.exit_code == 1
+    assert "requantized-Q4_K_M.gguf" in res.output and "IQ4_NL" in res.output
+
+
+def test_the_summary_has_a_row_per_type_and_thread_count():
+    from edge_slm.bench import TypeReport, format_types
+    from edge_slm.requantize import ModelVariant
+
+    def report(name: str, scale: float) -> TypeReport:
+        summaries = [summary(rt, s, [1.0]) for rt, s in ((OURS, scale), (PEER, 1.0))]
+        for s in summaries:
+            s.samples["prefill_tps"] = {"512": [1.0]}
+        agreement = Agreement(greedy_prefix=[7], greedy_tokens=129, top1_agree=50, positions=60,
+                              confident_agree=20, confident_positions=21, logit_corr_min=0.9987,
+                              logit_corr_median=0.9995)
+        return TypeReport(ModelVariant(name, None, None), 96 << 20, {}, False, {},
+                          summaries=summaries, agreement={2: agreement})
+
+    lines = format_types([report("q4_1", 2.0), report("q4_k_m", 0.5)], [2]).splitlines()
+    assert "decode 128 tok" in lines[1] and "prefill 512 tok" in lines[1]
+    q4_1, q4_k_m = lines[3].split(), lines[4].split()
+    # type, MiB a token, threads, then ours, llama.cpp and the ratio for decode, then for prefill
+    assert q4_1[:9] == ["q4_1", "96.0", "2", "100.0", "50.0", "2.00", "600.0", "300.0", "2.00"]
+    assert q4_k_m[5] == "0.50" and q4_k_m[8] == "0.50"
+    assert q4_1[9:] == ["20/21", "0.9987"]

@@ -74,8 +74,8 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    p = write_tiny_model(tmp_path / "q6k.gguf", TinySpec(down_type="Q6_K", hidden_dim=256))
-    with pytest.raises(UnsupportedModel, match="blk.0.ffn_down.weight has type Q6_K"):
+    p = write_tiny_model(tmp_path / "q2k.gguf", TinySpec(down_type="Q2_K", hidden_dim=256))
+    with pytest.raises(UnsupportedModel, match="blk.0.ffn_down.weight has type Q2_K"):
         load_model(p)
 
 

@@ -34,7 +34,7 @@ RUNTIME = "rt-faults"
 QUESTIONS = ["What should I check first when a pump loses pressure?", "Name one valve type.",
              "How do I bleed air from a hydraulic line?", "Why does a motor overheat?"]
 STORY = "Write a long story about a pump."
-STORY_TOKENS = 200  # long enough to outlive a pause, a kill or a broker outage
+STORY_TOKENS = 400  # long enough to outlive a pause, a kill or a broker outage on a busy machine
 
 Answers = list[tuple[dict, mqtt.MQTTMessage]]
 

@@ -43,7 +43,7 @@ class TinySpec:
     tied: bool = True
     arch: str = "llama"
     seed: int = 0
-    down_type: str | None = None  # another type for ffn_down, e.g. "Q6_K" (random bytes)
+    down_type: str | None = None  # another type for ffn_down, e.g. "Q2_K" (random bytes)
     chat_template: str = CHATML
 
 
