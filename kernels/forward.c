@@ -1,7 +1,8 @@
 /*
  * The Llama forward pass over a batch of tokens, run by every pool thread
  * at once; the other families (Qwen2, Qwen3, Gemma 3) are Llama with the
- * differences ek_config and the optional tensors of ek_layer declare. Each op (rows of a matmul, tokens of a norm, heads of attention)
+ * differences ek_config and the optional tensors of ek_layer declare.
+ * Each op (rows of a matmul, tokens of a norm, heads of attention)
  * is cut into pieces that the threads claim, and no thread starts an op
  * before the last one is finished, so the pass reads top to bottom like the
  * single-threaded maths.
@@ -24,6 +25,9 @@ struct ek_model {
     ek_layer *layers; /* our copy of the caller's layer table */
     ek_model_params p;
     const ek_kernels *k;
+    /* the family's RoPE pairing and FFN activation, chosen once */
+    void (*rope)(float *x, int n_heads, int head_dim, const float *cs);
+    void (*act_mul)(float *out, const float *gate, const float *up, int n);
     ek_pool *pool;
     uint8_t *weights;    /* every tensor the pass reads (own_weights) */
     size_t weight_bytes;
@@ -326,6 +330,8 @@ int ek_model_create(const ek_weights *w, const ek_model_params *p, ek_model **ou
     m->w = *w;
     m->p = *p;
     m->k = p->kernels;
+    m->rope = c->rope_neox ? m->k->rope_neox : m->k->rope;
+    m->act_mul = c->ffn_act == EK_ACT_GELU ? m->k->gelu_mul : m->k->silu_mul;
     m->q_dim = c->n_head * c->head_dim;
     m->kv_dim = c->n_kv_head * c->head_dim;
     m->kv_head_bytes = ek_row_bytes(p->kv_type, c->head_dim);
@@ -541,7 +547,7 @@ static void shape_heads(const ek_model *m, float *x, int n_heads, const ek_tenso
     if (bias->data) k->add(x, bias->data, n_heads * hd);
     if (norm->data)
         for (int h = 0; h < n_heads; h++) k->rmsnorm(x + h * hd, x + h * hd, norm->data, hd, m->cfg.norm_eps);
-    (m->cfg.rope_neox ? k->rope_neox : k->rope)(x, n_heads, hd, cs);
+    m->rope(x, n_heads, hd, cs);
 }
 
 /* x += xo, the residual connection. */
@@ -612,10 +618,8 @@ static void ffn_block(worker *w, int l) {
 
     norm_tokens(w, m->xb, m->x, &L->ffn_norm);
     matmuls(w, m->xb, n, (proj[]){{&L->w_gate, m->hb}, {&L->w_up, m->hb2}}, 2);
-    void (*act_mul)(float *, const float *, const float *, int) =
-        m->cfg.ffn_act == EK_ACT_GELU ? m->k->gelu_mul : m->k->silu_mul;
     while (next_piece(w, n * m->cfg.hidden_dim, 16, &lo, &hi))
-        act_mul(m->hb + lo, m->hb + lo, m->hb2 + lo, hi - lo);
+        m->act_mul(m->hb + lo, m->hb + lo, m->hb2 + lo, hi - lo);
     w->tag.src = NULL;
     mark(w, EK_PROF_FFN_ACT);
     matmuls(w, m->hb, n, &(proj){&L->w_down, m->xo}, 1);
@@ -748,8 +752,7 @@ int ek_kv_shift(ek_model *m, int slot, int keep, int n_drop, int n_used) {
             uint8_t *src = kv_at(m, m->kv_k, l, slot, p), *dst = kv_at(m, m->kv_k, l, slot, p - n_drop);
             for (int h = 0; h < c->n_kv_head; h++) {
                 load(src + h * m->kv_head_bytes, row, hd);
-                (c->rope_neox ? m->k->rope_neox : m->k->rope)(row, 1, hd,
-                                                              ek_layer_slides(c, l) ? cs_swa : cs);
+                m->rope(row, 1, hd, ek_layer_slides(c, l) ? cs_swa : cs);
                 m->k->kv_store(dst + h * m->kv_head_bytes, row, hd, m->p.kv_type);
             }
         }
