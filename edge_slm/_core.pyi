@@ -22,6 +22,7 @@ def kv_store(backend: str | None, kv_type: int, src: Buffer, dst: Buffer) -> Non
 def read_bandwidth(n_threads: int, bytes: int, reps: int) -> float: ...  # GB/s
 def model_bytes(config: dict[str, int | float], n_slots: int, n_ctx: int, max_batch: int,
                 n_threads: int, kv_type: int) -> tuple[int, int]: ...  # (KV cache, run state)
+def kv_ring(config: dict[str, int | float], n_ctx: int, max_batch: int) -> int: ...  # 0: no ring
 
 class Model:
     backend: str
@@ -31,6 +32,7 @@ class Model:
     max_batch: int
     kv_type: int
     weight_bytes: int  # weights copied at creation (repacked); an untied token_embd stays mapped
+    kv_ring: int  # positions a sliding-window layer's ring holds; 0: every layer keeps the context
     def __init__(self, config: dict[str, int | float],
                  tensors: dict[str, tuple[Buffer, int, int, int]], n_threads: int = 1,
                  n_slots: int = 1, n_ctx: int = ..., max_batch: int = 1, kv_type: int = ...,
@@ -39,5 +41,6 @@ class Model:
                 logits: Buffer) -> None: ...
     def kv_shift(self, slot: int, keep: int, n_drop: int, n_used: int) -> None: ...
     def kv_copy(self, src: int, dst: int, n: int) -> None: ...
+    def kv_usable(self, slot: int, n: int) -> int: ...
     # {"runs", "tokens", "ops": {name: (seconds, weight bytes)}}; gemm names are "gemm:<type id>"
     def profile(self, on: bool) -> dict[str, Any]: ...

@@ -139,8 +139,21 @@ def sampling_options(f):
     f = click.option("--repeat-penalty", type=click.FloatRange(0, min_open=True), default=None,
                      help="Discourage repeats (default 1.1 for ask and chat, 1.0 for complete).")(f)
     f = click.option("--seed", type=click.IntRange(0), default=None, help="Seed for sampling.")(f)
-    f = click.option("--stop", multiple=True, help="Stop string (repeatable).")(f)
+    f = click.option("--stop", multiple=True, callback=check_stop_option,
+                     help="Stop string (repeatable).")(f)
     return f
+
+
+def check_stop_option(ctx, param, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Stop strings within the engine's bounds, refused as a bad option (exit 2) before the model loads."""
+    if not value:
+        return value
+    from .generate import check_stop
+
+    try:
+        return check_stop(value)
+    except EdgeSlmError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
 
 
 def sampling_config(temperature, top_k, top_p, repeat_penalty, seed, default_temperature: float,
@@ -364,7 +377,8 @@ def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots, max_to
         + (f", scaled x{1 / cfg.rope_scale:g}" if cfg.rope_scale != 1 else "")
         + (", with per-dimension factors" if "rope_freqs.weight" in tensors else ""),
         *([f"window        {cfg.swa_window} positions on {cfg.sliding_layers} of {cfg.n_layer} layers "
-           f"(RoPE base {cfg.rope_base_swa:g}); the others see the whole context"] if cfg.swa_window else []),
+           f"(RoPE base {cfg.rope_base_swa:g}){sliding_cache(cfg, plan.n_ctx, ecfg.max_batch)}; "
+           f"the others see the whole context"] if cfg.swa_window else []),
         f"tensors       {len(tensors)}: " + ", ".join(
             f"{n} x {t} ({type_bytes[t] / MIB:.1f} MiB)" for t, n in types.most_common()),
     ]
@@ -373,6 +387,14 @@ def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots, max_to
     else:
         lines.append(f"memory for {plan.n_slots} slot(s) at context {plan.n_ctx}:")
     click.echo("\n".join(lines) + "\n" + plan.describe())
+
+
+def sliding_cache(cfg, n_ctx: int, max_batch: int) -> str:
+    """What the sliding-window layers cache at this context, in a few words."""
+    from . import _core
+
+    ring = _core.kv_ring(cfg.core(), n_ctx=n_ctx, max_batch=max_batch)
+    return f", each caching a ring of {ring} positions" if ring else ""
 
 
 @main.command()
@@ -415,6 +437,38 @@ def chat(model_path, threads, n_ctx, kv_type, memory_budget, system, keep_turns,
                 print_sources(result)
             except EdgeSlmError as e:  # say so and keep the chat going
                 say(f"edge-slm: {e}")
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--to", "fmt", type=click.Choice(["onnx"]), required=True,
+              help="onnx: a folder of model.onnx (4-bit weights as MatMulNBits), genai_config.json "
+                   "and the tokenizer, for ONNX Runtime and onnxruntime-genai.")
+@click.pass_context
+def export(ctx, model_path, out, fmt) -> None:
+    """Write MODEL (GGUF) in another runtime's format at OUT, a new or empty folder.
+
+    Needs the export-onnx extra. A bad MODEL or OUT exits 2."""
+    from .export.onnx import check_output_folder, export_onnx
+    from .fleet.commands import progress_bar
+    from .memory import MIB
+    from .model import expected_tensors, load_model
+
+    try:
+        check_output_folder(out)  # before the model is read
+        model = load_model(model_path)
+        total = sum(model.tensors[n].nbytes for n in expected_tensors(model.config, model.tensors))
+        with progress_bar(total, "exporting") as update:
+            done = export_onnx(model, out, update)
+    except EdgeSlmError as e:
+        say(f"edge-slm: {e}")
+        ctx.exit(2)
+    click.echo(f"{done.folder}: {', '.join(done.files)} ({done.bytes / MIB:.1f} MiB)")
+    for gguf_type, how in sorted(done.weight_types.items()):
+        click.echo(f"  {gguf_type}: {how}")
+    if done.note:
+        click.echo(f"note: {done.note}")
 
 
 from .soak import soak  # noqa: E402

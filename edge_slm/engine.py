@@ -669,6 +669,8 @@ class Engine:
             log.debug("slot %d: reused %d cached tokens after dropping %d", slot.index, best_n, best_gap)
         else:
             slot.cache = cache[:keep]
+        # a sliding-window layer's ring may no longer hold the window before it
+        del slot.cache[self.runtime.kv_usable(slot.index, len(slot.cache)):]
 
     def _step(self) -> None:
         # Expire and cancel first, so a freed slot costs no more compute.
@@ -764,7 +766,14 @@ class Engine:
         """The slot's context is full: drop the older half after the kept start,
         re-rotating the cached keys instead of recomputing them."""
         n_used = len(s.cache)
+        # In a ring, the sliding-window layers may no longer hold the kept
+        # start: the window after the cut must lie within what moves.
+        window = self.model.config.swa_window if self.runtime.kv_ring else 0
+        if window:
+            s.keep = min(s.keep, n_used - window)
         n_drop = max(1, (n_used - s.keep) // 2)
+        if window:
+            n_drop = min(n_drop, n_used - s.keep - window + 1)
         self.runtime.kv_shift(s.index, s.keep, n_drop, n_used)
         del s.cache[s.keep:s.keep + n_drop]
         del s.seq[s.keep:s.keep + n_drop]

@@ -575,6 +575,19 @@ class Transformer:
         with self._lock:
             self._model.kv_copy(src, dst, n)
 
+    def kv_usable(self, slot: int, n: int) -> int:
+        """How many of slot's first n cached positions a continuation can keep:
+        n, or 0 where the sliding-window layers' ring no longer holds the
+        window before position n."""
+        with self._lock:
+            return self._model.kv_usable(slot, n)
+
+    @property
+    def kv_ring(self) -> int:
+        """Positions each sliding-window layer keeps per slot (0: every layer
+        keeps the whole context)."""
+        return self._model.kv_ring
+
 
 @dataclass
 class LoadedModel:

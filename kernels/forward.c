@@ -37,8 +37,14 @@ struct ek_model {
     size_t kv_head_bytes; /* one head vector in kv_type */
     size_t kv_pos_bytes;  /* all KV heads of one position */
 
-    /* KV cache: [n_layer][n_slots][n_ctx][kv_pos_bytes], K and V apart */
+    /* KV cache, K and V apart: layer by layer, slot by slot, rows of
+     * kv_pos_bytes. A layer keeps n_ctx rows per slot, a sliding-window
+     * layer in a ring swa_rows (see swa_ring). */
     uint8_t *kv_k, *kv_v;
+    size_t *row0;       /* [n_layer] the layer's first row */
+    int ring, swa_rows; /* ring length in positions (0: no ring) and rows per slot */
+    int *kv_lo, *kv_hi; /* [n_slots] the positions the sliding layers hold: [lo, hi) */
+    uint8_t *ring_buf;  /* ring: 2 x ring rows, where a shift gathers the rows it moves */
 
     /* run state, B = max_batch */
     float *x;        /* [B, dim] residual stream */
@@ -159,9 +165,33 @@ static int validate(const ek_weights *w, const ek_model_params *p, char *err, si
 
 static int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
-size_t ek_model_kv_bytes(const ek_config *c, int n_slots, int n_ctx, int kv_type) {
-    size_t pos_bytes = (size_t)c->n_kv_head * ek_row_bytes(kv_type, c->head_dim);
-    return 2 * (size_t)c->n_layer * (size_t)n_slots * (size_t)n_ctx * pos_bytes;
+/*
+ * A sliding-window layer reads, for the tokens of one batch, at most
+ * window + max_batch - 1 consecutive positions: a ring of that many rows
+ * holds them, position p in row p % ring. Its first window - 1 rows are
+ * written twice, the second time past the ring's end, so that every window
+ * is one contiguous run of rows for the attention kernel. The ring is used
+ * when those rows are fewer than the context's. Returns the ring's length
+ * (0: none) and sets *rows to a sliding layer's rows per slot.
+ */
+static int swa_ring(const ek_config *c, int n_ctx, int max_batch, int *rows) {
+    *rows = n_ctx;
+    if (c->swa_window <= 0) return 0;
+    long ring = (long)c->swa_window + max_batch - 1, with_mirror = ring + c->swa_window - 1;
+    if (with_mirror >= n_ctx) return 0;
+    *rows = (int)with_mirror;
+    return (int)ring;
+}
+
+static int layer_rows(const ek_config *c, int l, int n_ctx, int ring, int swa_rows) {
+    return ring && ek_layer_slides(c, l) ? swa_rows : n_ctx;
+}
+
+size_t ek_model_kv_bytes(const ek_config *c, int n_slots, int n_ctx, int max_batch, int kv_type) {
+    size_t pos_bytes = (size_t)c->n_kv_head * ek_row_bytes(kv_type, c->head_dim), rows = 0;
+    int swa_rows, ring = swa_ring(c, n_ctx, max_batch, &swa_rows);
+    for (int l = 0; l < c->n_layer; l++) rows += (size_t)layer_rows(c, l, n_ctx, ring, swa_rows);
+    return 2 * rows * (size_t)n_slots * pos_bytes;
 }
 
 size_t ek_model_state_bytes(const ek_config *c, int B, int n_ctx, int n_threads) {
@@ -171,8 +201,11 @@ size_t ek_model_state_bytes(const ek_config *c, int B, int n_ctx, int n_threads)
                                  (size_t)q_dim + 2 * (size_t)kv_dim + 2 * (size_t)c->hidden_dim +
                                  (size_t)c->head_dim * (c->swa_window > 0 ? 2 : 1)) +
                     (size_t)n_threads * (size_t)n_ctx;
+    int swa_rows, ring = swa_ring(c, n_ctx, B, &swa_rows);
+    /* a shift's scratch in the ring, counted at F16, the wider cache type */
+    size_t ring_buf = 2 * (size_t)ring * c->n_kv_head * ek_row_bytes(EK_TYPE_F16, c->head_dim);
     return floats * sizeof(float) + (size_t)B * ek_row_bytes(EK_TYPE_Q8_1, widest) +
-           (size_t)c->head_dim * sizeof(double);
+           (size_t)c->head_dim * sizeof(double) + ring_buf;
 }
 
 void ek_model_destroy(ek_model *m) {
@@ -182,6 +215,10 @@ void ek_model_destroy(ek_model *m) {
     free(m->layers);
     free(m->kv_k);
     free(m->kv_v);
+    free(m->row0);
+    free(m->kv_lo);
+    free(m->kv_hi);
+    free(m->ring_buf);
     free(m->x);
     free(m->xb);
     free(m->xo);
@@ -339,10 +376,15 @@ int ek_model_create(const ek_weights *w, const ek_model_params *p, ek_model **ou
 
     size_t B = (size_t)p->max_batch;
     int widest = max3(c->dim, m->q_dim, c->hidden_dim);
-    size_t kv_half = ek_model_kv_bytes(c, p->n_slots, p->n_ctx, p->kv_type) / 2;
+    size_t kv_half = ek_model_kv_bytes(c, p->n_slots, p->n_ctx, p->max_batch, p->kv_type) / 2;
     m->layers = malloc((size_t)c->n_layer * sizeof(ek_layer));
     m->kv_k = calloc(kv_half, 1);
     m->kv_v = calloc(kv_half, 1);
+    m->ring = swa_ring(c, p->n_ctx, p->max_batch, &m->swa_rows);
+    m->row0 = calloc((size_t)c->n_layer, sizeof(size_t));
+    m->kv_lo = calloc((size_t)p->n_slots, sizeof(int));
+    m->kv_hi = calloc((size_t)p->n_slots, sizeof(int));
+    if (m->ring) m->ring_buf = malloc(2 * (size_t)m->ring * m->kv_pos_bytes);
     m->x = alloc_floats(B * c->dim);
     m->xb = alloc_floats(B * (size_t)(m->q_dim > c->dim ? m->q_dim : c->dim));
     m->xo = alloc_floats(B * c->dim);
@@ -358,13 +400,17 @@ int ek_model_create(const ek_weights *w, const ek_model_params *p, ek_model **ou
     m->inv_freq = calloc((size_t)c->head_dim / 2, sizeof(double));
     m->inv_freq_swa = calloc((size_t)c->head_dim / 2, sizeof(double));
     m->pool = ek_pool_create(p->n_threads);
-    if (!m->layers || !m->kv_k || !m->kv_v || !m->x || !m->xb || !m->xo || !m->q || !m->kb ||
+    if (!m->layers || !m->kv_k || !m->kv_v || !m->row0 || !m->kv_lo || !m->kv_hi ||
+        (m->ring && !m->ring_buf) || !m->x || !m->xb || !m->xo || !m->q || !m->kb ||
         !m->vb || !m->hb || !m->hb2 || !m->cs || (c->swa_window > 0 && !m->cs_swa) || !m->scores ||
         !m->xq || !m->inv_freq || !m->inv_freq_swa || !m->pool) {
         ek_model_destroy(m);
         snprintf(err, err_len, "out of memory allocating the KV cache and run state");
         return EK_ENOMEM;
     }
+    for (int l = 1; l < c->n_layer; l++)
+        m->row0[l] = m->row0[l - 1] +
+                     (size_t)p->n_slots * layer_rows(c, l - 1, p->n_ctx, m->ring, m->swa_rows);
     memcpy(m->layers, w->layers, (size_t)c->n_layer * sizeof(ek_layer));
     m->w.layers = m->layers;
     /* Angles as llama.cpp makes them: the global layers' scaled linearly and
@@ -521,9 +567,21 @@ static void matmuls(worker *w, const float *x, int n, const proj *p, int np) {
     }
 }
 
-static uint8_t *kv_at(const ek_model *m, uint8_t *base, int layer, int slot, int pos) {
-    size_t row = ((size_t)layer * m->p.n_slots + slot) * m->p.n_ctx + pos;
-    return base + row * m->kv_pos_bytes;
+static int in_ring(const ek_model *m, int layer) { return m->ring && ek_layer_slides(&m->cfg, layer); }
+
+/* The cache row of a slot's row in a layer (a position, or its place in the ring). */
+static uint8_t *kv_at(const ek_model *m, uint8_t *base, int layer, int slot, int row) {
+    int rows = in_ring(m, layer) ? m->swa_rows : m->p.n_ctx;
+    return base + (m->row0[layer] + (size_t)slot * rows + row) * m->kv_pos_bytes;
+}
+
+static int kv_row(const ek_model *m, int layer, int pos) { return in_ring(m, layer) ? pos % m->ring : pos; }
+
+/* After filing row r of a ring, its copy past the ring's end. */
+static void mirror_row(const ek_model *m, int layer, int slot, int r) {
+    if (!in_ring(m, layer) || r >= m->cfg.swa_window - 1) return;
+    memcpy(kv_at(m, m->kv_k, layer, slot, r + m->ring), kv_at(m, m->kv_k, layer, slot, r), m->kv_pos_bytes);
+    memcpy(kv_at(m, m->kv_v, layer, slot, r + m->ring), kv_at(m, m->kv_v, layer, slot, r), m->kv_pos_bytes);
 }
 
 /* out = rmsnorm(in) * w for every token (out may be in); the activations
@@ -579,12 +637,14 @@ static void attention_block(worker *w, int l) {
             shape_heads(m, m->q + (size_t)t * m->q_dim, c->n_head, &L->bq, &L->q_norm, cs);
             shape_heads(m, kt, c->n_kv_head, &L->bk, &L->k_norm, cs);
             if (L->bv.data) k->add(vt, L->bv.data, m->kv_dim);
-            uint8_t *kd = kv_at(m, m->kv_k, l, j->slot[t], j->pos[t]);
-            uint8_t *vd = kv_at(m, m->kv_v, l, j->slot[t], j->pos[t]);
+            int r = kv_row(m, l, j->pos[t]);
+            uint8_t *kd = kv_at(m, m->kv_k, l, j->slot[t], r);
+            uint8_t *vd = kv_at(m, m->kv_v, l, j->slot[t], r);
             for (int h = 0; h < c->n_kv_head; h++) {
                 k->kv_store(kd + h * m->kv_head_bytes, kt + h * hd, hd, m->p.kv_type);
                 k->kv_store(vd + h * m->kv_head_bytes, vt + h * hd, hd, m->p.kv_type);
             }
+            mirror_row(m, l, j->slot[t], r);
         }
     }
     mark(w, EK_PROF_ROPE_KV);
@@ -598,9 +658,10 @@ static void attention_block(worker *w, int l) {
             /* a sliding-window layer sees the last swa_window positions, itself included */
             int first = slides && j->pos[t] >= c->swa_window ? j->pos[t] - c->swa_window + 1 : 0;
             size_t off = kvh * m->kv_head_bytes;
+            int r = kv_row(m, l, first);
             k->attention(m->xb + (size_t)t * m->q_dim + h * hd, m->q + (size_t)t * m->q_dim + h * hd,
-                         kv_at(m, m->kv_k, l, j->slot[t], first) + off,
-                         kv_at(m, m->kv_v, l, j->slot[t], first) + off, m->kv_pos_bytes, m->p.kv_type,
+                         kv_at(m, m->kv_k, l, j->slot[t], r) + off,
+                         kv_at(m, m->kv_v, l, j->slot[t], r) + off, m->kv_pos_bytes, m->p.kv_type,
                          j->pos[t] + 1 - first, hd, scale, scores);
         }
     }
@@ -699,6 +760,43 @@ static void forward_worker(void *ctx, int ith, int nth) {
     assert(w.cur.claimed == 0); /* a claimed chunk never reported hangs the next run */
 }
 
+/* What each slot of the batch will hold once it is evaluated. A batch that
+ * starts a slot below where it ended rewinds it (a shared prefix, then a new
+ * question); a sliding layer's ring must still hold each token's window,
+ * all but the batch's own positions. Checked for the whole batch before
+ * anything is written. */
+static int track_slots(ek_model *m, int n, const int32_t *pos, const int32_t *slot) {
+    int lo[n], hi[n], start[n], top[n], seen[n], n_seen = 0;
+    for (int t = 0; t < n; t++) {
+        int i = 0;
+        while (i < n_seen && seen[i] != slot[t]) i++;
+        if (i == n_seen) {
+            seen[n_seen++] = slot[t];
+            start[i] = top[i] = pos[t];
+        }
+        if (pos[t] < start[i]) start[i] = pos[t];
+        if (pos[t] > top[i]) top[i] = pos[t];
+    }
+    for (int i = 0; i < n_seen; i++) {
+        int s = seen[i];
+        lo[i] = start[i] == 0 ? 0 : m->kv_lo[s];
+        hi[i] = start[i] < m->kv_hi[s] ? start[i] : m->kv_hi[s];
+    }
+    if (m->ring)
+        for (int t = 0; t < n; t++) {
+            int i = 0, need = pos[t] - m->cfg.swa_window + 1;
+            while (seen[i] != slot[t]) i++;
+            if (need < 0) need = 0;
+            if (need < start[i] && need < lo[i]) return EK_EGONE;
+        }
+    for (int i = 0; i < n_seen; i++) {
+        int s = seen[i];
+        m->kv_hi[s] = top[i] + 1 > hi[i] ? top[i] + 1 : hi[i];
+        m->kv_lo[s] = m->ring && top[i] - m->ring + 1 > lo[i] ? top[i] - m->ring + 1 : lo[i];
+    }
+    return EK_OK;
+}
+
 int ek_forward(ek_model *m, int n, const int32_t *tokens, const int32_t *pos, const int32_t *slot,
                const uint8_t *want, float *logits) {
     if (n < 1 || n > m->p.max_batch) return EK_EINVAL;
@@ -712,6 +810,8 @@ int ek_forward(ek_model *m, int n, const int32_t *tokens, const int32_t *pos, co
         for (int u = 0; u < t; u++)
             if (pos[u] == pos[t] && slot[u] == slot[t]) return EK_EINVAL;
     }
+    int rc = track_slots(m, n, pos, slot);
+    if (rc) return rc;
     fwd_job job = {m, n, tokens, pos, slot, want, logits, n_out};
     if (!m->profiling) {
         ek_pool_run(m->pool, forward_worker, &job);
@@ -736,29 +836,61 @@ void ek_model_profile(ek_model *m, int on, ek_profile *out) {
 
 /* ---- cache maintenance ---- */
 
+/* A cached key re-rotated by the angles of cs, one position's heads. */
+static void rotate_key(const ek_model *m, const uint8_t *src, uint8_t *dst, const float *cs) {
+    int hd = m->cfg.head_dim;
+    float row[MAX_HEAD_DIM];
+    ek_dequantize_fn load = m->k->types[m->p.kv_type].dequantize;
+    for (int h = 0; h < m->cfg.n_kv_head; h++) {
+        load(src + h * m->kv_head_bytes, row, hd);
+        m->rope(row, 1, hd, cs);
+        m->k->kv_store(dst + h * m->kv_head_bytes, row, hd, m->p.kv_type);
+    }
+}
+
+/* The shift in a ring: positions [first, n_used) move down by n_drop. Their
+ * new rows can be rows not yet read, so they are gathered first. */
+static void shift_ring(ek_model *m, int l, int slot, int first, int n_drop, int n_used, const float *cs) {
+    size_t pb = m->kv_pos_bytes;
+    uint8_t *keys = m->ring_buf, *values = m->ring_buf + (size_t)m->ring * pb;
+    for (int p = first; p < n_used; p++) {
+        int r = kv_row(m, l, p);
+        rotate_key(m, kv_at(m, m->kv_k, l, slot, r), keys + (size_t)(p - first) * pb, cs);
+        memcpy(values + (size_t)(p - first) * pb, kv_at(m, m->kv_v, l, slot, r), pb);
+    }
+    for (int p = first; p < n_used; p++) {
+        int r = kv_row(m, l, p - n_drop);
+        memcpy(kv_at(m, m->kv_k, l, slot, r), keys + (size_t)(p - first) * pb, pb);
+        memcpy(kv_at(m, m->kv_v, l, slot, r), values + (size_t)(p - first) * pb, pb);
+        mirror_row(m, l, slot, r);
+    }
+}
+
 int ek_kv_shift(ek_model *m, int slot, int keep, int n_drop, int n_used) {
     if (slot < 0 || slot >= m->p.n_slots || keep < 0 || n_drop < 0 || n_used > m->p.n_ctx ||
         keep + n_drop > n_used)
         return EK_ERANGE;
+    int lo = m->kv_lo[slot], hi = m->kv_hi[slot] < n_used ? m->kv_hi[slot] : n_used;
+    m->kv_hi[slot] = hi >= keep + n_drop ? hi - n_drop : (hi < keep ? hi : keep);
     if (n_drop == 0) return EK_OK;
     const ek_config *c = &m->cfg;
     int hd = c->head_dim;
-    float cs[MAX_HEAD_DIM], cs_swa[MAX_HEAD_DIM], row[MAX_HEAD_DIM];
+    float cs[MAX_HEAD_DIM], cs_swa[MAX_HEAD_DIM];
     rope_angles(m->inv_freq, hd, -(double)n_drop, cs);
     rope_angles(m->inv_freq_swa, hd, -(double)n_drop, cs_swa);
-    ek_dequantize_fn load = m->k->types[m->p.kv_type].dequantize;
     for (int l = 0; l < c->n_layer; l++) {
-        for (int p = keep + n_drop; p < n_used; p++) {
-            uint8_t *src = kv_at(m, m->kv_k, l, slot, p), *dst = kv_at(m, m->kv_k, l, slot, p - n_drop);
-            for (int h = 0; h < c->n_kv_head; h++) {
-                load(src + h * m->kv_head_bytes, row, hd);
-                m->rope(row, 1, hd, ek_layer_slides(c, l) ? cs_swa : cs);
-                m->k->kv_store(dst + h * m->kv_head_bytes, row, hd, m->p.kv_type);
-            }
+        const float *angles = ek_layer_slides(c, l) ? cs_swa : cs;
+        if (in_ring(m, l)) {
+            shift_ring(m, l, slot, lo > keep + n_drop ? lo : keep + n_drop, n_drop, n_used, angles);
+            continue;
         }
+        for (int p = keep + n_drop; p < n_used; p++)
+            rotate_key(m, kv_at(m, m->kv_k, l, slot, p), kv_at(m, m->kv_k, l, slot, p - n_drop), angles);
         memmove(kv_at(m, m->kv_v, l, slot, keep), kv_at(m, m->kv_v, l, slot, keep + n_drop),
                 (size_t)(n_used - keep - n_drop) * m->kv_pos_bytes);
     }
+    /* the kept start survives only if the ring still held it */
+    if (lo > keep) m->kv_lo[slot] = lo - n_drop > keep ? lo - n_drop : keep;
     return EK_OK;
 }
 
@@ -768,8 +900,26 @@ int ek_kv_copy(ek_model *m, int src, int dst, int n) {
         return EK_ERANGE;
     if (src == dst) return EK_OK;
     for (int l = 0; l < m->cfg.n_layer; l++) {
-        memcpy(kv_at(m, m->kv_k, l, dst, 0), kv_at(m, m->kv_k, l, src, 0), (size_t)n * m->kv_pos_bytes);
-        memcpy(kv_at(m, m->kv_v, l, dst, 0), kv_at(m, m->kv_v, l, src, 0), (size_t)n * m->kv_pos_bytes);
+        size_t bytes = (size_t)(in_ring(m, l) ? m->swa_rows : n) * m->kv_pos_bytes;
+        memcpy(kv_at(m, m->kv_k, l, dst, 0), kv_at(m, m->kv_k, l, src, 0), bytes);
+        memcpy(kv_at(m, m->kv_v, l, dst, 0), kv_at(m, m->kv_v, l, src, 0), bytes);
     }
+    m->kv_lo[dst] = m->kv_lo[src];
+    m->kv_hi[dst] = n < m->kv_hi[src] ? n : m->kv_hi[src];
     return EK_OK;
+}
+
+int ek_kv_usable(const ek_model *m, int slot, int n) {
+    if (slot < 0 || slot >= m->p.n_slots || n < 0) return -EK_ERANGE;
+    if (n > m->kv_hi[slot]) n = m->kv_hi[slot];
+    int window = n - m->cfg.swa_window + 1;
+    if (m->ring && n > 0 && (window > 0 ? window : 0) < m->kv_lo[slot]) return 0;
+    return n;
+}
+
+int ek_model_kv_ring(const ek_model *m) { return m->ring; }
+
+int ek_swa_ring(const ek_config *c, int n_ctx, int max_batch) {
+    int rows;
+    return swa_ring(c, n_ctx, max_batch, &rows);
 }

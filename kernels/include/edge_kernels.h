@@ -32,7 +32,8 @@ enum ek_type {
     EK_TYPE_Q5_K = 13,
     EK_TYPE_Q6_K = 14,
     EK_TYPE_Q8_K = 15, /* activations only, paired with the K-quants */
-    EK_TYPE_COUNT = 16
+    EK_TYPE_IQ4_NL = 20,
+    EK_TYPE_COUNT = 21
 };
 
 #define EK_QK 32   /* elements per block of the 32-element types */
@@ -50,6 +51,9 @@ typedef struct { ek_f16 d; ek_f16 m; uint8_t qs[EK_QK / 2]; } block_q4_1;
 typedef struct { ek_f16 d; uint8_t qh[4]; uint8_t qs[EK_QK / 2]; } block_q5_0;
 /* Q5_1: x = d * q + m; q as Q5_0's. */
 typedef struct { ek_f16 d; ek_f16 m; uint8_t qh[4]; uint8_t qs[EK_QK / 2]; } block_q5_1;
+/* IQ4_NL: x = d * ek_iq4nl_values[q]; q's nibbles as Q4_0's. The values
+ * are ggml's fixed non-linear grid (kvalues_iq4nl), denser near zero. */
+typedef struct { ek_f16 d; uint8_t qs[EK_QK / 2]; } block_iq4_nl;
 /* Q8_0: x = d * q. Used for weights, activations and the 8-bit KV cache. */
 typedef struct { ek_f16 d; int8_t qs[EK_QK]; } block_q8_0;
 /* Q8_1 (activations paired with Q4_1): x = d * q, s = d * sum(q) so the
@@ -81,12 +85,16 @@ _Static_assert(sizeof(block_q4_0) == 18, "block_q4_0 is 18 bytes in GGUF");
 _Static_assert(sizeof(block_q4_1) == 20, "block_q4_1 is 20 bytes in GGUF");
 _Static_assert(sizeof(block_q5_0) == 22, "block_q5_0 is 22 bytes in GGUF");
 _Static_assert(sizeof(block_q5_1) == 24, "block_q5_1 is 24 bytes in GGUF");
+_Static_assert(sizeof(block_iq4_nl) == 18, "block_iq4_nl is 18 bytes in GGUF");
 _Static_assert(sizeof(block_q8_0) == 34, "block_q8_0 is 34 bytes in GGUF");
 _Static_assert(sizeof(block_q8_1) == 40, "block_q8_1 is our own 40-byte layout");
 _Static_assert(sizeof(block_q4_K) == 144, "block_q4_K is 144 bytes in GGUF");
 _Static_assert(sizeof(block_q5_K) == 176, "block_q5_K is 176 bytes in GGUF");
 _Static_assert(sizeof(block_q6_K) == 210, "block_q6_K is 210 bytes in GGUF");
 _Static_assert(sizeof(block_q8_K) == 292, "block_q8_K is ggml's 292-byte layout");
+
+/* IQ4_NL's 16 values, indexed by a block's 4-bit codes. */
+extern const int8_t ek_iq4nl_values[16];
 
 /* Elements per block and bytes per block, by type id (0 where unsupported). */
 int    ek_type_block_elems(int type);
@@ -246,6 +254,7 @@ enum ek_status {
     EK_EINVAL = 2,
     EK_ERANGE = 3, /* a position beyond the context, a slot beyond n_slots */
     EK_ETYPE = 4,  /* a tensor type without a kernel */
+    EK_EGONE = 5,  /* a window a sliding-window layer's ring no longer holds */
 };
 
 #ifdef __cplusplus

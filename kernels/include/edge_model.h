@@ -99,8 +99,10 @@ int ek_model_create(const ek_weights *w, const ek_model_params *p, ek_model **ou
                     size_t err_len);
 void ek_model_destroy(ek_model *m);
 
-/* Bytes the model allocates for a given configuration (KV cache + run state). */
-size_t ek_model_kv_bytes(const ek_config *cfg, int n_slots, int n_ctx, int kv_type);
+/* Bytes the model allocates for a given configuration (KV cache + run state).
+ * A sliding-window layer's cache is a ring of its window when that is
+ * smaller than the context (see ek_kv_usable), so max_batch counts too. */
+size_t ek_model_kv_bytes(const ek_config *cfg, int n_slots, int n_ctx, int max_batch, int kv_type);
 size_t ek_model_state_bytes(const ek_config *cfg, int max_batch, int n_ctx, int n_threads);
 /* Bytes of weights the model holds (copied at creation). */
 size_t ek_model_weight_bytes(const ek_model *m);
@@ -118,12 +120,30 @@ int ek_forward(ek_model *m, int n, const int32_t *tokens, const int32_t *pos,
 /*
  * Context shift: in slot, drop positions [keep, keep + n_drop) and move
  * [keep + n_drop, n_used) down by n_drop, re-rotating keys so RoPE sees
- * their new positions. Nothing is recomputed.
+ * their new positions. Nothing is recomputed. Positions from n_used on are
+ * dropped too. In a sliding-window layer's ring, only what it still holds
+ * moves (see ek_kv_usable).
  */
 int ek_kv_shift(ek_model *m, int slot, int keep, int n_drop, int n_used);
 
 /* Copy positions [0, n) of slot src into slot dst (a shared prompt prefix). */
 int ek_kv_copy(ek_model *m, int src, int dst, int n);
+
+/*
+ * How many of slot's first n cached positions a continuation can keep: n
+ * (at most what was evaluated), or 0 when the sliding-window layers' ring
+ * has overwritten part of the window before position n. Ask before
+ * continuing a slot's cache at a position below where it ended (a shared
+ * prefix); a forward call that continues where the ring no longer holds the
+ * window is refused with EK_EGONE. Without a ring every evaluated position
+ * is kept. Returns a negative status for a bad slot or n.
+ */
+int ek_kv_usable(const ek_model *m, int slot, int n);
+
+/* The length of the sliding-window layers' ring in positions, 0 when every
+ * layer keeps the whole context: of a model, or of one yet to be created. */
+int ek_model_kv_ring(const ek_model *m);
+int ek_swa_ring(const ek_config *cfg, int n_ctx, int max_batch);
 
 const ek_kernels *ek_model_kernels(const ek_model *m);
 

@@ -103,6 +103,9 @@ static PyObject *status_error(int rc, const char *what) {
     switch (rc) {
     case EK_ENOMEM: return PyErr_NoMemory();
     case EK_ERANGE: PyErr_Format(PyExc_IndexError, "%s: position or slot out of range", what); break;
+    case EK_EGONE:
+        PyErr_Format(PyExc_IndexError, "%s: the sliding-window layers no longer hold the window before this position", what);
+        break;
     default: PyErr_Format(PyExc_ValueError, "%s: invalid arguments (code %d)", what, rc); break;
     }
     return NULL;
@@ -605,6 +608,13 @@ static PyObject *Model_kv_copy(ModelObject *self, PyObject *args) {
     return rc ? status_error(rc, "kv_copy") : Py_NewRef(Py_None);
 }
 
+static PyObject *Model_kv_usable(ModelObject *self, PyObject *args) {
+    int slot, n, kept;
+    if (!model_ready(self) || !PyArg_ParseTuple(args, "ii", &slot, &n)) return NULL;
+    kept = ek_kv_usable(self->model, slot, n);
+    return kept < 0 ? status_error(-kept, "kv_usable") : PyLong_FromLong(kept);
+}
+
 /* profile(on) -> what was gathered since the last call:
  *   {"runs": n, "tokens": n, "ops": {name: (seconds, weight bytes)}}
  * with names embed, norm, ..., and gemm:<GGUF type id> per weight type. */
@@ -656,6 +666,12 @@ static PyObject *Model_get_weight_bytes(ModelObject *self, void *closure) {
     return PyLong_FromSize_t(ek_model_weight_bytes(self->model));
 }
 
+static PyObject *Model_get_kv_ring(ModelObject *self, void *closure) {
+    (void)closure;
+    if (!model_ready(self)) return NULL;
+    return PyLong_FromLong(ek_model_kv_ring(self->model));
+}
+
 static PyMethodDef Model_methods[] = {
     {"forward", (PyCFunction)Model_forward, METH_VARARGS,
      "forward(tokens, pos, slot, want, logits): evaluate a batch; logits rows for want != 0"},
@@ -663,6 +679,8 @@ static PyMethodDef Model_methods[] = {
      "kv_shift(slot, keep, n_drop, n_used): drop cached positions, re-rotating later keys"},
     {"kv_copy", (PyCFunction)Model_kv_copy, METH_VARARGS,
      "kv_copy(src, dst, n): copy the first n cached positions of one slot to another"},
+    {"kv_usable", (PyCFunction)Model_kv_usable, METH_VARARGS,
+     "kv_usable(slot, n): how many of the first n cached positions a continuation can keep"},
     {"profile", (PyCFunction)Model_profile, METH_VARARGS,
      "profile(on): time per op since the last call (then start afresh), and turn profiling on/off"},
     {NULL, NULL, 0, NULL},
@@ -678,6 +696,8 @@ static PyGetSetDef Model_getset[] = {
     {"weight_bytes", (getter)Model_get_weight_bytes, NULL,
      "weight bytes the model holds, copied at creation (an untied token_embd stays mapped)",
      NULL},
+    {"kv_ring", (getter)Model_get_kv_ring, NULL,
+     "positions a sliding-window layer's ring holds (0: every layer keeps the context)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -709,8 +729,20 @@ static PyObject *py_model_bytes(PyObject *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "the cache holds F16 or Q8_0");
         return NULL;
     }
-    return Py_BuildValue("(nn)", (Py_ssize_t)ek_model_kv_bytes(&c, n_slots, n_ctx, kv_type),
+    return Py_BuildValue("(nn)", (Py_ssize_t)ek_model_kv_bytes(&c, n_slots, n_ctx, max_batch, kv_type),
                          (Py_ssize_t)ek_model_state_bytes(&c, max_batch, n_ctx, n_threads));
+}
+
+static PyObject *py_kv_ring(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *names[] = {"config", "n_ctx", "max_batch", NULL};
+    PyObject *config;
+    int n_ctx, max_batch;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!ii", names, &PyDict_Type, &config, &n_ctx, &max_batch))
+        return NULL;
+    ek_config c;
+    if (parse_config(config, &c)) return NULL;
+    return PyLong_FromLong(ek_swa_ring(&c, n_ctx, max_batch));
 }
 
 static PyObject *py_read_bandwidth(PyObject *self, PyObject *args) {
@@ -747,6 +779,8 @@ static PyMethodDef module_methods[] = {
      "read_bandwidth(n_threads, bytes, reps) -> best GB/s streaming reads"},
     {"model_bytes", (PyCFunction)(void (*)(void))py_model_bytes, METH_VARARGS | METH_KEYWORDS,
      "model_bytes(config, n_slots, n_ctx, max_batch, n_threads, kv_type) -> (kv, state)"},
+    {"kv_ring", (PyCFunction)(void (*)(void))py_kv_ring, METH_VARARGS | METH_KEYWORDS,
+     "kv_ring(config, n_ctx, max_batch) -> positions a sliding-window layer's ring holds (0: none)"},
     {NULL, NULL, 0, NULL},
 };
 
