@@ -226,8 +226,8 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
             log.warning("serving %s as runtime %s on %s", service.model_name, service.runtime_id, cfg.broker)
             if not service.wait_connected(10):
                 log.warning("no broker answers at %s yet; retrying in the background", cfg.broker)
-            elif demo:
-                _demo(cfg, stop)
+            elif demo:  # in its own thread: Ctrl-C while it streams is heard at once and drains
+                threading.Thread(target=_demo, args=(cfg, stop), name="edge-slm-demo", daemon=True).start()
             if board is not None and board.pointer().trial:
                 threading.Thread(target=_trial, args=(engine, board, link, reload), daemon=True).start()
             while not stop.wait(1.0) and not reload.is_set():
@@ -339,10 +339,16 @@ def _demo(cfg, stop: threading.Event) -> None:
 
     host, port, _ = broker_address(cfg.broker)
     click.echo(f"\n{DEMO_DEVICE} asks over MQTT: {DEMO_QUESTION}\n", err=True)
-    with DeviceClient(cfg, DEMO_DEVICE) as device:
-        final = device.ask(DEMO_QUESTION, stream=True, max_tokens=128,
-                           on_chunk=lambda c: (sys.stdout.write(c["text"]), sys.stdout.flush()))
+    try:
+        with DeviceClient(cfg, DEMO_DEVICE) as device:
+            final = device.ask(DEMO_QUESTION, stream=True, max_tokens=128,
+                               on_chunk=lambda c: (sys.stdout.write(c["text"]), sys.stdout.flush()))
+    except EdgeSlmError as e:  # the service goes on serving
+        log.error("the demo question: %s", e)
+        return
     sys.stdout.write("\n")
+    if stop.is_set():  # stopped while it streamed
+        return
     ms = final.get("latency_ms", {})
     click.echo(f"\n[{final['status']}: {final.get('answer_tokens', 0)} tokens, first after "
                f"{ms.get('first_token')} ms, all in {ms.get('total')} ms]\n", err=True)

@@ -419,6 +419,7 @@ class Service:
         refusal = self._admission(q, now)
         if refusal:
             self.stats[p.BUSY] += 1
+            log.info("%s/%s: busy: %s; retry after %g s", *q.key, *refusal)
             self._publish_final(q, self._final(q, p.BUSY, error=refusal[0], retry_after_s=refusal[1]))
             self._ack(generation, msg)
             return None
@@ -618,6 +619,9 @@ class Service:
         """Store the final, then publish it; the flight is over."""
         del self.flights[flight.q.key]
         self.stats[final["status"]] += 1
+        if final["status"] not in (p.OK, p.CANCELLED):  # a refusal or a failure: one line saying why
+            (log.warning if final["status"] == p.INTERNAL else log.info)(
+                "%s/%s: %s: %s", *flight.q.key, final["status"], final.get("error"))
         if final["status"] == p.BUSY:  # the engine's queue was full: asking again must run it
             self._write_quietly(self.store.forget, flight.q.key)
             self._publish_final(flight.q, final)

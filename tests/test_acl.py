@@ -12,6 +12,7 @@ import os
 import pwd
 import queue
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -47,27 +48,41 @@ class SiteMosquitto(Mosquitto):
         return f"{text}\nuser {pwd.getpwuid(os.geteuid()).pw_name}\n"
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("site-broker")
+def site_broker(folder: Path) -> SiteMosquitto:
     for i, (user, password) in enumerate(PASSWORDS.items()):
         subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(folder / "passwd"),
                         user, password], check=True, timeout=10)
-    site = SiteMosquitto(folder).start()
+    return SiteMosquitto(folder).start()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    site = site_broker(tmp_path_factory.mktemp("site-broker"))
     yield site
     site.stop()
 
 
 @pytest.fixture(scope="module")
-def service(real_model, broker, tmp_path_factory):
-    engine = Engine(EngineConfig(model=real_model, slots=2, ctx=512, threads=2, max_tokens=16, timeout=60))
-    cfg = ServiceConfig(broker=broker.url, state_dir=tmp_path_factory.mktemp("state"), runtime_id="rt-site",
-                        username="edge-slm", password=PASSWORDS["edge-slm"])
+def engine(real_model):
+    e = Engine(EngineConfig(model=real_model, slots=2, ctx=512, threads=2, max_tokens=16, timeout=60))
+    yield e
+    e.close()
+
+
+def runtime(engine, broker, state_dir: Path, runtime_id: str, **settings) -> Service:
+    """The service logged in as the shipped ACL's runtime user."""
+    cfg = ServiceConfig(broker=broker.url, state_dir=state_dir, runtime_id=runtime_id, username="edge-slm",
+                        password=PASSWORDS["edge-slm"], **settings)
     service = Service(engine, cfg).start()
     assert service.wait_connected(10)
+    return service
+
+
+@pytest.fixture(scope="module")
+def service(engine, broker, tmp_path_factory):
+    service = runtime(engine, broker, tmp_path_factory.mktemp("state"), "rt-site")
     yield service
     service.stop()
-    engine.close()
 
 
 def device(broker, name: str, mqtt5: bool = True) -> DeviceClient:
@@ -155,3 +170,40 @@ def test_a_client_without_a_valid_login_is_refused(broker, login):
     out = subprocess.run(["mosquitto_sub", "-p", str(broker.port), *login, "-t", "#", "-C", "1", "-W", "5"],
                          capture_output=True, text=True, timeout=10)
     assert out.returncode != 0 and "not authori" in out.stderr.lower(), out.stderr
+
+
+def test_runtimes_in_a_share_group_answer_under_the_acl(engine, tmp_path):
+    """A broker of its own: the module's runtime, outside the group, would answer too."""
+    site = site_broker(tmp_path)
+    members = []
+    try:
+        for n in range(2):
+            members.append(runtime(engine, site, tmp_path / f"state-{n}", f"rt-share-{n}", share_group="site",
+                                   ha_discovery=True))
+        time.sleep(0.3)  # the shared subscriptions reach the broker
+        with device(site, "pump-a") as a:
+            statuses = [a.ask(QUESTION["question"], id=f"s{n}", max_tokens=4, timeout=30)["status"]
+                        for n in range(4)]
+    finally:
+        for m in members:
+            m.stop()
+        site.stop()
+    assert statuses == [p.OK] * 4 and all(m.stats["accepted"] for m in members)
+
+
+def test_the_runtime_may_write_what_it_needs_and_nothing_else(tmp_path):
+    site = site_broker(tmp_path)  # of its own: nothing written here reaches another test's devices
+    allowed = [p.status_topic("rt-x"), "homeassistant/sensor/edge_slm_rt_x/state/config",
+               p.answer_topic("pump-a"), f"{p.answer_topic('pump-a')}/r1"]
+    refused = [p.ask_topic("pump-a"), p.cancel_topic("pump-a"), "edge-slm/v1/pump-a/command", "site/valves"]
+    rt = Listener(site, "edge-slm", [p.ask_topic("+")])
+    try:
+        for topic in allowed + refused:
+            rt.client.publish(topic, "{}", qos=1)
+        reasons = [rt.pubacks.get(timeout=10) for _ in allowed + refused]
+    finally:
+        rt.close()
+        site.stop()
+    # Taken ("Success", or "No matching subscribers": nobody listens here), or refused.
+    assert [str(r) if r.is_failure else "taken" for r in reasons] == (
+        ["taken"] * len(allowed) + ["Not authorized"] * len(refused)), reasons

@@ -81,7 +81,21 @@ def test_mqtt5_properties_win_and_the_shorter_life_counts():
     ({"id": "a", "question": "x", "reply_to": "$SYS/x"}, "outside"),
     ({"id": "a", "question": "x", "reply_to": "edge-slm/v1/pump-7/cancel"}, "outside"),
     ({"id": "a", "question": "x", "reply_to": "edge-slm/v1/pump-7/ask"}, "outside"),
+    ({"id": "a", "question": "x", "system": 5}, "system must be a string"),
+    ({"id": "a", "question": "x", "seed": 2.5}, "seed"),
+    ({"id": "a", "question": "x", "seed": "7"}, "seed"),
+    ({"id": "a", "question": "x", "temperature": True}, "temperature"),
+    ({"id": "a", "question": "x", "temperature": "0.5"}, "temperature"),
+    ({"id": "a", "question": "x", "ttl_s": True}, "ttl_s"),
+    ({"id": "a", "question": "x", "ttl_s": 10**7}, "ttl_s"),
+    ({"id": "a", "question": "x", "reply_to": 5}, "reply_to must be a string"),
+    ({"id": "a", "question": "x", "reply_to": "r" * 257}, "reply_to is longer than 256"),
+    ({"id": "a", "question": "x", "ground": "yes"}, "ground"),
+    ({"id": "a", "question": "x", "collection": 3}, "collection must be a string"),
+    ({"id": "a", "question": "x", "collection": "c" * 65}, "collection is longer than 64"),
+    ({"id": ""}, "id must be a non-empty string"),
     ({"id": "a", "messages": "hi"}, "non-empty list"),
+    ({"id": "a", "messages": ["hi"]}, r"messages\[0\] must be an object"),
     ({"id": "a", "messages": [{"role": "root", "content": "x"}]}, "role"),
     ({"id": "a", "messages": [{"role": "user", "content": 3}]}, "content"),
     ({"id": "a", "messages": [{"role": "system", "content": "x"}]}, "no question"),
@@ -89,7 +103,7 @@ def test_mqtt5_properties_win_and_the_shorter_life_counts():
 ])
 def test_each_bad_field_is_named(obj, match):
     e = refused(obj, match)
-    if isinstance(obj, dict) and isinstance(obj.get("id"), str) and len(obj["id"]) <= 64 and "\n" not in obj["id"]:
+    if isinstance(obj, dict) and isinstance(obj.get("id"), str) and 0 < len(obj["id"]) <= 64 and "\n" not in obj["id"]:
         assert e.rid == obj["id"]  # so the refusal can carry it
 
 
@@ -105,6 +119,16 @@ def test_oversized_and_deeply_nested():
     # brackets inside strings are text, not nesting
     assert parse({"id": "a", "question": "[[[[[[[[{{{{{"}).question.startswith("[[[")
     refused({"id": "a", "question": "x" * 300}, "more than 256", max_payload=256)
+
+
+def test_a_response_topic_outside_the_scope_is_refused_like_reply_to():
+    refused({"id": "a", "question": "x"}, "outside", response_topic="edge-slm/v1/valve-2/answer")
+    refused({"id": "a", "question": "x"}, "outside", response_topic="")
+    # the payload's reply_to is still checked, then ignored for the Response Topic
+    refused({"id": "a", "question": "x", "reply_to": 5}, "reply_to", response_topic=p.answer_topic("pump-7"))
+    q = parse({"id": "a", "question": "x", "reply_to": "edge-slm/v1/valve-2/answer"},
+              response_topic=p.answer_topic("pump-7"))
+    assert q.reply_to == p.answer_topic("pump-7")
 
 
 def test_reply_scope_can_be_widened():

@@ -4,15 +4,19 @@ real clients (paho in MQTT 5 and 3.1.1, mosquitto_pub / mosquitto_sub)."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import time
+from dataclasses import replace
 
 import pytest
 
-from edge_slm.engine import Engine, EngineConfig
+from edge_slm import engine as eng
+from edge_slm.engine import Engine, EngineConfig, Result
 from firmware_bridge import protocol as p
 from firmware_bridge.client import DeviceClient
-from firmware_bridge.service import Service, ServiceConfig
+from firmware_bridge.service import Flight, Service, ServiceConfig
+from firmware_bridge.store import Store, StoreError
 
 QUESTION = "What should I check first when a pump loses pressure?"
 
@@ -167,6 +171,8 @@ def test_retained_status_online_then_offline(service_factory, mosquitto):
     online = read()
     assert online["state"] == "online" and online["model"]["sha256"] == service.model_sha256
     assert {"slots", "context", "queue_depth", "uptime_s", "version", "memory_budget"} <= set(online)
+    time.sleep(1.0)  # twice the fixture's status interval: refreshed while it runs
+    assert read()["at"] > online["at"]
     service.stop()
     assert read()["state"] == "offline"
 
@@ -234,6 +240,16 @@ def _tls_files(folder):
     return ca, cert, key
 
 
+def _client_cert(folder, ca):
+    """A client certificate signed by `_tls_files`' CA in `folder`."""
+    key, csr, cert = (folder / n for n in ("client.key", "client.csr", "client.pem"))
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+                    "-subj", "/CN=edge-slm"], check=True, capture_output=True, timeout=60)
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(folder / "ca.key"),
+                    "-CAcreateserial", "-out", str(cert), "-days", "2"], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
 def test_mqtts_with_a_site_ca(engine, tmp_path):
     from firmware_bridge.broker import Mosquitto, free_port
 
@@ -254,6 +270,28 @@ def test_mqtts_with_a_site_ca(engine, tmp_path):
         finally:
             service.stop()
         assert broker.port != tls_port
+
+
+def test_mqtts_with_a_client_certificate(engine, tmp_path):
+    from firmware_bridge.broker import Mosquitto, free_port
+
+    ca, cert, key = _tls_files(tmp_path)
+    client_cert, client_key = _client_cert(tmp_path, ca)
+    tls_port = free_port()
+    extra = (f"listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+             "require_certificate true\n")
+    with Mosquitto(tmp_path / "broker", extra_config=extra):
+        tls = ServiceConfig(broker=f"mqtts://127.0.0.1:{tls_port}", ca=ca, cert=client_cert, key=client_key)
+        service = Service(engine, replace(tls, state_dir=tmp_path / "state")).start()
+        try:
+            assert service.wait_connected(10)
+            time.sleep(0.2)
+            with DeviceClient(tls, "secure-3") as d:
+                assert d.ask("hi", max_tokens=4, timeout=30)["status"] == p.OK
+            with pytest.raises(Exception):  # the CA, but no certificate of its own
+                DeviceClient(replace(tls, cert=None, key=None), "secure-4", timeout=3)
+        finally:
+            service.stop()
 
 
 def test_a_cancel_on_the_heels_of_its_question(service, mosquitto):
@@ -290,3 +328,149 @@ def test_a_noisy_device_does_not_starve_a_quiet_one(service_factory, mosquitto):
     # the engine), not after all ten, as first come first served would have it.
     after = sum(msg.timestamp > mine.timestamp for msg in theirs)
     assert after >= 4, f"only {after} of the noisy device's answers came after the quiet one's"
+
+
+def test_a_response_topic_outside_the_devices_namespace_is_refused_on_its_own_topic(service, mosquitto):
+    port = str(mosquitto.port)
+    other = subprocess.Popen(["mosquitto_sub", "-p", port, "-t", "edge-slm/v1/valve-2/#", "-v", "-W", "30"],
+                             stdout=subprocess.PIPE, text=True)
+    own = subprocess.Popen(["mosquitto_sub", "-V", "mqttv5", "-p", port, "-t", p.answer_topic("pump-7"),
+                            "-C", "1", "-W", "30", "-F", "%D|%p"], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    subprocess.run(["mosquitto_pub", "-V", "mqttv5", "-p", port, "-q", "1", "-t", p.ask_topic("pump-7"),
+                    "-D", "publish", "response-topic", "edge-slm/v1/valve-2/command",
+                    "-D", "publish", "correlation-data", "r9",
+                    "-m", json.dumps({"id": "r9", "question": QUESTION})], check=True, timeout=10)
+    out, _ = own.communicate(timeout=40)
+    time.sleep(0.3)  # anything sent to valve-2 would have arrived by now
+    other.terminate()
+    leaked, _ = other.communicate(timeout=10)
+    correlation, payload = out.strip().split("|", 1)
+    final = json.loads(payload)
+    assert correlation == "r9" and final["id"] == "r9" and final["status"] == p.BAD_REQUEST
+    assert "outside this device's namespace" in final["error"] and leaked == ""
+    assert service.stats["accepted"] == 0
+
+
+def test_the_same_question_sent_again_while_it_runs_is_answered_once(service, mosquitto, engine):
+    before = engine.status()["tokens_generated"]
+    with device(mosquitto) as d:
+        question = {"id": "twice", "question": "Write a long story about a pump.", "stream": True,
+                    "max_tokens": 48}
+        sent_again = []
+
+        def again_at_first_chunk(chunk):  # it is running now
+            if not sent_again:
+                d.send(question)
+                sent_again.append(chunk)
+
+        d.send(question)
+        first = d.wait_final("twice", 30, on_chunk=again_at_first_chunk)
+        later = d.messages(1.0)  # a second final would come now
+    finals = [first] + [m for m, _ in later if m.get("final")]
+    assert sent_again
+    assert len(finals) == 1 and finals[0]["status"] == p.OK
+    assert service.stats["accepted"] == 1
+    assert engine.status()["tokens_generated"] - before == finals[0]["answer_tokens"]
+
+
+def test_busy_when_the_runtime_is_full_with_a_retry_hint_and_a_log_line(service_factory, mosquitto, caplog):
+    caplog.set_level(logging.INFO, logger="firmware_bridge")
+    service_factory(max_accepted=2, device_concurrency=8)
+    ids = [f"full{i}" for i in range(4)]
+    with device(mosquitto) as d:
+        for rid in ids:
+            d.send({"id": rid, "question": QUESTION, "max_tokens": 32})
+        finals = {m["id"]: m for m, _ in d.messages(30, set(ids)) if m.get("final")}
+    assert [finals[rid]["status"] for rid in ids] == [p.OK, p.OK, p.BUSY, p.BUSY]
+    for rid in ids[2:]:
+        assert finals[rid]["error"] == "the runtime is busy" and finals[rid]["retry_after_s"] >= 0.5
+    refusals = [r.getMessage() for r in caplog.records if ": busy: " in r.getMessage()]
+    assert len(refusals) == 2 and all("the runtime is busy; retry after" in m for m in refusals), refusals
+
+
+def test_a_question_on_a_topic_without_a_valid_device_id_is_dropped_with_a_log_line(service, mosquitto, caplog):
+    caplog.set_level(logging.INFO, logger="firmware_bridge")
+    for topic in ("edge-slm/v1/_runtime/ask", f"edge-slm/v1/{'x' * 65}/ask"):
+        subprocess.run(["mosquitto_pub", "-p", str(mosquitto.port), "-q", "1", "-t", topic,
+                        "-m", json.dumps({"id": "z", "question": "hi"})], check=True, timeout=10)
+    with device(mosquitto) as d:
+        assert d.ask("hi", max_tokens=4, timeout=20)["status"] == p.OK  # still answering
+    dropped = [r.getMessage() for r in caplog.records if "not a topic of this protocol" in r.getMessage()]
+    assert len(dropped) == 2 and "_runtime" in dropped[0], dropped
+    assert service.stats["accepted"] == 1 and not service.stats[p.BAD_REQUEST]
+
+
+def test_engine_outcomes_map_to_the_protocols_codes(service):
+    q = p.Question(device="pump-7", id="m1", question="x", received_at=time.time())
+
+    def final(result: Result, question: p.Question = q) -> dict:
+        return service._from_result(Flight(question, submitted=time.time()), result)
+
+    assert final(Result(eng.ERROR, error="a fault", internal=True))["status"] == p.INTERNAL
+    assert final(Result(eng.ERROR, error="no such collection"))["status"] == p.BAD_REQUEST
+    assert final(Result(eng.TOO_LONG, error="needs 600 tokens"))["status"] == p.TOO_LONG
+    busy = final(Result(eng.BUSY, error="queue full", retry_after=2.5))
+    assert busy["status"] == p.BUSY and busy["retry_after_s"] == 2.5
+    cut = final(Result(eng.TIMEOUT, text="so far", tokens=[1, 2], error="out of time"))
+    assert cut["status"] == p.TIMEOUT and cut["text"] == "so far" and cut["answer_tokens"] == 2
+    # Out of time before any text, past the question's own lifetime: it expired.
+    assert final(Result(eng.TIMEOUT), replace(q, expires_at=time.time() - 1))["status"] == p.EXPIRED
+    assert final(Result(eng.TIMEOUT))["status"] == p.TIMEOUT  # the runtime's own limit
+
+
+def test_a_question_whose_lifetime_ends_while_it_is_generated(service, mosquitto):
+    with device(mosquitto) as d:
+        d.send({"id": "t1", "question": "Write a long story about a pump.", "stream": True, "max_tokens": 64,
+                "ttl_s": 0.25})
+        got = [m for m, _ in d.messages(30, {"t1"})]
+    final = got[-1]
+    assert final["final"] and final["latency_ms"]["total"] < 5000
+    if final["answer_tokens"]:  # it had started: cut off, with the text so far
+        assert final["status"] == p.TIMEOUT and final["text"]
+    else:  # a busy machine: it expired before its first token
+        assert final["status"] == p.EXPIRED
+
+
+def test_the_store_keeps_the_runtime_id_and_forgets_answers_after_the_window(tmp_path):
+    store = Store.in_folder(tmp_path)
+    made = store.runtime_id()
+    store.close()
+    store = Store.in_folder(tmp_path)
+    assert store.runtime_id() == made and store.runtime_id("rt-site") == "rt-site"
+    store.close()
+    store = Store.in_folder(tmp_path)
+    assert store.runtime_id() == "rt-site"
+    # On disk when a write returns: WAL, synchronous=FULL (2).
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    q = p.Question(device="pump-7", id="a", question="x", correlation=b"\x00\xff", received_at=1.0)
+    store.accept([q])
+    assert store.pending() == [q]
+    store.answer(q.key, b'{"final": true}')
+    assert store.pending() == [] and store.undelivered() == [(q, b'{"final": true}')]
+    store.delivered([q.key])
+    assert store.lookup(q.key) == ("delivered", b'{"final": true}') and store.undelivered() == []
+    assert store.purge(time.time() - 600) == 0 and store.lookup(q.key)  # inside the window: kept
+    assert store.purge(time.time() + 1) == 1 and store.lookup(q.key) is None
+    store.close()
+
+
+def test_the_receive_maximum_bounds_what_the_broker_sends_unacknowledged(service_factory, mosquitto,
+                                                                         monkeypatch):
+    service = service_factory(receive_maximum=2, device_concurrency=8)
+
+    def disk_refuses(questions):
+        raise StoreError("disk I/O error (the test's)")
+
+    monkeypatch.setattr(service.store, "accept", disk_refuses)
+    ids = [f"rm{i}" for i in range(5)]
+    with device(mosquitto) as d:
+        for rid in ids:
+            d.send({"id": rid, "question": "hi", "max_tokens": 4})
+        time.sleep(1.5)
+        held = len(service.unacked)  # the rest wait at the broker
+        monkeypatch.undo()  # the disk takes them again: acknowledged, so the broker sends the rest
+        finals = {m["id"]: m for m, _ in d.messages(30, set(ids)) if m.get("final")}
+    assert held == 2
+    assert set(finals) == set(ids) and {m["status"] for m in finals.values()} == {p.OK}

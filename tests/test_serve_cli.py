@@ -79,6 +79,16 @@ def test_serve_demo_then_mqtt_ask_then_sigterm(served):
     assert out.strip(), "the demo's answer goes to stdout"
 
 
+def test_ctrl_c_stops_the_demo_cleanly(served):
+    proc, port, err = served
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=40) == 0
+    rest = proc.stderr.read()
+    assert "Traceback" not in err + rest and "stopped: status offline" in rest, rest
+    with pytest.raises(OSError):  # the private broker went with it
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
 def test_mqtt_ask_with_no_runtime_times_out_in_one_line(mosquitto):
     proc = run("mqtt-ask", "--broker", mosquitto.url, "--timeout", "1", "hello")
     assert "no final answer" in one_line_error(proc, 1)

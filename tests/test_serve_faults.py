@@ -326,6 +326,32 @@ def test_broker_restart_mid_stream(serve_factory, tmp_path, crash):
     assert len(connects) == 2 and "session resumed" in connects[1], serve.log()
 
 
+def test_an_answer_finished_while_the_broker_is_away_is_sent_when_it_is_back(serve_factory, tmp_path):
+    """The final is computed while there is no broker: it is stored, sent
+    once the service has reconnected, and marked delivered when the broker
+    acknowledges it."""
+    broker = Mosquitto(tmp_path / "broker").start()
+    serve = serve_factory(broker, None, max_tokens=96).start()
+    d = SessionDevice(broker, "pump-2")
+    key = ("pump-2", "o1")
+    try:
+        d.send({"id": "o1", "question": STORY, "stream": True, "max_tokens": 96})
+        gather([d], [], lambda g: bool(g), 30)  # it is running
+        broker.stop()
+        serve.wait_rows(lambda rows: rows[key][0] == "answered", 30)  # done, and unsent
+        broker = Mosquitto(broker.folder, port=broker.port).start()
+        after: Answers = []
+        gather([d], after, all_final(["o1"]), 60)
+        serve.wait_rows(lambda rows: rows[key][0] == "delivered", 10)
+        assert serve.terminate() == 0
+    finally:
+        d.close()
+        broker.stop()
+    (final, msg), = [m for m in after if m[0].get("final")]
+    assert final["status"] == p.OK and msg.payload == serve.rows()[key][1]
+    assert len(serve.lines("lost the broker")) == 1 and len(serve.lines("connected to")) == 2, serve.log()
+
+
 def fill(folder: Path) -> Path:
     """A file that takes every free byte of `folder`'s file system."""
     filler = folder / "filler"
