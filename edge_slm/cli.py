@@ -336,7 +336,7 @@ def logits(ids, out, model_path, threads, n_ctx, kv_type) -> None:
 @main.command()
 @click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @model_option
-@click.option("--ctx", "n_ctx", type=click.IntRange(1), default=None,
+@click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=None,
               help="Context to size memory for (default: 2048 or the model's, if shorter).")
 @click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default=None,
               help="KV cache element type (default f16).")

@@ -728,6 +728,11 @@ class Engine:
         for row, s in zip(logits, owners):
             try:
                 sampling += self._next_token(s, row)
+            except ModelError as e:  # the model computed nonsense (the sampler says so): no bug here
+                log.info("request %s failed: %s", s.req.id, e)
+                result = self._partial(s, ERROR, str(e))
+                result.internal = True
+                self._end(s, result)
             except Exception as e:  # its sampler or on_text callback: that request alone ends
                 log.exception("request %s failed", s.req.id)
                 result = self._partial(s, ERROR, f"request failed: {e}")

@@ -130,6 +130,7 @@ MAX_ARRAY_DEPTH = 4
 # The C side takes sizes and counts as 32-bit ints and epsilons as float32.
 INT32_MAX = (1 << 31) - 1
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 
 class MetadataArray:
@@ -335,9 +336,13 @@ def _positive(f: GGUFFile, key: str, kind: MetaKind, default: Any = None) -> Any
     positive, and within what the C side takes."""
     value = f.value(key, kind, required=default is None, default=default)
     most = INT32_MAX if kind is MetaKind.INT else FLOAT32_MAX
-    if not 0 < value <= most:  # nan fails too
+    # A number below float32's range is 0 there: a RoPE base of 1e-300 made infinite angles
+    # and NaN logits (and a scaling factor's reciprocal, the positions' scale, stays finite).
+    least = 1 if kind is MetaKind.INT else FLOAT32_TINY
+    if not least <= value <= most:  # nan fails too
         raise ModelError(f"{f.path}: metadata {key} is {value!r}; it must be positive "
-                         f"and at most {most if kind is MetaKind.INT else f'{most:.3g}'}")
+                         f"and at most {most if kind is MetaKind.INT else f'{most:.3g}'}"
+                         + ("" if kind is MetaKind.INT else f" (and at least {least:.3g})"))
     return value
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import is_whole
+from .errors import ModelError, is_whole
 
 # Beyond these a setting repeats greedy decoding or draws noise; the sampler
 # stays exact anywhere inside them, whatever the logits.
@@ -63,6 +63,13 @@ class Sampler:
         return out
 
     def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        """The next token. Logits that are NaN or +inf anywhere (a model file
+        with broken weights or settings) are a ModelError: there is nothing
+        to choose by, and argmax would pick the first NaN as if it were best."""
+        top = logits.max()
+        if not np.isfinite(top):
+            raise ModelError(f"the model computed logits that are not finite ({top}): "
+                             f"its weights or settings are broken")
         logits = self.penalize(logits, history)
         cfg = self.cfg
         if cfg.temperature == 0.0:

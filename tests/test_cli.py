@@ -201,11 +201,28 @@ def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("args, option", [
     (["info", "--slots", "100000"], "--slots"),
+    (["info", "--ctx", "4294967296"], "--ctx"),
     (["info", "--memory-budget", "xyz"], "--memory-budget"),
     (["info", "--memory-budget", "0"], "--memory-budget"),
     (["ask", "hi", "--memory-budget", "1.5.5"], "--memory-budget"),
     (["chat", "--memory-budget", "-1"], "--memory-budget"),
+    (["ask", "hi", "--stop", "x" * 257], "--stop"),
+    (["complete", "hi", *["--stop", "x"] * 17], "--stop"),
 ])
 def test_bad_option_values_exit_2_like_every_usage_error(args, option, tiny_model):
     proc = edge_slm(*args, "--model", str(tiny_model), timeout=60)
     assert_one_line(proc, 2, f"Invalid value for '{option}'")
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["ask", "hi", "--temperature", "1e-310"], 2, "temperature must be 0 (greedy) or from 0.001 to 100"),
+    (["chat", "--repeat-penalty", "1e-300"], 2, "repeat_penalty must be from 0.01 to 100"),
+    (["ask", ""], 1, "the prompt is empty"),
+    (["ask", " \t "], 1, "the prompt is empty"),
+    (["complete", "   "], 1, "the prompt is empty"),
+])
+def test_subnormal_sampling_values_and_blank_questions_are_one_line(args, code, message, tiny_model):
+    """A temperature of 1e-310 made the sampler's probabilities NaN; a blank question was answered."""
+    proc = edge_slm(*args, "--model", str(tiny_model), timeout=60)
+    assert_one_line(proc, code, message)
+    assert proc.stdout == ""

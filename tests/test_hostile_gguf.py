@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -254,14 +255,15 @@ def test_the_cli_names_metadata_of_the_wrong_type_in_one_line(tiny_model, tmp_pa
 
 def test_a_trained_context_beyond_32_bits_is_refused(tiny_model, tmp_path):
     p = rewrite(tiny_model, tmp_path / "ctx.gguf", {"llama.context_length": (2**62, U64)})
-    assert_refused(run_cli("info", str(p), "--ctx", "4294967296"),
+    assert_refused(run_cli("info", str(p), "--ctx", "1048576"),
                    "context_length is 4611686018427387904; it must be positive and at most 2147483647")
 
 
 @pytest.mark.parametrize("budget", [[], ["--memory-budget", "256M"]])
 def test_a_context_beyond_the_plan_is_refused(tiny_model, tmp_path, budget):
     p = rewrite(tiny_model, tmp_path / "ctx.gguf", {"llama.context_length": (2**31 - 1, U32)})
-    assert_refused(run_cli("info", str(p), "--ctx", "4294967296", *budget),
+    # past --ctx's own range, so asked through the environment
+    assert_refused(run_cli("info", str(p), *budget, env={"EDGE_SLM_CTX": "4294967296"}),
                    "a context of 2147483647 tokens is more than 1048576")
 
 
@@ -272,6 +274,39 @@ def test_planning_a_long_context_for_many_slots_is_quick(tiny_model, tmp_path):
     run = run_cli("info", str(p), "--ctx", str(2**20), "--slots", "256", "--memory-budget", "100M")
     assert run.code == 0 and run.seconds < 20, (run.seconds, run.stderr)
     assert "plan          " in run.stdout
+
+
+# ---- numbers the forward pass would compute nonsense from ----
+
+@pytest.mark.parametrize("key,extra,message", [
+    ("llama.rope.freq_base", {}, "freq_base is 1e-300; it must be positive and at most 3.4e+38 (and at least 1.18e-38)"),
+    ("llama.attention.layer_norm_rms_epsilon", {}, "epsilon is 1e-300; it must be positive"),
+    ("llama.rope.scaling.factor", {"llama.rope.scaling.type": ("linear", STR)},
+     "scaling.factor is 1e-300; it must be positive and at most 3.4e+38 (and at least 1.18e-38)"),
+])
+def test_a_number_that_is_zero_or_infinite_in_float32_is_refused(tiny_model, tmp_path, key, extra, message):
+    """1e-300 is positive, but 0 in float32: a RoPE base of 0 (or a scale of
+    1e300) makes infinite angles and NaN logits."""
+    p = rewrite(tiny_model, tmp_path / "tiny.gguf", {key: (1e-300, V.FLOAT64), **extra})
+    assert_model_error(lambda: load_model(p), re.escape(message))
+
+
+def poisoned(src: Path, dst: Path, tensor: str, value: float) -> Path:
+    """A copy of src with every element of an F32 tensor set to value."""
+    t = next(t for t in gguf.GGUFReader(src).tensors if t.name == tensor)
+    data = bytearray(src.read_bytes())
+    data[t.data_offset:t.data_offset + t.n_bytes] = np.full(t.n_elements, value, np.float32).tobytes()
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.parametrize("temperature", ["0", "0.7"])
+def test_a_model_that_computes_nan_fails_its_requests_in_one_line(tiny_model, tmp_path, temperature):
+    """Greedy took the first NaN for the best token; sampling raised numpy's
+    "Probabilities contain NaN" with a traceback."""
+    p = poisoned(tiny_model, tmp_path / "nan.gguf", "output_norm.weight", float("nan"))
+    assert_refused(run_cli("ask", "hi", "--temperature", temperature, "--model", str(p)),
+                   "the model computed logits that are not finite (nan)")
 
 
 # ---- a vocabulary must have a row of the embedding for each token ----
@@ -327,7 +362,7 @@ LOADER_KEYS = [
     "general.alignment", "llama.block_count", "llama.context_length", "llama.embedding_length",
     "llama.feed_forward_length", "llama.attention.head_count", "llama.attention.head_count_kv",
     "llama.attention.key_length", "llama.attention.layer_norm_rms_epsilon", "llama.rope.freq_base",
-    "llama.rope.scaling.type", "llama.vocab_size", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+    "llama.rope.scaling.type", "llama.rope.scaling.factor", "llama.vocab_size", "tokenizer.ggml.model", "tokenizer.ggml.pre",
     "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores",
     "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
     "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id",
@@ -364,7 +399,10 @@ VALUES = st.one_of(
 
 @pytest.fixture(scope="module")
 def fuzz_base(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("fuzz") / "base.gguf", TinySpec(n_layer=1))
+    """A one-block model with linear RoPE scaling, so that its factor is read."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    return rewrite(write_tiny_model(folder / "tiny.gguf", TinySpec(n_layer=1)), folder / "base.gguf",
+                   {"llama.rope.scaling.type": ("linear", STR)})
 
 
 def working_model(path: Path) -> str:
@@ -375,6 +413,7 @@ def working_model(path: Path) -> str:
     text = tok.decode(ids)
     runtime = model.runtime(RuntimeOptions(n_threads=1, n_ctx=16, max_batch=8))
     logits = runtime.prefill(ids[:2] or [0])
+    assert np.isfinite(logits).all(), "logits that are not finite"  # a RoPE base of 1e-300 made NaN
     return f"{len(ids)} ids, {text!r}, logits {logits.shape}"
 
 

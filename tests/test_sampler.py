@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from reference import GenerationConfig, generate
 
+from edge_slm.errors import ModelError
 from edge_slm.generate import TextStream
 from edge_slm.model import RuntimeOptions, load_model
 from edge_slm.sampler import REPEAT_PENALTY_RANGE, TEMPERATURE_RANGE, Sampler, SamplingConfig
@@ -96,6 +97,23 @@ def test_no_valid_setting_and_finite_logits_make_nan(config, values, history):
     with np.errstate(over="raise", invalid="raise"):  # an inf or a NaN anywhere fails
         token = Sampler(config).sample(values, history)
     assert 0 <= token < len(values)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logits_that_are_not_finite_are_the_models_fault_in_one_line(bad, temperature):
+    """A model whose weights or settings are broken computes NaN (or
+    infinite) logits: greedy took the first NaN for the best token, and
+    sampling raised numpy's "Probabilities contain NaN"."""
+    values = logits(1.0, 2.0, 3.0, 0.5)
+    values[2 if bad != float("-inf") else slice(None)] = bad  # -inf only matters everywhere
+    with pytest.raises(ModelError, match="^the model computed logits that are not finite [^\n]+$"):
+        Sampler(SamplingConfig(temperature=temperature, seed=1)).sample(values)
+
+
+def test_a_token_masked_with_minus_infinity_is_never_chosen():
+    values = logits(1.0, float("-inf"), 0.5)
+    assert {Sampler(SamplingConfig(temperature=2.0, seed=i)).sample(values) for i in range(50)} == {0, 2}
 
 
 class Letters:

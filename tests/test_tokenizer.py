@@ -6,6 +6,7 @@ loader on tiny GGUF vocabularies written here."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -189,15 +190,43 @@ HOSTILE_TEMPLATES = {
 def test_a_hostile_template_is_refused_in_bounded_time_and_memory(template):
     render_chat(CHATML, [{"role": "user", "content": "hi"}])  # Jinja imported before measuring
     tracemalloc.start()
-    start = time.monotonic()
+    start = time.thread_time()  # what the bound is on: on a busy machine the wall clock runs ahead
     try:
         with pytest.raises(ModelError, match="^the model's chat template is refused: [^\n]+$"):
             render_chat(template, [{"role": "user", "content": "hi"}])
-        elapsed, peak = time.monotonic() - start, tracemalloc.get_traced_memory()[1]
+        elapsed, peak = time.thread_time() - start, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert elapsed < RENDER_SECONDS + 0.5
     assert peak < 16 * MIB
+
+
+def test_a_render_waiting_for_the_gil_is_not_taken_for_a_hostile_one():
+    """Many callers submitting at once each wait their turn for the GIL: an
+    ordinary render then takes longer than RENDER_SECONDS by the wall clock
+    (it did with 50 threads submitting), though not in its own CPU time."""
+    template = "{% for i in range(20000) %}{{ i % 7 }}{% endfor %}"  # ~0.1 s of CPU
+    messages = [{"role": "user", "content": "hi"}]
+    render_chat(template, messages)
+    stop = threading.Event()
+
+    def spin() -> None:  # holds the GIL whenever it gets it
+        while not stop.is_set():
+            pass
+
+    spinners = [threading.Thread(target=spin) for _ in range(8)]
+    for t in spinners:
+        t.start()
+    try:
+        start = time.monotonic()
+        text = render_chat(template, messages)
+        elapsed = time.monotonic() - start
+    finally:
+        stop.set()
+        for t in spinners:
+            t.join()
+    assert text == "".join(str(i % 7) for i in range(20000))
+    assert elapsed > RENDER_SECONDS  # else the test proves nothing
 
 
 def test_the_limits_grow_with_the_conversation_and_no_further():
