@@ -26,6 +26,7 @@ class TensorType(IntEnum):
     Q5_K = 13
     Q6_K = 14
     Q8_K = 15  # activations only, paired with the K-quants
+    IQ4_NL = 20  # 4-bit indices into ggml's fixed non-linear grid of 16 values
 
 
 # (elements per block, bytes per block); the K-quants' blocks are super-blocks of 256
@@ -42,11 +43,13 @@ BLOCK_SIZES: dict[TensorType, tuple[int, int]] = {
     TensorType.Q5_K: (256, 176),
     TensorType.Q6_K: (256, 210),
     TensorType.Q8_K: (256, 292),
+    TensorType.IQ4_NL: (32, 18),
 }
 
 # Types a weight matrix may have in a file we load.
 WEIGHT_TYPES = (TensorType.F32, TensorType.F16, TensorType.Q4_0, TensorType.Q4_1, TensorType.Q5_0,
-                TensorType.Q5_1, TensorType.Q8_0, TensorType.Q4_K, TensorType.Q5_K, TensorType.Q6_K)
+                TensorType.Q5_1, TensorType.Q8_0, TensorType.Q4_K, TensorType.Q5_K, TensorType.Q6_K,
+                TensorType.IQ4_NL)
 
 # KV cache element types, by the name users give them.
 KV_TYPES: dict[str, TensorType] = {"f16": TensorType.F16, "q8_0": TensorType.Q8_0}

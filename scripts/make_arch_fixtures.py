@@ -76,7 +76,7 @@ class Quantization:
     embd_type: str | None = None  # GGML_TYPE_<embd_type>
 
 
-PURE = [Quantization(t, t) for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")] + [
+PURE = [Quantization(t, t) for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL")] + [
     Quantization("Q4_K", "Q4_K_M"), Quantization("Q5_K", "Q5_K_M"), Quantization("Q6_K", "Q6_K")]
 # llama.cpp's Q4_K_M mix (Q4_K, and Q6_K for attn_v and ffn_down) with Q8_0
 # embeddings: a K-quant and Q8_0 in one small file per architecture.

@@ -378,12 +378,12 @@ def test_bench_refuses_a_type_edge_slm_cannot_load_before_any_round(long_model, 
 
     monkeypatch.setenv("EDGE_SLM_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(rq, "llama_cpp_quantize", lambda source, dest, type_name, progress: (
-        write_tiny_model(dest, TinySpec(context_length=4096, down_type="IQ4_NL")), "fake")[1])
+        write_tiny_model(dest, TinySpec(context_length=4096, down_type="Q2_K", hidden_dim=256)), "fake")[1])
     monkeypatch.setattr(bench_mod, "run_child", lambda *a: pytest.fail("a round ran"))
     res = CliRunner().invoke(main, ["bench", "--model", str(long_model), "--no-peer",
                                     "--no-grounding", "--types", "q4_k_m"])
     assert res.exit_code == 1
-    assert "requantized-Q4_K_M.gguf" in res.output and "IQ4_NL" in res.output
+    assert "requantized-Q4_K_M.gguf" in res.output and "Q2_K" in res.output
 
 
 def test_the_summary_has_a_row_per_type_and_thread_count():

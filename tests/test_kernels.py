@@ -9,9 +9,9 @@ x8 layout the model multiplies by (whole groups of 8 rows, then a tail).
 
 Weights are made by gguf-py's quantizers and read back by its dequantizers,
 so the numpy side never shares code with the kernels; gguf-py cannot make
-the K-quants, whose weights are random blocks. The last block-format tests
-hold the kernels to ggml's own quantizers, readers and dot products, when
-llama-cpp-python is installed. Tolerances are
+the K-quants or IQ4_NL, whose weights are random blocks. The last
+block-format tests hold the kernels to ggml's own quantizers, readers and
+dot products, when llama-cpp-python is installed. Tolerances are
 normalised mean squared errors, sum((a - b)^2) / sum(b^2), against float64
 references. Each bound sits one to three orders of magnitude above what
 correct kernels reach (measured values below) and far below what a bug
@@ -39,11 +39,13 @@ T = TensorType
 GGML = {t: gguf.GGMLQuantizationType[t.name] for t in TensorType}
 # The activation format each weight type is dotted with, as in the kernel tables.
 ACT_TYPE = {T.F32: T.F32, T.F16: T.F32, T.Q4_0: T.Q8_0, T.Q4_1: T.Q8_1, T.Q5_0: T.Q8_0,
-            T.Q5_1: T.Q8_1, T.Q8_0: T.Q8_0, T.Q4_K: T.Q8_K, T.Q5_K: T.Q8_K, T.Q6_K: T.Q8_K}
+            T.Q5_1: T.Q8_1, T.Q8_0: T.Q8_0, T.Q4_K: T.Q8_K, T.Q5_K: T.Q8_K, T.Q6_K: T.Q8_K,
+            T.IQ4_NL: T.Q8_0}
 
 FLOAT_TYPES = (T.F32, T.F16)
 X8_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0)  # the block types with an x8 layout
-K_QUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)  # super-blocks of 256; gguf-py reads them but cannot make them
+K_QUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)  # super-blocks of 256
+RANDOM_BLOCK_TYPES = K_QUANTS + (T.IQ4_NL,)  # gguf-py reads them but cannot make them
 BLOCK_COLS = (32, 64, 96, 160, 576, 1536)
 K_COLS = (256, 512, 768, 1536, 2304)
 ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 17, 33)
@@ -145,22 +147,24 @@ def decode(data: np.ndarray, t: TensorType) -> np.ndarray:
 # Typical |sc * q| of a random K-quant element, in units of d (sc the 6-bit
 # scale, or Q6_K's signed 8-bit one, times a random quant), and of |mn| in
 # units of dmin: d set to a block's RMS over it gives values of that size.
-K_SPREAD = {T.Q4_K: (32 * 8, 32), T.Q5_K: (32 * 16, 32), T.Q6_K: (64 * 16, None)}
-# Where d and dmin are in each K-quant block (bytes).
-K_SCALES_AT = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208, None)}
+# IQ4_NL's is the RMS of its grid of 16 values.
+RANDOM_SPREAD = {T.Q4_K: (32 * 8, 32), T.Q5_K: (32 * 16, 32), T.Q6_K: (64 * 16, None),
+                 T.IQ4_NL: (67, None)}
+# Where d and dmin are in each block (bytes).
+SCALES_AT = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208, None), T.IQ4_NL: (0, None)}
 
 
-def random_k_blocks(rng: np.random.Generator, values: np.ndarray, t: TensorType) -> np.ndarray:
+def random_blocks(rng: np.random.Generator, values: np.ndarray, t: TensorType) -> np.ndarray:
     """Rows of t blocks shaped like values (a row, or rows): every bit random
-    (quants, sub-block scales and mins) but the f16 super-block scales, set
-    so each super-block is about as large as values are there (zero where
-    they are, f16 subnormal where they are tiny)."""
+    (quants, sub-block scales and mins) but the f16 (super-)block scales, set
+    so each block is about as large as values are there (zero where they
+    are, f16 subnormal where they are tiny)."""
     values = np.asarray(values, np.float32)
     elems, nbytes = BLOCK_SIZES[t]
     n_blocks = values.size // elems
     blocks = rng.integers(0, 256, (n_blocks, nbytes), dtype=np.uint8)
     rms = np.sqrt(np.mean(values.reshape(n_blocks, elems).astype(np.float64) ** 2, axis=1))
-    (d_spread, dmin_spread), (d_at, dmin_at) = K_SPREAD[t], K_SCALES_AT[t]
+    (d_spread, dmin_spread), (d_at, dmin_at) = RANDOM_SPREAD[t], SCALES_AT[t]
     for at, spread in ((d_at, d_spread), (dmin_at, dmin_spread)):
         if at is not None:
             blocks[:, at:at + 2] = (rms / spread).astype(np.float16).view(np.uint8).reshape(-1, 2)
@@ -169,7 +173,7 @@ def random_k_blocks(rng: np.random.Generator, values: np.ndarray, t: TensorType)
 
 def weights(rng: np.random.Generator, values: np.ndarray, t: TensorType) -> np.ndarray:
     """Weights of type t in GGUF layout, from values where gguf-py can quantize t."""
-    return random_k_blocks(rng, values, t) if t in K_QUANTS else encode(values, t)
+    return random_blocks(rng, values, t) if t in RANDOM_BLOCK_TYPES else encode(values, t)
 
 
 def round_half_away(v: np.ndarray) -> np.ndarray:
@@ -435,7 +439,7 @@ def test_default_backend_is_the_best():
 # products: from the peer's libggml-base and libggml-cpu (llama-cpp-python,
 # installed by `make bench`); skipped without it.
 
-NEW_TYPES = (T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+NEW_TYPES = (T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL)
 Q8_K_BLOCK = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
 # ggml's Q8_1 keeps d and s in f16 (ours in f32): its Q5_1 dots differ from
 # ours by those roundings, up to 2^-11 of each term (measured 3.6e-7; the
@@ -471,7 +475,7 @@ def ggml_call(ggml: ctypes.CDLL, name: str, src: np.ndarray, out: np.ndarray, n:
 
 
 def ggml_name(t: TensorType) -> str:
-    return t.name[0].lower() + t.name[1:]  # q5_0, q4_K
+    return t.name.lower().replace("_k", "_K")  # q5_0, q4_K, iq4_nl
 
 
 def ggml_quantize(ggml: ctypes.CDLL, values: np.ndarray, t: TensorType) -> np.ndarray:

@@ -56,13 +56,18 @@ ek_f16 ek_f32_to_f16(float f) {
     return (ek_f16)(sign | half);
 }
 
+/* ---- IQ4_NL's grid ---- */
+
+const int8_t ek_iq4nl_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                    1,    13,   25,  38,  53,  69,  89,  113};
+
 /* ---- sizes ---- */
 
 int ek_type_block_elems(int type) {
     switch (type) {
     case EK_TYPE_F32: case EK_TYPE_F16: return 1;
     case EK_TYPE_Q4_0: case EK_TYPE_Q4_1: case EK_TYPE_Q5_0: case EK_TYPE_Q5_1:
-    case EK_TYPE_Q8_0: case EK_TYPE_Q8_1: return EK_QK;
+    case EK_TYPE_Q8_0: case EK_TYPE_Q8_1: case EK_TYPE_IQ4_NL: return EK_QK;
     case EK_TYPE_Q4_K: case EK_TYPE_Q5_K: case EK_TYPE_Q6_K: case EK_TYPE_Q8_K: return EK_QK_K;
     default: return 0;
     }
@@ -82,6 +87,7 @@ size_t ek_type_block_bytes(int type) {
     case EK_TYPE_Q5_K: return sizeof(block_q5_K);
     case EK_TYPE_Q6_K: return sizeof(block_q6_K);
     case EK_TYPE_Q8_K: return sizeof(block_q8_K);
+    case EK_TYPE_IQ4_NL: return sizeof(block_iq4_nl);
     default: return 0;
     }
 }
@@ -155,7 +161,7 @@ void quantize_row_q8_K_ref(const float *x, void *vy, int n) {
     }
 }
 
-/* ---- unpacking the 5-bit and K-quant blocks ----
+/* ---- unpacking the 5-bit, IQ4_NL and K-quant blocks ----
  * One function per layout turns a block's packed bits into one quant per
  * element, in element order; the dequantizers and the dot products below
  * both start from it, so the layout is written down once. */
@@ -168,6 +174,15 @@ static void unpack_q5(const uint8_t qs[EK_QK / 2], const uint8_t qh[4], uint8_t 
     for (int j = 0; j < EK_QK / 2; j++) {
         q[j] = (uint8_t)((qs[j] & 0x0f) | ((h >> j) & 1) << 4);
         q[j + EK_QK / 2] = (uint8_t)((qs[j] >> 4) | ((h >> (j + EK_QK / 2)) & 1) << 4);
+    }
+}
+
+/* IQ4_NL: Q4's nibbles (low nibbles elements 0..15, high 16..31), each
+ * an index into the grid. */
+static void unpack_iq4_nl(const uint8_t qs[EK_QK / 2], int8_t q[EK_QK]) {
+    for (int j = 0; j < EK_QK / 2; j++) {
+        q[j] = ek_iq4nl_values[qs[j] & 0x0f];
+        q[j + EK_QK / 2] = ek_iq4nl_values[qs[j] >> 4];
     }
 }
 
@@ -237,6 +252,16 @@ void dequantize_row_q4_1_ref(const void *vx, float *y, int n) {
             y[b * EK_QK + j] = d * (x[b].qs[j] & 0x0f) + m;
             y[b * EK_QK + j + EK_QK / 2] = d * (x[b].qs[j] >> 4) + m;
         }
+    }
+}
+
+void dequantize_row_iq4_nl_ref(const void *vx, float *y, int n) {
+    const block_iq4_nl *x = vx;
+    int8_t q[EK_QK];
+    for (int b = 0; b < n / EK_QK; b++) {
+        float d = ek_f16_to_f32(x[b].d);
+        unpack_iq4_nl(x[b].qs, q);
+        for (int j = 0; j < EK_QK; j++) y[b * EK_QK + j] = d * q[j];
     }
 }
 
@@ -343,6 +368,18 @@ static float dot_q4_1_q8_1(int n, const block_q4_1 *w, const block_q8_1 *x) {
             acc += (w[b].qs[j] >> 4) * x[b].qs[j + EK_QK / 2];
         }
         sum += ek_f16_to_f32(w[b].d) * x[b].d * (float)acc + ek_f16_to_f32(w[b].m) * x[b].s;
+    }
+    return sum;
+}
+
+static float dot_iq4_nl_q8_0(int n, const block_iq4_nl *w, const block_q8_0 *x) {
+    float sum = 0.0f;
+    int8_t q[EK_QK];
+    for (int b = 0; b < n / EK_QK; b++) {
+        unpack_iq4_nl(w[b].qs, q);
+        int acc = 0;
+        for (int j = 0; j < EK_QK; j++) acc += q[j] * x[b].qs[j];
+        sum += ek_f16_to_f32(w[b].d) * ek_f16_to_f32(x[b].d) * (float)acc;
     }
     return sum;
 }
@@ -465,6 +502,7 @@ static float dot_f32_f32(int n, const float *w, const float *x) {
 
 DEFINE_GEMM_REF(gemm_q4_0_q8_0_ref, block_q4_0, block_q8_0, dot_q4_0_q8_0)
 DEFINE_GEMM_REF(gemm_q4_1_q8_1_ref, block_q4_1, block_q8_1, dot_q4_1_q8_1)
+DEFINE_GEMM_REF(gemm_iq4_nl_q8_0_ref, block_iq4_nl, block_q8_0, dot_iq4_nl_q8_0)
 DEFINE_GEMM_REF(gemm_q5_0_q8_0_ref, block_q5_0, block_q8_0, dot_q5_0_q8_0)
 DEFINE_GEMM_REF(gemm_q5_1_q8_1_ref, block_q5_1, block_q8_1, dot_q5_1_q8_1)
 DEFINE_GEMM_REF(gemm_q8_0_q8_0_ref, block_q8_0, block_q8_0, dot_q8_0_q8_0)

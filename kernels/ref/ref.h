@@ -12,6 +12,7 @@ void quantize_row_q8_K_ref(const float *x, void *y, int n);
 void dequantize_row_q4_0_ref(const void *x, float *y, int n);
 void dequantize_row_q4_1_ref(const void *x, float *y, int n);
 void dequantize_row_q5_0_ref(const void *x, float *y, int n);
+void dequantize_row_iq4_nl_ref(const void *x, float *y, int n);
 void dequantize_row_q5_1_ref(const void *x, float *y, int n);
 void dequantize_row_q8_0_ref(const void *x, float *y, int n);
 void dequantize_row_q4_K_ref(const void *x, float *y, int n);
@@ -28,6 +29,8 @@ void gemm_q5_0_q8_0_ref(int n, const void *w, size_t w_stride, int nrows, const 
                         size_t x_stride, int nx, float *y, size_t y_stride);
 void gemm_q5_1_q8_1_ref(int n, const void *w, size_t w_stride, int nrows, const void *x,
                         size_t x_stride, int nx, float *y, size_t y_stride);
+void gemm_iq4_nl_q8_0_ref(int n, const void *w, size_t w_stride, int nrows, const void *x,
+                          size_t x_stride, int nx, float *y, size_t y_stride);
 void gemm_q8_0_q8_0_ref(int n, const void *w, size_t w_stride, int nrows, const void *x,
                         size_t x_stride, int nx, float *y, size_t y_stride);
 void gemm_q4_K_q8_K_ref(int n, const void *w, size_t w_stride, int nrows, const void *x,
@@ -60,7 +63,8 @@ void attention_ref(float *out, const float *q, const void *k, const void *v, siz
 void kv_store_ref(void *dst, const float *src, int n, int kv_type);
 
 /* The per-type entries of the reference table, for SIMD tables to start
- * from. The 5-bit types and the K-quants have no x8 layout (gemm_x8 NULL). */
+ * from. The 5-bit types, IQ4_NL and the K-quants have no x8 layout
+ * (gemm_x8 NULL). */
 #define EK_REF_TYPE_OPS                                                                  \
     [EK_TYPE_F32] = {EK_TYPE_F32, NULL, gemm_f32_f32_ref, dequantize_row_f32_ref},       \
     [EK_TYPE_F16] = {EK_TYPE_F32, NULL, gemm_f16_f32_ref, dequantize_row_f16_ref},       \
@@ -79,6 +83,8 @@ void kv_store_ref(void *dst, const float *src, int n, int kv_type);
     [EK_TYPE_Q5_K] = {EK_TYPE_Q8_K, quantize_row_q8_K_ref, gemm_q5_K_q8_K_ref,           \
                       dequantize_row_q5_K_ref, NULL},                                    \
     [EK_TYPE_Q6_K] = {EK_TYPE_Q8_K, quantize_row_q8_K_ref, gemm_q6_K_q8_K_ref,           \
-                      dequantize_row_q6_K_ref, NULL}
+                      dequantize_row_q6_K_ref, NULL},                                    \
+    [EK_TYPE_IQ4_NL] = {EK_TYPE_Q8_0, quantize_row_q8_0_ref, gemm_iq4_nl_q8_0_ref,       \
+                        dequantize_row_iq4_nl_ref, NULL}
 
 #endif

@@ -118,6 +118,8 @@ static void fill_weight_row(int type, void *row, int n) {
         case EK_TYPE_Q4_0: ((block_q4_0 *)row)[b].d = signed_d; break;
         case EK_TYPE_Q8_0: ((block_q8_0 *)row)[b].d = signed_d; break;
         case EK_TYPE_Q5_0: ((block_q5_0 *)row)[b].d = signed_d; break;
+        /* the grid reaches 127, Q4_0's codes 8 */
+        case EK_TYPE_IQ4_NL: ((block_iq4_nl *)row)[b].d = ek_f32_to_f16(d / 16); break;
         case EK_TYPE_Q4_1:
             ((block_q4_1 *)row)[b].d = ek_f32_to_f16(fabsf(d));
             ((block_q4_1 *)row)[b].m = min;
@@ -211,13 +213,14 @@ static const char *type_name(int type) {
     case EK_TYPE_Q5_K: return "q5_K";
     case EK_TYPE_Q6_K: return "q6_K";
     case EK_TYPE_Q8_K: return "q8_K";
+    case EK_TYPE_IQ4_NL: return "iq4_nl";
     default: return "?";
     }
 }
 
-static const int WEIGHT_TYPES[] = {EK_TYPE_Q4_0, EK_TYPE_Q4_1, EK_TYPE_Q5_0, EK_TYPE_Q5_1,
-                                   EK_TYPE_Q8_0, EK_TYPE_Q4_K, EK_TYPE_Q5_K, EK_TYPE_Q6_K,
-                                   EK_TYPE_F16,  EK_TYPE_F32};
+static const int WEIGHT_TYPES[] = {EK_TYPE_Q4_0, EK_TYPE_Q4_1,   EK_TYPE_Q5_0, EK_TYPE_Q5_1,
+                                   EK_TYPE_Q8_0, EK_TYPE_IQ4_NL, EK_TYPE_Q4_K, EK_TYPE_Q5_K,
+                                   EK_TYPE_Q6_K, EK_TYPE_F16,    EK_TYPE_F32};
 
 static int is_float(int type) { return type == EK_TYPE_F32 || type == EK_TYPE_F16; }
 
@@ -517,13 +520,13 @@ static const fwd_variant FWD_VARIANTS[] = {
     {"forward, 2 slots", 96, 2,
      {{EK_TYPE_Q4_1, EK_TYPE_Q4_1, EK_TYPE_Q4_1, EK_TYPE_Q4_1},
       {EK_TYPE_Q4_0, EK_TYPE_Q8_0, EK_TYPE_Q4_0, EK_TYPE_Q4_0}}},
-    /* the 5-bit types, and a K-quant w_down (rows of 256, one super-block)
-     * in each layer: types mixed as llama.cpp's Q4_K_M files mix them, so
-     * Q8_0, Q8_1 and Q8_K activations alternate within a layer */
-    {"forward, 5-bit and K", 256, 3,
+    /* the 5-bit types and IQ4_NL, and a K-quant w_down (rows of 256, one
+     * super-block) in each layer: types mixed as llama.cpp's Q4_K_M files
+     * mix them, so Q8_0, Q8_1 and Q8_K activations alternate within a layer */
+    {"forward, 5-bit, IQ4_NL, K", 256, 3,
      {{EK_TYPE_Q5_0, EK_TYPE_Q5_1, EK_TYPE_Q5_0, EK_TYPE_Q4_K},
       {EK_TYPE_Q5_1, EK_TYPE_Q5_0, EK_TYPE_Q5_1, EK_TYPE_Q5_K},
-      {EK_TYPE_Q5_0, EK_TYPE_Q8_0, EK_TYPE_Q5_1, EK_TYPE_Q6_K}}},
+      {EK_TYPE_IQ4_NL, EK_TYPE_Q8_0, EK_TYPE_Q5_1, EK_TYPE_Q6_K}}},
 };
 
 static uint8_t *fwd_matrix(int type, int rows, int cols, ek_tensor *t) {

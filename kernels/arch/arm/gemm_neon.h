@@ -57,8 +57,8 @@ EK_INLINE int32x4_t dot_block(quants32 w, quants32 x) {
 
 #if !EK_NEON_DOTPROD
 /* Four products per 16-bit lane: only for weights within -16..16 (Q4, Q5
- * as q - 16, Q4_K and Q5_K), so a lane holds at most 4 * 16 * 127 = 8128,
- * and four rows folded 32512. */
+ * as q - 16, Q4_K and Q5_K; not Q8_0 or IQ4_NL's grid), so a lane holds at
+ * most 4 * 16 * 127 = 8128, and four rows folded 32512. */
 EK_INLINE int16x8_t dot_block_q4(quants32 w, quants32 x) {
     int16x8_t p = vmull_s8(vget_low_s8(w.lo), vget_low_s8(x.lo));
     p = vmlal_s8(p, vget_high_s8(w.lo), vget_high_s8(x.lo));
@@ -71,7 +71,7 @@ EK_INLINE int16x8_t dot_block_q4(quants32 w, quants32 x) {
  * in lane i (lanes past RW are 0). */
 EK_INLINE int32x4_t dot_rows(const int wtype, const int RW, const quants32 *w, quants32 x) {
 #if !EK_NEON_DOTPROD
-    if (wtype != EK_TYPE_Q8_0) {
+    if (wtype != EK_TYPE_Q8_0 && wtype != EK_TYPE_IQ4_NL) {
         int16x8_t p[TILE_ROWS];
 #pragma GCC unroll 4
         for (int i = 0; i < TILE_ROWS; i++) p[i] = i < RW ? dot_block_q4(w[i], x) : vdupq_n_s16(0);

@@ -22,6 +22,7 @@ void dequantize_row_q4_0_neon(const void *x, float *y, int n);
 void dequantize_row_q4_1_neon(const void *x, float *y, int n);
 void dequantize_row_q5_0_neon(const void *x, float *y, int n);
 void dequantize_row_q5_1_neon(const void *x, float *y, int n);
+void dequantize_row_iq4_nl_neon(const void *x, float *y, int n);
 void dequantize_row_q8_0_neon(const void *x, float *y, int n);
 void dequantize_row_q4_K_neon(const void *x, float *y, int n);
 void dequantize_row_q5_K_neon(const void *x, float *y, int n);
@@ -38,6 +39,8 @@ void gemm_q5_0_q8_0_neon(int n, const void *w, size_t w_stride, int nrows, const
                          size_t x_stride, int nx, float *y, size_t y_stride);
 void gemm_q5_1_q8_1_neon(int n, const void *w, size_t w_stride, int nrows, const void *x,
                          size_t x_stride, int nx, float *y, size_t y_stride);
+void gemm_iq4_nl_q8_0_neon(int n, const void *w, size_t w_stride, int nrows, const void *x,
+                           size_t x_stride, int nx, float *y, size_t y_stride);
 void gemm_q4_K_q8_K_neon(int n, const void *w, size_t w_stride, int nrows, const void *x,
                          size_t x_stride, int nx, float *y, size_t y_stride);
 void gemm_q5_K_q8_K_neon(int n, const void *w, size_t w_stride, int nrows, const void *x,
@@ -65,6 +68,9 @@ void gemm_q5_0_q8_0_neon_dotprod(int n, const void *w, size_t w_stride, int nrow
 void gemm_q5_1_q8_1_neon_dotprod(int n, const void *w, size_t w_stride, int nrows,
                                  const void *x, size_t x_stride, int nx, float *y,
                                  size_t y_stride);
+void gemm_iq4_nl_q8_0_neon_dotprod(int n, const void *w, size_t w_stride, int nrows,
+                                   const void *x, size_t x_stride, int nx, float *y,
+                                   size_t y_stride);
 void gemm_q4_K_q8_K_neon_dotprod(int n, const void *w, size_t w_stride, int nrows,
                                  const void *x, size_t x_stride, int nx, float *y,
                                  size_t y_stride);
@@ -92,7 +98,7 @@ void kv_store_neon(void *dst, const float *src, int n, int kv_type);
 
 /* The per-type entries of a NEON table, named by its suffix: its integer
  * gemms are gemm_<type>_<table> and gemm_x8_<type>_<table>. The 5-bit
- * types and the K-quants keep the file's layout (no gemm_x8). */
+ * types, IQ4_NL and the K-quants keep the file's layout (no gemm_x8). */
 #define EK_NEON_TYPE_OPS(table)                                                            \
     [EK_TYPE_F32] = {EK_TYPE_F32, NULL, gemm_f32_f32_neon, dequantize_row_f32_ref, NULL},  \
     [EK_TYPE_F16] = {EK_TYPE_F32, NULL, gemm_f16_f32_neon, dequantize_row_f16_neon, NULL}, \
@@ -111,7 +117,9 @@ void kv_store_neon(void *dst, const float *src, int n, int kv_type);
     [EK_TYPE_Q5_K] = {EK_TYPE_Q8_K, quantize_row_q8_K_neon, gemm_q5_K_q8_K_##table,        \
                       dequantize_row_q5_K_neon, NULL},                                     \
     [EK_TYPE_Q6_K] = {EK_TYPE_Q8_K, quantize_row_q8_K_neon, gemm_q6_K_q8_K_##table,        \
-                      dequantize_row_q6_K_neon, NULL}
+                      dequantize_row_q6_K_neon, NULL},                                     \
+    [EK_TYPE_IQ4_NL] = {EK_TYPE_Q8_0, quantize_row_q8_0_neon, gemm_iq4_nl_q8_0_##table,    \
+                        dequantize_row_iq4_nl_neon, NULL}
 
 /* Every NEON table shares these entries. */
 #define EK_NEON_FLOAT_OPS                                                                  \
@@ -189,14 +197,25 @@ EK_INLINE quants32 unpack_q5(const uint8_t *qs, const uint8_t *qh) {
     return r;
 }
 
+/* The quants of an IQ4_NL block, in element order: Q4's nibbles, each
+ * looked up in the grid. */
+EK_INLINE quants32 unpack_iq4_nl(const uint8_t *qs) {
+    const int8x16_t grid = vld1q_s8(ek_iq4nl_values);
+    const quants32 idx = unpack_q4(qs, 0);
+    quants32 r = {vqtbl1q_s8(grid, vreinterpretq_u8_s8(idx.lo)),
+                  vqtbl1q_s8(grid, vreinterpretq_u8_s8(idx.hi))};
+    return r;
+}
+
 /* Whether the weight type has an offset m (paired with Q8_1's sums). */
 EK_INLINE int has_min(const int wtype) {
     return wtype == EK_TYPE_Q4_1 || wtype == EK_TYPE_Q5_1;
 }
 
 /* Block b of a weight row of a 32-element type: its quants as the dot
- * products take them (signed, Q4_0 and Q5's offset removed) and where its
- * d and (Q4_1, Q5_1) m are; *m is *d for the types without. */
+ * products take them (signed, Q4_0 and Q5's offset removed, IQ4_NL's
+ * looked up) and where its d and (Q4_1, Q5_1) m are; *m is *d for the
+ * types without. */
 EK_INLINE quants32 weight_quants(const int wtype, const char *row, int b, const ek_f16 **d,
                                  const ek_f16 **m) {
     switch (wtype) {
@@ -222,6 +241,11 @@ EK_INLINE quants32 weight_quants(const int wtype, const char *row, int b, const 
         *m = &blk->m;
         return unpack_q5(blk->qs, blk->qh);
     }
+    case EK_TYPE_IQ4_NL: {
+        const block_iq4_nl *blk = (const block_iq4_nl *)row + b;
+        *d = *m = &blk->d;
+        return unpack_iq4_nl(blk->qs);
+    }
     default: {
         const block_q8_0 *blk = (const block_q8_0 *)row + b;
         *d = *m = &blk->d;
@@ -244,6 +268,7 @@ EK_INLINE size_t block_bytes(const int wtype) {
     case EK_TYPE_Q4_1: return sizeof(block_q4_1);
     case EK_TYPE_Q5_0: return sizeof(block_q5_0);
     case EK_TYPE_Q5_1: return sizeof(block_q5_1);
+    case EK_TYPE_IQ4_NL: return sizeof(block_iq4_nl);
     case EK_TYPE_Q4_K: return sizeof(block_q4_K);
     case EK_TYPE_Q5_K: return sizeof(block_q5_K);
     case EK_TYPE_Q6_K: return sizeof(block_q6_K);

@@ -133,6 +133,16 @@ void dequantize_row_q5_1_neon(const void *vx, float *y, int n) {
     }
 }
 
+void dequantize_row_iq4_nl_neon(const void *vx, float *y, int n) {
+    const block_iq4_nl *x = vx;
+    for (int b = 0; b < n / EK_QK; b++) {
+        const quants32 q = unpack_iq4_nl(x[b].qs);
+        const float d = f16_to_f32(x[b].d);
+        store_scaled(y + b * EK_QK, q.lo, d, 0.0f, 0);
+        store_scaled(y + b * EK_QK + 16, q.hi, d, 0.0f, 0);
+    }
+}
+
 /* Q4_K and Q5_K: sub-block j's 6-bit scale and min (as the reference's
  * unpack_k_scales). */
 static void k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
@@ -216,6 +226,7 @@ EK_GEMM_ENTRY(gemm_q4_1_q8_1_neon, EK_TYPE_Q4_1)
 EK_GEMM_ENTRY(gemm_q8_0_q8_0_neon, EK_TYPE_Q8_0)
 EK_GEMM_ENTRY(gemm_q5_0_q8_0_neon, EK_TYPE_Q5_0)
 EK_GEMM_ENTRY(gemm_q5_1_q8_1_neon, EK_TYPE_Q5_1)
+EK_GEMM_ENTRY(gemm_iq4_nl_q8_0_neon, EK_TYPE_IQ4_NL)
 EK_GEMM_ENTRY(gemm_q4_K_q8_K_neon, EK_TYPE_Q4_K)
 EK_GEMM_ENTRY(gemm_q5_K_q8_K_neon, EK_TYPE_Q5_K)
 EK_GEMM_ENTRY(gemm_q6_K_q8_K_neon, EK_TYPE_Q6_K)

@@ -181,6 +181,13 @@ static void gemm_q5_1_q8_1_neon_i8mm(int n, const void *w, size_t w_stride, int 
               gemm_q5_1_q8_1_neon_dotprod);
 }
 
+static void gemm_iq4_nl_q8_0_neon_i8mm(int n, const void *w, size_t w_stride, int nrows,
+                                       const void *x, size_t x_stride, int nx, float *y,
+                                       size_t y_stride) {
+    gemm_mmla(EK_TYPE_IQ4_NL, n, w, w_stride, nrows, x, x_stride, nx, y, y_stride,
+              gemm_iq4_nl_q8_0_neon_dotprod);
+}
+
 /* The K-quants take the dotprod gemms whole: the boards this targets
  * (Cortex-A72, A76) have no i8mm, and an smmla tile for them (both
  * operands interleaved, per-sub-block scales for each pair of rows) is

@@ -21,6 +21,7 @@ void dequantize_row_q4_0_avx2(const void *x, float *y, int n);
 void dequantize_row_q4_1_avx2(const void *x, float *y, int n);
 void dequantize_row_q5_0_avx2(const void *x, float *y, int n);
 void dequantize_row_q5_1_avx2(const void *x, float *y, int n);
+void dequantize_row_iq4_nl_avx2(const void *x, float *y, int n);
 void dequantize_row_q4_K_avx2(const void *x, float *y, int n);
 void dequantize_row_q5_K_avx2(const void *x, float *y, int n);
 void dequantize_row_q6_K_avx2(const void *x, float *y, int n);
@@ -33,11 +34,14 @@ void gemm_q4_1_q8_1_avx2(int n, const void *w, size_t w_stride, int nrows, const
                          size_t x_stride, int nx, float *y, size_t y_stride);
 void gemm_q8_0_q8_0_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
                          size_t x_stride, int nx, float *y, size_t y_stride);
-/* The 5-bit and K-quant gemms have no VNNI versions: every x86 table uses these. */
+/* The 5-bit, IQ4_NL and K-quant gemms have no VNNI versions: every x86
+ * table uses these. */
 void gemm_q5_0_q8_0_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
                          size_t x_stride, int nx, float *y, size_t y_stride);
 void gemm_q5_1_q8_1_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
                          size_t x_stride, int nx, float *y, size_t y_stride);
+void gemm_iq4_nl_q8_0_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
+                           size_t x_stride, int nx, float *y, size_t y_stride);
 void gemm_q4_K_q8_K_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
                          size_t x_stride, int nx, float *y, size_t y_stride);
 void gemm_q5_K_q8_K_avx2(int n, const void *w, size_t w_stride, int nrows, const void *x,
@@ -86,7 +90,9 @@ EK_DECLARE_X8_GEMMS(avx512_vnni);
     [EK_TYPE_Q5_K] = {EK_TYPE_Q8_K, quantize_row_q8_K_avx2, gemm_q5_K_q8_K_avx2,           \
                       dequantize_row_q5_K_avx2, NULL},                                     \
     [EK_TYPE_Q6_K] = {EK_TYPE_Q8_K, quantize_row_q8_K_avx2, gemm_q6_K_q8_K_avx2,           \
-                      dequantize_row_q6_K_avx2, NULL}
+                      dequantize_row_q6_K_avx2, NULL},                                     \
+    [EK_TYPE_IQ4_NL] = {EK_TYPE_Q8_0, quantize_row_q8_0_avx2, gemm_iq4_nl_q8_0_avx2,       \
+                        dequantize_row_iq4_nl_avx2, NULL}
 
 /* Every x86 table shares these entries. */
 #define EK_AVX2_FLOAT_OPS                                                                  \
@@ -139,6 +145,12 @@ EK_INLINE __m256i unpack_nibbles(const uint8_t *qs) {
     __m128i q = _mm_loadu_si128((const __m128i *)qs);
     __m256i both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+}
+
+/* IQ4_NL's grid in both 128-bit lanes: a byte shuffle by 4-bit codes
+ * looks each one up. */
+EK_INLINE __m256i iq4_nl_grid(void) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)ek_iq4nl_values));
 }
 
 #endif

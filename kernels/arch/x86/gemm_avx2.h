@@ -51,13 +51,23 @@ EK_INLINE __m256i dot2_u5s8(__m256i c, __m256i u1, __m256i s1, __m256i u2, __m25
 #endif
 }
 
+/* The same for signed codes of any size (IQ4_NL's, -127..113): maddubs
+ * wants one unsigned operand, so |w| is dotted with x carrying w's sign.
+ * A pair of products may reach 2 * 127 * 127, so each block is widened to
+ * 32 bits on its own. */
+EK_INLINE __m256i dot2_s8s8(__m256i c, __m256i w1, __m256i x1, __m256i w2, __m256i x2) {
+    c = dot_u8s8(c, _mm256_abs_epi8(w1), _mm256_sign_epi8(x1, w1));
+    return dot_u8s8(c, _mm256_abs_epi8(w2), _mm256_sign_epi8(x2, w2));
+}
+
 /* c plus k times the sums of s's bytes in groups of four. */
 EK_INLINE __m256i sum4_times(int8_t k, __m256i c, __m256i s) {
     return dot_u8s8(c, _mm256_set1_epi8(k), s);
 }
 
-/* The 32-element types with 4-bit codes (Q4_0, Q4_1) or 5-bit ones (Q5_0,
- * Q5_1, whose fifth bits sit in qh): where a block keeps what. */
+/* The 32-element types with 4-bit codes (Q4_0, Q4_1, and IQ4_NL's indices
+ * into its grid) or 5-bit ones (Q5_0, Q5_1, whose fifth bits sit in qh):
+ * where a block keeps what. */
 EK_INLINE int has_fifth_bit(const int wtype) {
     return wtype == EK_TYPE_Q5_0 || wtype == EK_TYPE_Q5_1;
 }
@@ -74,6 +84,7 @@ EK_INLINE size_t block_bytes(const int wtype) {
     case EK_TYPE_Q4_0: return sizeof(block_q4_0);
     case EK_TYPE_Q4_1: return sizeof(block_q4_1);
     case EK_TYPE_Q5_0: return sizeof(block_q5_0);
+    case EK_TYPE_IQ4_NL: return sizeof(block_iq4_nl);
     default: return sizeof(block_q5_1);
     }
 }
@@ -82,6 +93,7 @@ EK_INLINE size_t qs_offset(const int wtype) {
     case EK_TYPE_Q4_0: return offsetof(block_q4_0, qs);
     case EK_TYPE_Q4_1: return offsetof(block_q4_1, qs);
     case EK_TYPE_Q5_0: return offsetof(block_q5_0, qs);
+    case EK_TYPE_IQ4_NL: return offsetof(block_iq4_nl, qs);
     default: return offsetof(block_q5_1, qs);
     }
 }
@@ -163,19 +175,25 @@ EK_INLINE void unpack_pair(const int wtype, const char *const rows[TILE_ROWS], s
     *hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
     if (has_fifth_bit(wtype))
         add_fifth_bits(p ? _mm256_srli_si256(head, 8) : head, qh_offset(wtype), lo, hi);
+    if (wtype == EK_TYPE_IQ4_NL) {
+        *lo = _mm256_shuffle_epi8(iq4_nl_grid(), *lo);
+        *hi = _mm256_shuffle_epi8(iq4_nl_grid(), *hi);
+    }
     *dw = _mm256_permute_ps(dmf, 0x55 * 2 * p);
     *mw = has_offset(wtype) ? _mm256_blend_ps(_mm256_setzero_ps(),
                                               _mm256_permute_ps(dmf, 0x55 * (2 * p + 1)), 0x11)
                             : _mm256_setzero_ps();
 }
 
-/* Q4 and Q5 weights, two rows per register. The low nibbles of weight rows
- * a and b fill one register ([a 0..15 | b 0..15]), the high nibbles another
- * (Q5 ORs in the fifth bits), and each half of the activation block is
- * broadcast to both 128-bit lanes: the two rows' sums land in the two
- * lanes, so one conversion, scale and accumulate serve both, and one load,
- * shift and two ands unpack both. The codes are dotted unsigned (at most
- * 31) and a centred type's offset is taken out once per activation block.
+/* Q4, Q5 and IQ4_NL weights, two rows per register. The low nibbles of
+ * weight rows a and b fill one register ([a 0..15 | b 0..15]), the high
+ * nibbles another (Q5 ORs in the fifth bits), and each half of the
+ * activation block is broadcast to both 128-bit lanes: the two rows' sums
+ * land in the two lanes, so one conversion, scale and accumulate serve
+ * both, and one load, shift and two ands unpack both. The codes are dotted
+ * unsigned (at most 31) and a centred type's offset is taken out once per
+ * activation block; IQ4_NL's are looked up in its grid (a shuffle per
+ * register) and dotted signed.
  * RW is 1 to 4; an odd last row is paired with itself and not stored. */
 EK_INLINE void gemm_tile_q4(const int wtype, const int RW, const int RX, int nb,
                             const char *w, size_t w_stride, const char *x, size_t x_stride,
@@ -243,7 +261,9 @@ EK_INLINE void gemm_tile_q4(const int wtype, const int RW, const int RX, int nb,
             for (int p = 0; p < RP; p++) {
                 if (RX == 1)
                     unpack_pair(wtype, rows, b * bb, head, dmf, p, &lo[p], &hi[p], &dw[p], &mw[p]);
-                const __m256i sum = dot2_u5s8(start, lo[p], xlo, hi[p], xhi);
+                const __m256i sum = wtype == EK_TYPE_IQ4_NL
+                                        ? dot2_s8s8(start, lo[p], xlo, hi[p], xhi)
+                                        : dot2_u5s8(start, lo[p], xlo, hi[p], xhi);
                 acc[p][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(dw[p], dx),
                                             acc[p][j]);
                 if (has_offset(wtype)) acc[p][j] = _mm256_fmadd_ps(mw[p], s, acc[p][j]);

@@ -67,6 +67,15 @@ void dequantize_row_q4_1_avx2(const void *vx, float *y, int n) {
                         _mm256_set1_ps(f16_to_f32(x[b].m)), 1);
 }
 
+void dequantize_row_iq4_nl_avx2(const void *vx, float *y, int n) {
+    const block_iq4_nl *x = vx;
+    for (int b = 0; b < n / EK_QK; b++) {
+        const __m256i q = _mm256_shuffle_epi8(iq4_nl_grid(), unpack_nibbles(x[b].qs));
+        store_scaled_i8(y + b * EK_QK, q, _mm256_set1_ps(f16_to_f32(x[b].d)), _mm256_setzero_ps(),
+                        0);
+    }
+}
+
 /* A Q5 block's codes (0..31) in element order. */
 EK_INLINE __m256i unpack_q5(const uint8_t *qs, const uint8_t *qh) {
     int32_t h;
@@ -115,6 +124,7 @@ EK_GEMM_ENTRY(gemm_q4_0_q8_0_avx2, EK_TYPE_Q4_0)
 EK_GEMM_ENTRY(gemm_q4_1_q8_1_avx2, EK_TYPE_Q4_1)
 EK_GEMM_ENTRY(gemm_q5_0_q8_0_avx2, EK_TYPE_Q5_0)
 EK_GEMM_ENTRY(gemm_q5_1_q8_1_avx2, EK_TYPE_Q5_1)
+EK_GEMM_ENTRY(gemm_iq4_nl_q8_0_avx2, EK_TYPE_IQ4_NL)
 EK_GEMM_ENTRY(gemm_q8_0_q8_0_avx2, EK_TYPE_Q8_0)
 EK_GEMM_ENTRY(gemm_f16_f32_avx2, EK_TYPE_F16)
 EK_GEMM_ENTRY(gemm_f32_f32_avx2, EK_TYPE_F32)
