@@ -41,7 +41,7 @@ ifeq ($(ARCH),x86_64)
 PEER_ENV := CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 endif
 
-.PHONY: setup model run test test-slow bench bench-serve soak soak-serve arm64 clean distclean
+.PHONY: setup model run test test-slow test-backends bench bench-serve soak soak-serve arm64 clean distclean
 
 setup: $(STAMPS)/apt $(STAMPS)/install model
 
@@ -86,10 +86,22 @@ run: setup
 
 test: setup
 	$(MAKE) -j2 -C kernels/tests all
-	$(PY) -m pytest -m "not slow" tests/
+	$(PY) -m pytest -m "not slow and not backends" tests/
 
 test-slow: setup
 	$(PY) -m pytest -m slow tests/
+
+# The reference model exported to ONNX and LiteRT and run beside our C
+# kernels. The LiteRT export needs PyTorch and Google's converter, a
+# development machine's tools, never the board's: torch's CPU build first,
+# so that litert-torch does not pull a CUDA one.
+test-backends: setup $(STAMPS)/export-litert
+	$(PY) -m pytest -m backends tests/
+
+$(STAMPS)/export-litert: $(STAMPS)/install
+	$(PIP) install -q 'torch==2.13.0'
+	$(PIP) install -q --no-build-isolation --config-settings=build-dir='build/{wheel_tag}' -e '.[test,export-litert]'
+	@touch $@
 
 $(STAMPS)/peer: $(STAMPS)/build-deps
 	$(PEER_ENV) $(PIP) install '$(LLAMA_CPP_PYTHON)'

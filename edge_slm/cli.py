@@ -17,7 +17,7 @@ import click
 
 from .engine import MAX_SLOTS
 from .errors import ContextOverflow, EdgeSlmError
-from .options import Size, engine_options, grounding_options, model_option, runtime_options
+from .options import Size, backend_options, engine_options, grounding_options, model_option, runtime_options
 from .paths import check_writable, model_or_default, output_file
 
 INTERRUPTED = 128 + signal.SIGINT  # the exit codes a shell gives a process killed by these
@@ -181,8 +181,8 @@ def pull() -> None:
     click.echo(str(pull_model()))
 
 
-def open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens, index_path=None,
-                ground=True):
+def open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens, model_backend,
+                execution_provider, index_path=None, ground=True):
     """One slot: the CLI asks one thing at a time, through the same engine as every front end,
     with the same settings file and environment. No deadline: the person at the terminal can
     stop it with Ctrl-C. Without `ground`, no index is opened."""
@@ -192,6 +192,7 @@ def open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens, 
     return Engine(load_engine_config({
         "model": model_path, "threads": threads, "ctx": n_ctx, "kv_type": kv_type,
         "memory_budget": memory_budget, "max_tokens": max_tokens, "slots": 1,
+        "model_backend": model_backend, "execution_provider": execution_provider,
         "timeout": math.inf, "index": index_path, "grounding": False if not ground else None}))
 
 
@@ -230,14 +231,14 @@ def check_result(result) -> None:
 @sampling_options
 @click.option("--system", default=None, help="System prompt (default: the model's own).")
 @grounding_options
-def ask(question, model_path, threads, n_ctx, kv_type, memory_budget, system, max_tokens, stop,
-        index_path, collection, no_ground, **sampling) -> None:
+def ask(question, model_path, threads, n_ctx, kv_type, model_backend, execution_provider, memory_budget,
+        system, max_tokens, stop, index_path, collection, no_ground, **sampling) -> None:
     """Answer QUESTION, streamed to stdout; from the manuals, when they are indexed."""
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": question}]
     how = sampling_config(**sampling, default_temperature=0.2)
-    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens, index_path,
-                     ground=not no_ground) as engine:
+    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens, model_backend,
+                     execution_provider, index_path, ground=not no_ground) as engine:
         req = engine.submit(messages=messages, sampling=how, stop=stop,
                             **ground_request(index_path, collection, no_ground))
         streamed = False
@@ -257,11 +258,12 @@ def ask(question, model_path, threads, n_ctx, kv_type, memory_budget, system, ma
 @sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print ids and text as JSON.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-generation tokens.")
-def complete(text, model_path, threads, n_ctx, kv_type, memory_budget, as_json, ignore_eos,
-             max_tokens, stop, **sampling) -> None:
+def complete(text, model_path, threads, n_ctx, kv_type, model_backend, execution_provider, memory_budget,
+             as_json, ignore_eos, max_tokens, stop, **sampling) -> None:
     """Continue raw TEXT (no chat template; greedy unless --temperature)."""
     how = sampling_config(**sampling, default_temperature=0.0, default_repeat_penalty=1.0)
-    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens) as engine:
+    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens, model_backend,
+                     execution_provider) as engine:
         req = engine.submit(text, sampling=how, stop=stop, ignore_eos=ignore_eos)
         for piece in req.stream():
             if not as_json:
@@ -284,12 +286,15 @@ def complete(text, model_path, threads, n_ctx, kv_type, memory_budget, as_json, 
 @click.option("--json", "as_json", is_flag=True, help="Print the ids as a JSON list.")
 def tokenize(text, model_path, threads, as_json) -> None:
     """Print the token ids of TEXT (BOS only if the model asks for it)."""
+    from .backends import detect
+    from .backends.sidecar import read_sidecar
     from .config import load_engine_config
     from .model import GGUFFile
     from .tokenizer import Tokenizer
 
     path = model_or_default(load_engine_config({"model": model_path}).model)
-    tok = Tokenizer.from_gguf(GGUFFile(path))
+    kind = detect(path)  # the vocabulary alone: an ONNX or LiteRT model's is in its sidecar
+    tok = Tokenizer.from_gguf(GGUFFile(path) if kind == "gguf" else read_sidecar(path, kind)[1])
     ids = tok.encode(text)
     click.echo(json.dumps(ids) if as_json else " ".join(map(str, ids)))
 
@@ -308,34 +313,38 @@ def parse_ids(text: str) -> list[int]:
 @click.option("--npy", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output .npy file: float32 [positions, vocab].")
 @runtime_options
-def logits(ids, out, model_path, threads, n_ctx, kv_type) -> None:
+def logits(ids, out, model_path, threads, n_ctx, kv_type, model_backend, execution_provider) -> None:
     """Write the logits at every position of an id sequence."""
     import numpy as np
 
+    from .backends import check_provider, load_source, prefill_in_chunks
     from .config import load_engine_config
     from .generate import check_ids
-    from .model import RuntimeOptions, load_model
+    from .model import RuntimeOptions
 
     check_writable(out)  # before loading and running the model, not after
-    ecfg = load_engine_config({"model": model_path, "threads": threads, "kv_type": kv_type})
-    model = load_model(model_or_default(ecfg.model))
+    ecfg = load_engine_config({"model": model_path, "threads": threads, "kv_type": kv_type,
+                               "model_backend": model_backend, "execution_provider": execution_provider})
+    model = load_source(model_or_default(ecfg.model), ecfg.model_backend)
+    check_provider(ecfg.execution_provider, model.kind)
     vocab = model.config.vocab
     seq = check_ids(parse_ids(ids), vocab)
     limit = n_ctx or model.config.context_length
     if len(seq) > limit:
         raise ContextOverflow(f"{len(seq)} ids exceed the context of {limit} tokens"
                               + ("" if n_ctx else f" that {model.path.name} was trained for"))
-    runtime = model.runtime(RuntimeOptions(n_threads=ecfg.threads, n_ctx=len(seq),
-                                           kv_type=ecfg.kv_type))
-    values = runtime.prefill(seq, all_logits=True)
+    kv = ecfg.kv_type if ecfg.kv_type in model.kv_types else model.kv_types[0]
+    opts = RuntimeOptions(n_threads=ecfg.threads, n_ctx=len(seq), kv_type=kv,
+                          execution_provider=ecfg.execution_provider)
+    values = prefill_in_chunks(model.runtime(opts), seq, opts.max_batch, all_logits=True)
     with output_file(out) as fh:
         np.save(fh, values)
     click.echo(f"{out}: {len(seq)} x {vocab} float32")
 
 
 @main.command()
-@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@model_option
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+@backend_options
 @click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=None,
               help="Context to size memory for (default: 2048 or the model's, if shorter).")
 @click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default=None,
@@ -346,8 +355,9 @@ def logits(ids, out, model_path, threads, n_ctx, kv_type) -> None:
 @click.option("--slots", type=click.IntRange(1, MAX_SLOTS), default=None, help="Slots wanted (default: the configured number, else 4).")
 @click.option("--max-tokens", type=click.IntRange(1), default=None,
               help="Answer length the plan holds (default: the configured one, else 256).")
-def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots, max_tokens) -> None:
-    """Describe a GGUF model and the memory it needs (and the plan within a budget).
+def info(path, model_path, model_backend, execution_provider, n_ctx, kv_type, threads, memory_budget,
+         slots, max_tokens) -> None:
+    """Describe a model (GGUF, ONNX or LiteRT) and the memory it needs (and the plan within a budget).
 
     The model is PATH or --model (default: the pulled one); it is read, not loaded."""
     from .config import load_engine_config
@@ -358,29 +368,26 @@ def info(path, model_path, n_ctx, kv_type, threads, memory_budget, slots, max_to
         raise click.UsageError("give the model as PATH or --model, not both")
     ecfg = load_engine_config({"model": path or model_path, "memory_budget": memory_budget,
                                "slots": slots, "ctx": n_ctx, "kv_type": kv_type, "threads": threads,
-                               "max_tokens": max_tokens})
+                               "max_tokens": max_tokens, "model_backend": model_backend,
+                               "execution_provider": execution_provider})
     model, grounder, plan = load_and_plan(ecfg)  # the plan counts the index the engine would open
     if grounder:
         grounder.close()
-    f, cfg, tensors = model.file, model.config, model.tensors
-    types = Counter(t.type.name for t in tensors.values())
-    type_bytes = Counter()
-    for t in tensors.values():
-        type_bytes[t.type.name] += t.nbytes
+    f, cfg = model.file, model.config
+    described = model.describe()
     lines = [
-        f"file          {f.path} ({f.path.stat().st_size / MIB:.1f} MiB)",
-        f"architecture  {f.get('general.architecture')} ({f.get('general.name', '?')})",
+        *(f"{label:<13} {text}" for label, text in described[:1]),
+        f"architecture  {f.get('general.architecture')} ({model.name})",
         f"layers        {cfg.n_layer}, width {cfg.dim}, FFN {cfg.hidden_dim}",
         f"heads         {cfg.n_head} query / {cfg.n_kv_head} KV, head size {cfg.head_dim}",
         f"vocabulary    {cfg.vocab} ({f.get('tokenizer.ggml.model', '?')})",
         f"context       {cfg.context_length} trained; RoPE base {cfg.rope_base:g}"
         + (f", scaled x{1 / cfg.rope_scale:g}" if cfg.rope_scale != 1 else "")
-        + (", with per-dimension factors" if "rope_freqs.weight" in tensors else ""),
+        + (", with per-dimension factors" if "rope_freqs.weight" in getattr(model, "tensors", {}) else ""),
         *([f"window        {cfg.swa_window} positions on {cfg.sliding_layers} of {cfg.n_layer} layers "
            f"(RoPE base {cfg.rope_base_swa:g}){sliding_cache(cfg, plan.n_ctx, ecfg.max_batch)}; "
            f"the others see the whole context"] if cfg.swa_window else []),
-        f"tensors       {len(tensors)}: " + ", ".join(
-            f"{n} x {t} ({type_bytes[t] / MIB:.1f} MiB)" for t, n in types.most_common()),
+        *(f"{label:<13} {text}" for label, text in described[1:]),
     ]
     if ecfg.memory_budget is not None:
         lines.append(f"plan          {plan.summary()}")
@@ -405,8 +412,8 @@ def sliding_cache(cfg, n_ctx: int, max_batch: int) -> str:
               help="Opening exchanges kept when the oldest make way for new ones "
                    "(while the question fits with them).")
 @grounding_options
-def chat(model_path, threads, n_ctx, kv_type, memory_budget, system, keep_turns, max_tokens, stop,
-         index_path, collection, no_ground, **sampling) -> None:
+def chat(model_path, threads, n_ctx, kv_type, model_backend, execution_provider, memory_budget, system,
+         keep_turns, max_tokens, stop, index_path, collection, no_ground, **sampling) -> None:
     """Chat in the terminal; the oldest turns make way when the context fills."""
     from .chat import Conversation
 
@@ -417,8 +424,8 @@ def chat(model_path, threads, n_ctx, kv_type, memory_budget, system, keep_turns,
         # line and the chat goes on, whatever the locale's strictness.
         sys.stdin.reconfigure(errors="surrogateescape")
     how = sampling_config(**sampling, default_temperature=0.2)
-    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens, index_path,
-                     ground=not no_ground) as engine:
+    with open_engine(model_path, threads, n_ctx, kv_type, memory_budget, max_tokens, model_backend,
+                     execution_provider, index_path, ground=not no_ground) as engine:
         talk = Conversation(engine, system=system, keep_turns=keep_turns, sampling=how,
                             stop=tuple(stop))
         click.echo("Type a question; an empty line or Ctrl-D ends the chat.")

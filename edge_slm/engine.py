@@ -38,7 +38,8 @@ from .formats import KV_TYPES
 from .generate import TextStream, check_ids, check_messages, check_stop
 from .memory import (MAX_QUEUE, Fixed, MemoryPlan, current_rss, default_ctx, limit_malloc_arenas,
                      plan_memory)
-from .model import LoadedModel, RuntimeOptions, load_model
+from .backends import BACKENDS, EXECUTION_PROVIDERS, Source, check_provider, load_source
+from .model import RuntimeOptions
 from .paths import model_or_default
 from .sampler import Sampler, SamplingConfig
 
@@ -69,7 +70,9 @@ def default_threads() -> int:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | os.PathLike[str] | None = None  # GGUF file; None = the pulled default
+    model: str | os.PathLike[str] | None = None  # GGUF file, ONNX folder or .tflite; None = the pulled default
+    model_backend: str = "auto"      # what runs it (edge_slm.backends): "auto" by the file, "gguf", "onnx", "litert"
+    execution_provider: str = "cpu"  # where ONNX Runtime runs it: "cpu", "cuda", "tensorrt"
     memory_budget: int | None = None  # bytes for the whole process; None = no ceiling
     slots: int = 4                   # conversations decoded together (fewer if the budget says so)
     ctx: int | None = None           # tokens per slot; None = the most the budget allows
@@ -116,7 +119,7 @@ class EngineConfig:
         if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) \
                 or not self.timeout > 0:
             raise EdgeSlmError(f"setting timeout: {self.timeout!r} is not a number of seconds > 0")
-        for name in ("kv_type", "overflow", "backend"):
+        for name in ("kv_type", "overflow", "backend", "model_backend", "execution_provider"):
             value = getattr(self, name)
             if not isinstance(value, str) and not (name == "backend" and value is None):
                 raise EdgeSlmError(f"setting {name}: {value!r} is not text")
@@ -133,6 +136,11 @@ class EngineConfig:
             raise EdgeSlmError(f"setting uncovered: {self.uncovered!r}, choose 'decline' or 'answer'")
         if self.kv_type not in KV_TYPES:
             raise EdgeSlmError(f"setting kv_type: {self.kv_type!r}, choose from {', '.join(KV_TYPES)}")
+        if self.model_backend not in BACKENDS:
+            raise EdgeSlmError(f"setting model_backend: {self.model_backend!r}, choose from {', '.join(BACKENDS)}")
+        if self.execution_provider not in EXECUTION_PROVIDERS:
+            raise EdgeSlmError(f"setting execution_provider: {self.execution_provider!r}, "
+                               f"choose from {', '.join(EXECUTION_PROVIDERS)}")
         if self.overflow not in ("refuse", "truncate"):
             raise EdgeSlmError(f"setting overflow: {self.overflow!r}, choose 'refuse' or 'truncate'")
 
@@ -282,8 +290,9 @@ class Engine:
         log.info("memory plan: %s\n%s", self.plan.summary(), self.plan.describe())
         self.runtime = self.model.runtime(RuntimeOptions(
             n_threads=cfg.threads, n_ctx=self.plan.n_ctx, n_slots=self.plan.n_slots,
-            max_batch=cfg.max_batch, kv_type=cfg.kv_type, backend=cfg.backend,
-            max_logits=self.plan.n_slots))  # a step wants at most one row per slot
+            max_batch=cfg.max_batch, kv_type=self.plan.kv_type, backend=cfg.backend,
+            max_logits=self.plan.n_slots,  # a step wants at most one row per slot
+            execution_provider=cfg.execution_provider))
         self.slots = [Slot(i) for i in range(self.plan.n_slots)]
         self._queue: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
@@ -663,7 +672,7 @@ class Engine:
                 n = int(differ[0]) if len(differ) else n
                 if n > best_n:
                     best_gap, best_n = int(j) + 1, n
-        if best_n >= MIN_SHIFT_REUSE:
+        if best_n >= MIN_SHIFT_REUSE and self.runtime.can_shift:
             self.runtime.kv_shift(slot.index, keep, best_gap, keep + best_gap + best_n)
             slot.cache = prompt[:keep + best_n]
             log.debug("slot %d: reused %d cached tokens after dropping %d", slot.index, best_n, best_gap)
@@ -685,7 +694,13 @@ class Engine:
             return
         for s in active:
             if len(s.cache) == self.plan.n_ctx:
-                self._shift(s)
+                if self.runtime.can_shift:
+                    self._shift(s)
+                else:  # the backend cannot drop the oldest half: the answer ends here
+                    self._end(s, self._partial(s, OK, None, finish="length"))
+        active = [s for s in active if s.req]
+        if not active:
+            return
 
         t0 = time.perf_counter()
         tokens, pos, slot_ids, want, owners = [], [], [], [], []
@@ -815,29 +830,38 @@ def _blank(prompt: str | None, messages: list[dict[str, str]] | None) -> str | N
     return None
 
 
-def load_and_plan(cfg: EngineConfig) -> tuple[LoadedModel, Grounder | None, MemoryPlan]:
+def load_and_plan(cfg: EngineConfig) -> tuple[Source, Grounder | None, MemoryPlan]:
     """Load the model's metadata and tokenizer and open the manuals' index
     (when grounding is on and there is one), measuring what they cost, and
     make the engine's memory plan: within the budget if there is one, else
-    as configured. The weights are mapped, not read: the runtime copies them."""
+    as configured. A GGUF's weights are mapped, not read: the runtime copies
+    them; other backends measure what their session holds (edge_slm.backends)."""
     limit_malloc_arenas()
     interpreter = current_rss()
-    model = load_model(model_or_default(cfg.model))
+    model = load_source(model_or_default(cfg.model), cfg.model_backend)
+    check_provider(cfg.execution_provider, model.kind)
+    kv_type = cfg.kv_type
+    if kv_type not in model.kv_types:
+        if kv_type != EngineConfig.kv_type:  # asked for, not the default
+            raise EdgeSlmError(f"KV type {kv_type}: the {model.kind} backend holds its cache in "
+                               f"{', '.join(model.kv_types)} only")
+        kv_type = model.kv_types[0]
     # A failing or hostile chat template refuses the model here; and Jinja,
     # which it loads, is measured with the tokenizer.
     model.tokenizer().check_chat_template()
     # Metadata, vocabulary and template: all that loading holds besides the
     # weights, whose mapped pages are not touched until the runtime copies them.
-    tokenizer = max(0, current_rss() - interpreter)
+    tokenizer = max(0, current_rss() - interpreter - model.loaded_bytes)
     grounder = open_grounder(cfg)
     try:
-        fixed = Fixed(model.config, cfg.memory_budget or 0, model.path.stat().st_size, interpreter,
+        fixed = Fixed(model.config, cfg.memory_budget or 0, model.resident_weights, interpreter,
                       tokenizer, cfg.threads, cfg.max_batch, cfg.queue_size, cfg.max_tokens,
-                      cfg.front_end_bytes, grounder.bytes if grounder else 0)
+                      cfg.front_end_bytes, grounder.bytes if grounder else 0,
+                      state_bytes=model.state_bytes, kv_types=model.kv_types)
         if cfg.memory_budget is None:
-            plan = fixed.plan(cfg.slots, default_ctx(model.config.context_length, cfg.ctx), cfg.kv_type)
+            plan = fixed.plan(cfg.slots, default_ctx(model.config.context_length, cfg.ctx), kv_type)
         else:
-            plan = plan_memory(fixed, kv_type=cfg.kv_type, slots=cfg.slots, ctx=cfg.ctx,
+            plan = plan_memory(fixed, kv_type=kv_type, slots=cfg.slots, ctx=cfg.ctx,
                                min_ctx=cfg.min_ctx)
     except BaseException:
         if grounder:

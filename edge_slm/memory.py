@@ -40,6 +40,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import EdgeSlmError
@@ -221,16 +222,23 @@ class Fixed:
     max_tokens: int = 0  # the longest answer a slot may hold
     front_ends: int = 0  # bytes front ends declare they hold beside the engine
     grounding: int = 0   # bytes the manuals' index holds (measured when opened)
+    # (KV bytes of one slot, run-state bytes) at (n_ctx, max_batch, n_threads,
+    # kv_type): the backend's own figures (Source.state_bytes); None, the C kernels'
+    state_bytes: Callable[[int, int, int, str], tuple[int, int]] | None = None
+    kv_types: tuple[str, ...] = tuple(KV_TYPES)  # what the backend can hold
 
     def plan(self, n_slots: int, n_ctx: int, kv_type: str) -> MemoryPlan:
-        from . import _core  # here, so reading RSS alone (bench children) loads no extension
-
         check_ctx(n_ctx)
         if self.queue_size > MAX_QUEUE:
             raise EdgeSlmError(f"a queue of {self.queue_size} requests is more than {MAX_QUEUE}")
-        kv, state = _core.model_bytes(self.cfg.core(), n_slots=1, n_ctx=n_ctx,
-                                      max_batch=self.max_batch, n_threads=self.n_threads,
-                                      kv_type=int(KV_TYPES[kv_type]))
+        if self.state_bytes is None:
+            from . import _core  # here, so reading RSS alone (bench children) loads no extension
+
+            kv, state = _core.model_bytes(self.cfg.core(), n_slots=1, n_ctx=n_ctx,
+                                          max_batch=self.max_batch, n_threads=self.n_threads,
+                                          kv_type=int(KV_TYPES[kv_type]))
+        else:
+            kv, state = self.state_bytes(n_ctx, self.max_batch, self.n_threads, kv_type)
         logits = n_slots * self.cfg.vocab * 4  # one row per slot per step
         # the free slots' next requests queue too, beyond queue_size
         held = self.queue_size + 2 * n_slots
@@ -271,7 +279,7 @@ def plan_memory(fixed: Fixed, *, kv_type: str = "f16", slots: int | None = None,
             return fixed.plan(n_slots, contexts[fit - 1], kv_type)
     need = fixed.plan(1, min_ctx, kv_type)
     hint = ""
-    if kv_type != "q8_0":
+    if kv_type != "q8_0" and "q8_0" in fixed.kv_types:
         hint = f"; with --kv-type q8_0 it needs {fixed.plan(1, min_ctx, 'q8_0').total / MIB:.0f} MiB"
     parts = ", ".join(f"{name} {n / MIB:.0f}" for name, n in (
         ("weights", need.weights), ("interpreter", need.interpreter), ("tokenizer", need.tokenizer),

@@ -12,6 +12,7 @@ are views of one read-only map, which Transformer checks."""
 
 from __future__ import annotations
 
+import collections
 import functools
 import gc
 import logging
@@ -467,6 +468,7 @@ class RuntimeOptions:
     kv_type: str = "f16"   # "f16" or "q8_0"
     backend: str | None = None  # kernel table; None = best for this CPU
     max_logits: int | None = None  # logits rows per call (default max_batch)
+    execution_provider: str = "cpu"  # ONNX Runtime's (edge_slm.backends); the C kernels run on the CPU
 
     @property
     def logits_rows(self) -> int:
@@ -492,6 +494,8 @@ class Transformer:
     """The C model plus the numpy buffers it writes into, allocated once.
 
     forward() is serialised by a lock: one run state, one caller at a time."""
+
+    can_shift = True  # kv_shift re-rotates the kept keys in place
 
     def __init__(self, cfg: ModelConfig, tensors: dict[str, TensorView], opts: RuntimeOptions):
         if opts.kv_type not in KV_TYPES:
@@ -542,24 +546,10 @@ class Transformer:
     def prefill(self, ids: list[int], start: int = 0, slot: int = 0, all_logits: bool = False) -> np.ndarray:
         """Feed ids at positions start.. in chunks; returns the last row of logits
         (or every row, [len(ids), vocab], when all_logits)."""
-        if not ids:
-            raise ValueError("nothing to evaluate")
-        B = min(self.opts.max_batch, len(self._logits)) if all_logits else self.opts.max_batch
-        rows = []
-        last = None
-        for lo in range(0, len(ids), B):
-            chunk = np.asarray(ids[lo:lo + B], dtype=np.int32)
-            n = len(chunk)
-            want = np.ones(n, np.uint8) if all_logits else np.zeros(n, np.uint8)
-            if lo + n == len(ids):
-                want[-1] = 1
-            out = self.forward(chunk, np.arange(start + lo, start + lo + n, dtype=np.int32),
-                               np.full(n, slot, np.int32), want)
-            if all_logits:
-                rows.append(out.copy())
-            elif lo + n == len(ids):
-                last = out[-1].copy()
-        return np.concatenate(rows) if all_logits else last
+        from .backends import prefill_in_chunks  # here: backends imports this module
+
+        batch = min(self.opts.max_batch, len(self._logits)) if all_logits else self.opts.max_batch
+        return prefill_in_chunks(self, ids, batch, start, slot, all_logits)
 
     def profile(self, on: bool) -> dict:
         """What the C pass's profile gathered since the last call (wall time and
@@ -596,7 +586,8 @@ class Transformer:
 
 @dataclass
 class LoadedModel:
-    """A GGUF file with everything needed to talk to it."""
+    """A GGUF file with everything needed to talk to it: the C kernels'
+    Source (edge_slm.backends)."""
 
     path: Path
     file: GGUFFile
@@ -604,9 +595,33 @@ class LoadedModel:
     tensors: dict[str, TensorView]
     _tokenizer: Any = None
 
+    kind = "gguf"
+    kv_types = tuple(KV_TYPES)
+    loaded_bytes = 0  # resident at load beyond metadata and tokenizer: the weights are only mapped
+
+    @property
+    def name(self) -> str:
+        return str(self.file.get("general.name", self.path.stem))
+
     @property
     def weight_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def resident_weights(self) -> int:
+        """The runtime copies (and repacks) the tensors, then hands the map's
+        pages back: about the file's size, once."""
+        return self.path.stat().st_size
+
+    def sha256(self) -> str:
+        from .pull import file_sha256
+
+        return file_sha256(self.path)
+
+    def state_bytes(self, n_ctx: int, max_batch: int, n_threads: int, kv_type: str) -> tuple[int, int]:
+        """(KV cache bytes of one slot, run-state bytes), exact, from C."""
+        return _core.model_bytes(self.config.core(), n_slots=1, n_ctx=n_ctx, max_batch=max_batch,
+                                 n_threads=n_threads, kv_type=int(KV_TYPES[kv_type]))
 
     def runtime(self, opts: RuntimeOptions) -> Transformer:
         if opts.n_ctx > self.config.context_length:
@@ -626,6 +641,16 @@ class LoadedModel:
             gc.collect()  # what building it left, so that its measured cost is what it keeps
             release_free_memory()
         return self._tokenizer
+
+    def describe(self) -> list[tuple[str, str]]:
+        """What `edge-slm info` says of the file beyond the model's shape: (label, text) lines."""
+        types = collections.Counter(t.type.name for t in self.tensors.values())
+        type_bytes: collections.Counter[str] = collections.Counter()
+        for t in self.tensors.values():
+            type_bytes[t.type.name] += t.nbytes
+        return [("file", f"{self.path} ({self.path.stat().st_size / (1 << 20):.1f} MiB, GGUF)"),
+                ("tensors", f"{len(self.tensors)}: " + ", ".join(
+                    f"{n} x {t} ({type_bytes[t] / (1 << 20):.1f} MiB)" for t, n in types.most_common()))]
 
 
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:

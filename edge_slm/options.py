@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .backends import BACKENDS, EXECUTION_PROVIDERS
 from .errors import EdgeSlmError
 from .memory import parse_size
 
@@ -24,8 +25,9 @@ class Size(click.ParamType):
 
 
 def model_option(f):
-    return click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
-                        default=None, help="GGUF file (default: the pulled SmolLM2-135M).")(f)
+    return click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+                        help="GGUF file, ONNX model folder or .tflite file (default: the pulled "
+                             "SmolLM2-135M).")(f)
 
 
 def runtime_options(f):
@@ -35,7 +37,19 @@ def runtime_options(f):
     f = click.option("--ctx", "n_ctx", type=click.IntRange(16, 1 << 20), default=None,
                      help="Context length in tokens (default: 2048 or the model's, if shorter).")(f)
     f = click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default=None,
-                     help="KV cache element type (default: the configured one, else f16).")(f)
+                     help="KV cache element type (default: the configured one, else f16; "
+                          "the ONNX and LiteRT backends hold f32).")(f)
+    return backend_options(f)
+
+
+def backend_options(f):
+    """What runs the model, and on what; and the model."""
+    f = click.option("--backend", "model_backend", type=click.Choice(BACKENDS), default=None,
+                     help="What runs the model (default: auto, by the file: our C kernels for "
+                          "GGUF, ONNX Runtime for an ONNX folder, LiteRT for .tflite).")(f)
+    f = click.option("--execution-provider", type=click.Choice(EXECUTION_PROVIDERS), default=None,
+                     help="Where ONNX Runtime runs the model (default cpu; cuda and tensorrt need "
+                          "onnxruntime-gpu, as on a Jetson).")(f)
     return model_option(f)
 
 

@@ -129,7 +129,8 @@ def password(password_file: Path | None) -> str | None:
 @click.option("--kiosk-port", type=click.IntRange(1, 65535), default=None, help="The page's port (default 8080).")
 @click.option("--kiosk-pin-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="File holding the PIN browsers off this board must enter (or EDGE_SLM_KIOSK_PIN).")
-def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens, password_file, demo,
+def serve(model_path, threads, n_ctx, kv_type, model_backend, execution_provider, memory_budget, slots,
+          max_tokens, password_file, demo,
           index_path, trusted_keys, group, fleet_dir, with_kiosk, kiosk_host, kiosk_port, kiosk_pin_file,
           **service_options) -> None:
     """Answer devices' questions over MQTT (protocol: firmware_bridge/PROTOCOL.md).
@@ -169,7 +170,8 @@ def serve(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
         raise EdgeSlmError(str(e)) from None
     engine_cfg = load_engine_config({"model": model_path, "memory_budget": memory_budget, "slots": slots,
                                      "ctx": n_ctx, "kv_type": kv_type, "threads": threads,
-                                     "max_tokens": max_tokens, "index": index_path})
+                                     "max_tokens": max_tokens, "index": index_path,
+                                     "model_backend": model_backend, "execution_provider": execution_provider})
     fleet_bytes = 0
     if trusted_keys is not None:
         from .fleet_link import planned_bytes as fleet_bytes_planned

@@ -40,7 +40,6 @@ from edge_slm import engine as eng
 from edge_slm.engine import Engine, EngineConfig, Result
 from edge_slm.errors import EdgeSlmError
 from edge_slm.memory import MIB
-from edge_slm.pull import file_sha256
 from edge_slm.sampler import SamplingConfig
 
 from . import protocol as p
@@ -213,8 +212,8 @@ class Service:
         self.runtime_id = self.store.runtime_id(cfg.runtime_id)
         st = engine.status()
         self.capacity = cfg.max_accepted or st["slots"] + st["queue_size"]
-        self.model_name = str(engine.model.file.get("general.name", engine.model.path.stem))
-        self.model_sha256 = file_sha256(engine.model.path)
+        self.model_name = engine.model.name
+        self.model_sha256 = engine.model.sha256()
         self.status_topic = p.status_topic(self.runtime_id)
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()

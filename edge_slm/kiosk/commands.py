@@ -54,8 +54,8 @@ def wait_for_signal() -> None:
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default 8080).")
 @click.option("--pin-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="File holding the PIN browsers off this board must enter (or set EDGE_SLM_KIOSK_PIN).")
-def kiosk(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens, index_path, host, port,
-          pin_file) -> None:
+def kiosk(model_path, threads, n_ctx, kv_type, model_backend, execution_provider, memory_budget, slots,
+          max_tokens, index_path, host, port, pin_file) -> None:
     """Serve the technician's page: questions answered from the site's manuals.
 
     For the kiosk and the MQTT service in one process, on one engine and
@@ -67,7 +67,8 @@ def kiosk(model_path, threads, n_ctx, kv_type, memory_budget, slots, max_tokens,
     cfg = kiosk_settings(host, port, pin_file)
     engine_cfg = load_engine_config({"model": model_path, "memory_budget": memory_budget, "slots": slots,
                                      "ctx": n_ctx, "kv_type": kv_type, "threads": threads,
-                                     "max_tokens": max_tokens, "index": index_path})
+                                     "max_tokens": max_tokens, "index": index_path,
+                                     "model_backend": model_backend, "execution_provider": execution_provider})
     engine_cfg = replace(engine_cfg, front_end_bytes=planned_bytes())
     with Engine(engine_cfg) as engine:
         if engine.grounder is None:
