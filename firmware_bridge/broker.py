@@ -59,6 +59,8 @@ class Mosquitto:
             "persistence true",
             f"persistence_location {self.folder}/",
             "autosave_interval 10",
+            # Each answer chunk at once, not held for the last one's ACK (Nagle's algorithm)
+            "set_tcp_nodelay true",
             # Logs go to a file a site can read, not over the service's own.
             f"log_dest file {self.folder}/mosquitto.log",
             "log_type error", "log_type warning", "log_type notice",

@@ -20,7 +20,7 @@ from paho.mqtt.properties import Properties
 from edge_slm.errors import EdgeSlmError
 
 from . import protocol as p
-from .service import ServiceConfig, broker_address, make_client
+from .service import ServiceConfig, broker_address, make_client, send_at_once
 
 
 def subscribed_client(cfg: ServiceConfig, client_id: str, topics: list[str],
@@ -36,6 +36,7 @@ def subscribed_client(cfg: ServiceConfig, client_id: str, topics: list[str],
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
         if cfg.username:
             client.username_pw_set(cfg.username, cfg.password)
+        send_at_once(client)
     client.on_message = lambda c, u, msg: on_message(msg)
     subscribed: queue.Queue = queue.Queue()
     client.on_subscribe = lambda c, u, mid, codes, props: subscribed.put(codes)

@@ -23,6 +23,7 @@ import collections
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -194,7 +195,20 @@ def make_client(client_id: str, cfg: ServiceConfig) -> mqtt.Client:
         client.username_pw_set(cfg.username, cfg.password)
     client.max_queued_messages_set(cfg.max_outgoing)
     client.reconnect_delay_set(1, 30)
+    send_at_once(client)
     return client
+
+
+def send_at_once(client: mqtt.Client) -> None:
+    """Turn off Nagle's algorithm on the client's socket. With it on, a small
+    packet written while the last is unacknowledged waits for the peer's
+    delayed ACK (40 ms on Linux): measured, that put 40-80 ms between a first
+    token and its chunk reaching the device, and held closed-loop askers on
+    4 slots to 0.76x of the engine's throughput. paho leaves it on."""
+    def on_socket_open(c, userdata, sock) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    client.on_socket_open = on_socket_open
 
 
 class Service:

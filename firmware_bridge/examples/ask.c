@@ -391,8 +391,13 @@ int main(int argc, char **argv)
 
     double deadline = now_s() + timeout;
     rc = mosquitto_int_option(mosq, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V311);
+    if (rc == MOSQ_ERR_SUCCESS) {
+        /* The PUBACK of each chunk and the next question go out at once,
+         * not after the broker's delayed ACK of the last packet (Nagle). */
+        rc = mosquitto_int_option(mosq, MOSQ_OPT_TCP_NODELAY, 1);
+    }
     if (rc != MOSQ_ERR_SUCCESS) {
-        fail(&a, "cannot select MQTT 3.1.1: %s", mosq_error(rc));
+        fail(&a, "cannot set MQTT 3.1.1 without Nagle's delay: %s", mosq_error(rc));
     } else if (user && (rc = mosquitto_username_pw_set(mosq, user, password)) != MOSQ_ERR_SUCCESS) {
         fail(&a, "cannot set the user name: %s", mosq_error(rc));
     } else {
