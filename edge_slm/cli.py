@@ -317,7 +317,7 @@ def logits(ids, out, model_path, threads, n_ctx, kv_type, model_backend, executi
     """Write the logits at every position of an id sequence."""
     import numpy as np
 
-    from .backends import check_provider, load_source, prefill_in_chunks
+    from .backends import check_provider, load_source, prefill_in_chunks, resolve
     from .config import load_engine_config
     from .generate import check_ids
     from .model import RuntimeOptions
@@ -325,8 +325,9 @@ def logits(ids, out, model_path, threads, n_ctx, kv_type, model_backend, executi
     check_writable(out)  # before loading and running the model, not after
     ecfg = load_engine_config({"model": model_path, "threads": threads, "kv_type": kv_type,
                                "model_backend": model_backend, "execution_provider": execution_provider})
-    model = load_source(model_or_default(ecfg.model), ecfg.model_backend)
-    check_provider(ecfg.execution_provider, model.kind)
+    path = model_or_default(ecfg.model)
+    check_provider(ecfg.execution_provider, resolve(path, ecfg.model_backend))
+    model = load_source(path, ecfg.model_backend)
     vocab = model.config.vocab
     seq = check_ids(parse_ids(ids), vocab)
     limit = n_ctx or model.config.context_length
@@ -375,6 +376,7 @@ def info(path, model_path, model_backend, execution_provider, n_ctx, kv_type, th
         grounder.close()
     f, cfg = model.file, model.config
     described = model.describe()
+    ring = sliding_cache(cfg, plan.n_ctx, ecfg.max_batch) if cfg.swa_window and model.kind == "gguf" else ""
     lines = [
         *(f"{label:<13} {text}" for label, text in described[:1]),
         f"architecture  {f.get('general.architecture')} ({model.name})",
@@ -385,7 +387,7 @@ def info(path, model_path, model_backend, execution_provider, n_ctx, kv_type, th
         + (f", scaled x{1 / cfg.rope_scale:g}" if cfg.rope_scale != 1 else "")
         + (", with per-dimension factors" if "rope_freqs.weight" in getattr(model, "tensors", {}) else ""),
         *([f"window        {cfg.swa_window} positions on {cfg.sliding_layers} of {cfg.n_layer} layers "
-           f"(RoPE base {cfg.rope_base_swa:g}){sliding_cache(cfg, plan.n_ctx, ecfg.max_batch)}; "
+           f"(RoPE base {cfg.rope_base_swa:g}){ring}; "
            f"the others see the whole context"] if cfg.swa_window else []),
         *(f"{label:<13} {text}" for label, text in described[1:]),
     ]
@@ -449,28 +451,52 @@ def chat(model_path, threads, n_ctx, kv_type, model_backend, execution_provider,
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
-@click.option("--to", "fmt", type=click.Choice(["onnx"]), required=True,
+@click.option("--to", "fmt", type=click.Choice(["onnx", "litert"]), required=True,
               help="onnx: a folder of model.onnx (4-bit weights as MatMulNBits), genai_config.json "
-                   "and the tokenizer, for ONNX Runtime and onnxruntime-genai.")
+                   "and the tokenizer, for ONNX Runtime and onnxruntime-genai. litert: a .tflite "
+                   "with prefill and decode signatures, for LiteRT with XNNPACK.")
+@click.option("--weights", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
+              help="LiteRT only: the converter's weight quantization.")
+@click.option("--kv-len", type=click.IntRange(16, 1 << 16), default=None,
+              help="LiteRT only: the KV cache length fixed in the file, the longest context it "
+                   "runs (default 1024).")
 @click.pass_context
-def export(ctx, model_path, out, fmt) -> None:
-    """Write MODEL (GGUF) in another runtime's format at OUT, a new or empty folder.
+def export(ctx, model_path, out, fmt, weights, kv_len) -> None:
+    """Write MODEL (GGUF) in another runtime's format at OUT: a new or empty
+    folder (onnx), a new NAME.tflite (litert). `--model OUT` then runs it.
 
-    Needs the export-onnx extra. A bad MODEL or OUT exits 2."""
-    from .export.onnx import check_output_folder, export_onnx
+    Needs the export-onnx or export-litert extra. A bad MODEL or OUT exits 2."""
     from .fleet.commands import progress_bar
     from .memory import MIB
     from .model import expected_tensors, load_model
 
     try:
-        check_output_folder(out)  # before the model is read
+        if fmt == "onnx":
+            from .export.onnx import check_output_folder, export_onnx
+
+            check_output_folder(out)  # before the model is read
+        else:
+            from .export.litert import DEFAULT_KV_LEN, check_output_file, export_litert
+
+            check_output_file(out)
+        if fmt == "onnx" and (kv_len is not None or weights != "int8"):
+            raise EdgeSlmError("--weights and --kv-len are for --to litert; the ONNX export keeps "
+                               "the GGUF's blocks and has no fixed cache length")
         model = load_model(model_path)
         total = sum(model.tensors[n].nbytes for n in expected_tensors(model.config, model.tensors))
         with progress_bar(total, "exporting") as update:
-            done = export_onnx(model, out, update)
+            if fmt == "onnx":
+                done = export_onnx(model, out, update)
+            else:
+                done = export_litert(model, out, update, weights=weights, kv_len=kv_len or DEFAULT_KV_LEN)
     except EdgeSlmError as e:
         say(f"edge-slm: {e}")
         ctx.exit(2)
+    if fmt == "litert":
+        click.echo(f"{done.path}: {done.bytes / MIB:.1f} MiB, {done.weights} weights ({done.recipe}), "
+                   f"KV {done.kv_len} positions, signatures {', '.join(done.signatures)}; "
+                   f"sidecar {done.sidecar.name}")
+        return
     click.echo(f"{done.folder}: {', '.join(done.files)} ({done.bytes / MIB:.1f} MiB)")
     for gguf_type, how in sorted(done.weight_types.items()):
         click.echo(f"  {gguf_type}: {how}")

@@ -38,7 +38,7 @@ from .formats import KV_TYPES
 from .generate import TextStream, check_ids, check_messages, check_stop
 from .memory import (MAX_QUEUE, Fixed, MemoryPlan, current_rss, default_ctx, limit_malloc_arenas,
                      plan_memory)
-from .backends import BACKENDS, EXECUTION_PROVIDERS, Source, check_provider, load_source
+from .backends import BACKENDS, EXECUTION_PROVIDERS, Source, check_provider, load_source, resolve
 from .model import RuntimeOptions
 from .paths import model_or_default
 from .sampler import Sampler, SamplingConfig
@@ -838,8 +838,9 @@ def load_and_plan(cfg: EngineConfig) -> tuple[Source, Grounder | None, MemoryPla
     them; other backends measure what their session holds (edge_slm.backends)."""
     limit_malloc_arenas()
     interpreter = current_rss()
-    model = load_source(model_or_default(cfg.model), cfg.model_backend)
-    check_provider(cfg.execution_provider, model.kind)
+    path = model_or_default(cfg.model)
+    check_provider(cfg.execution_provider, resolve(path, cfg.model_backend))
+    model = load_source(path, cfg.model_backend)
     kv_type = cfg.kv_type
     if kv_type not in model.kv_types:
         if kv_type != EngineConfig.kv_type:  # asked for, not the default

@@ -717,6 +717,7 @@ class Service:
         return {"state": "online", "runtime_id": self.runtime_id, "version": __version__, "at": time.time(),
                 "protocol": p.VERSION,
                 "model": {"name": self.model_name, "sha256": self.model_sha256},
+                "backend": st["backend"],
                 "slots": st["slots"], "slots_busy": st["slots_busy"], "context": st["n_ctx"],
                 "memory_budget": self.engine.cfg.memory_budget, "memory_plan": st["memory_plan"],
                 "queue_depth": len(self.flights),

@@ -25,6 +25,7 @@ from reference import reference_logits
 from tiny_models import TinySpec
 
 import edge_slm.export.onnx as export
+from edge_slm.backends.sidecar import read_sidecar
 from edge_slm.export.onnx_weights import BLOCK, nbits_weight, pack_ggml_nibbles
 from edge_slm.formats import TensorType
 from edge_slm.model import RuntimeOptions, TensorView, load_model
@@ -252,8 +253,11 @@ def test_folder_for_genai_and_hugging_face(tiny_export):
     model = load_model(path)
     cfg, tok = model.config, model.tokenizer()
     assert sorted(p.name for p in folder.iterdir()) == [
-        "genai_config.json", "model.onnx", "special_tokens_map.json", "tokenizer.json",
+        "edge-slm.json", "genai_config.json", "model.onnx", "special_tokens_map.json", "tokenizer.json",
         "tokenizer_config.json"]
+    side, _, side_cfg = read_sidecar(folder, "onnx")  # what edge-slm's onnx backend runs it by
+    assert side_cfg == cfg and side["source"]["sha256"] == model.sha256()
+    assert side["settings"] == {"accuracy_level": export.ACCURACY_LEVEL}
     doc = json.loads((folder / "genai_config.json").read_text())
     dec = doc["model"]["decoder"]
     assert (dec["num_hidden_layers"], dec["num_attention_heads"], dec["num_key_value_heads"], dec["head_size"],

@@ -103,8 +103,9 @@ def detect(path: Path) -> str:
     return "gguf"
 
 
-def load_source(path: str | os.PathLike[str], backend: str = "auto") -> Source:
-    """Read the model at path with the backend asked for (or its format's)."""
+def resolve(path: str | os.PathLike[str], backend: str = "auto") -> str:
+    """The backend that runs the model at path: the one asked for, which must
+    fit the file, or its format's."""
     path = Path(path)
     if backend not in BACKENDS:
         raise EdgeSlmError(f"backend {backend!r}: choose from {', '.join(BACKENDS)}")
@@ -115,9 +116,15 @@ def load_source(path: str | os.PathLike[str], backend: str = "auto") -> Source:
     if kind != found:
         raise ModelError(f"{path}: backend {kind} was asked for, but this is a {FORMAT_NAMES[found]} "
                          f"(use --backend {found} or auto)")
+    return kind
+
+
+def load_source(path: str | os.PathLike[str], backend: str = "auto") -> Source:
+    """Read the model at path with the backend asked for (or its format's)."""
+    kind = resolve(path, backend)
     loaders: dict[str, Callable[[Path], Source]] = {"gguf": _load_gguf, "onnx": _load_onnx,
                                                     "litert": _load_litert}
-    return loaders[kind](path)
+    return loaders[kind](Path(path))
 
 
 def _load_gguf(path: Path) -> Source:
@@ -139,12 +146,17 @@ def _load_litert(path: Path) -> Source:
 
 
 def check_provider(name: str, kind: str) -> None:
-    """Execution providers other than the CPU are ONNX Runtime's alone."""
+    """Execution providers other than the CPU are ONNX Runtime's alone, and
+    only where its build has them: checked before a model is loaded."""
     if name not in EXECUTION_PROVIDERS:
         raise EdgeSlmError(f"execution provider {name!r}: choose from {', '.join(EXECUTION_PROVIDERS)}")
     if name != "cpu" and kind != "onnx":
         raise EdgeSlmError(f"execution provider {name}: only the onnx backend runs on one; "
                            f"the {kind} backend runs on the CPU")
+    if name != "cpu":
+        from .onnx import check_available
+
+        check_available(name)
 
 
 def prefill_in_chunks(runtime: Runtime, ids: list[int], max_batch: int, start: int = 0, slot: int = 0,

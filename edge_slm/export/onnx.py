@@ -6,6 +6,7 @@ Face's exporters write, so that ONNX Runtime (and onnxruntime-genai) run it.
   OUT/genai_config.json   what onnxruntime-genai reads
   OUT/tokenizer.json      the `tokenizers` object edge_slm.tokenizer builds from the GGUF
   OUT/tokenizer_config.json, special_tokens_map.json
+  OUT/edge-slm.json       the GGUF's metadata, for edge-slm's onnx backend (edge_slm/backends/sidecar.py)
 
 The decoder's interface, per call:
   input_ids [batch, seq] int64, attention_mask [batch, total_seq] int64,
@@ -45,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..backends.sidecar import sidecar, write_sidecar
 from ..errors import EdgeSlmError, UnsupportedModel
 from ..formats import TensorType
 from ..model import LoadedModel, ModelConfig
@@ -591,6 +593,7 @@ def export_onnx(model: LoadedModel, out: Path, progress: Progress | None = None,
         note = _write_tokenizer(tok, model.config.context_length, tmp)
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(model, tok), indent=4) + "\n",
                                                encoding="utf-8")
+        write_sidecar(tmp, sidecar(model.file, "onnx", model.sha256(), accuracy_level=accuracy_level))
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 is for the temporary name only
         if out.is_dir():
             out.rmdir()
