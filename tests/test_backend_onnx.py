@@ -246,7 +246,7 @@ def test_activation_bytes_bound_a_full_context_call(exports):
         f.write("5")  # the peak (VmHWM) starts again from here
     rt.prefill(ids)
     grown = peak_rss() - before
-    planned = activation_bytes(src.config, n, n_ctx)
+    planned = activation_bytes(src.config, n, n_ctx, src.fused_attention)
     assert grown <= planned, f"calls grew RSS by {grown / MIB:.1f} MiB, the plan holds {planned / MIB:.1f}"
     assert planned <= 2.5 * grown + ARENA_BASE, f"planned {planned / MIB:.1f} MiB, measured {grown / MIB:.1f}"
 

@@ -114,7 +114,7 @@ def test_the_plan_holds_a_full_context_prefill(folder, parity_report):
         f.write("5")  # the peak (VmHWM) starts again from here
     rt.prefill(ids)
     grown = peak_rss() - before
-    planned = activation_bytes(src.config, n, n_ctx)
+    planned = activation_bytes(src.config, n, n_ctx, src.fused_attention)
     parity_report.append(f"onnx backend memory: prefilling {n_ctx} positions in calls of {n} grew peak RSS "
                          f"{grown / MIB:.1f} MiB, the plan counts {planned / MIB:.1f} MiB of activations; "
                          f"session {src.loaded_bytes / MIB:.1f} MiB resident")

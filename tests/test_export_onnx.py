@@ -214,15 +214,29 @@ def test_batch_with_left_padding(tiny_export):
     np.testing.assert_allclose(more[1, 0], dec.logits(b + [12])[-1], atol=1e-3)
 
 
+# The families whose attention is GroupQueryAttention; the others' (per-head
+# Q/K norms, a sliding window) is written in standard ops.
+FUSED_ATTENTION = {"llama": True, "llama3": True, "qwen2": True, "qwen3": False, "gemma3": False}
+
+
 @pytest.mark.parametrize("name", ["llama", "llama3", "qwen2", "qwen3", "gemma3"])
 def test_architectures(name, tmp_path):
     """Each family the runtime runs (tests/arch_models.py, F32): Llama 3's
     RoPE factors, Qwen2's biases, Qwen3's and Gemma 3's Q/K norms, Gemma 3's
     post-norms, GELU, scaled embedding and sliding window (8 positions, so a
-    40-token sequence leaves it)."""
+    40-token sequence leaves it); fused attention where the family allows it,
+    as the model's metadata says."""
     path = write_arch_model(tmp_path / "model.gguf", ARCH_MODELS[name])
     ids = list(np.random.default_rng(4).integers(0, 512, size=40))
-    dec = Decoder(exported(path, tmp_path / "out"))
+    folder = exported(path, tmp_path / "out")
+    proto = onnx.load(str(folder / "model.onnx"))
+    ops = {n.op_type for n in proto.graph.node}
+    fused = FUSED_ATTENTION[name]
+    assert ("GroupQueryAttention" in ops, "Softmax" in ops) == (fused, not fused)
+    assert "SkipSimplifiedLayerNormalization" in ops
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["attention"] == ("GroupQueryAttention" if fused else "standard")
+    dec = Decoder(folder)
     mine = ours(path, ids)
     assert_close(dec.logits(ids), mine, 0.9999, f"{name}, one call")
     assert_close(dec.incremental(ids, first=5), mine, 0.9999, f"{name}, token by token")

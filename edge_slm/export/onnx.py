@@ -14,17 +14,35 @@ The decoder's interface, per call:
   [batch, kv_heads, past_seq, head_dim] float32  ->  logits [batch, seq,
   vocab] float32, present.N.key / .value [batch, kv_heads, total_seq, head_dim].
 
-The graph, per layer, in standard ONNX ops (opset 21) plus MatMulNBits:
-RMSNorm written out (x / sqrt(mean(x^2) + eps) * w, the pattern ONNX
-Runtime fuses into SimplifiedLayerNormalization); RoPE as products with
-cos/sin tables gathered at position_ids (tables computed as the C kernels
-compute them: double angles, rounded once); attention as Concat of the past
-KV with this call's, scores over grouped-query heads by broadcasting each KV
-head over its query heads (the same as repeating it, with no copy), a
-boolean mask (causal by index, attention_mask's padding, the sliding window
-where the family has one) applied with Where before Softmax. Weight types
-and how each is carried: see onnx_weights.py and `linears` below; Q/K/V,
-and gate/up, of one type are one product each.
+The graph, per layer, in ONNX Runtime's fused ops where they compute what
+the family does, as onnxruntime-genai's model builder writes Llama-family
+models for the CPU, and in standard ops (opset 21) elsewhere; ONNX Runtime's
+cost per token is mostly per node (a decode step of SmolLM2-135M ran ~2000
+nodes in standard ops, ~630 fused):
+
+- each residual add and the RMSNorm after it: SkipSimplifiedLayerNormalization
+  (com.microsoft); a norm without one written out (x / sqrt(mean(x^2) + eps)
+  * w), the pattern ONNX Runtime fuses into SimplifiedLayerNormalization.
+- attention, for families without per-head Q/K norms or a sliding window
+  (llama, llama 3's RoPE factors, qwen2's biases): GroupQueryAttention
+  (com.microsoft) with its rotary (cos/sin caches by position; adjacent pairs
+  for Llama's permuted rows, halves for NeoX), appending this call's K/V to
+  the past into present. Keys are every position of attention_mask, padding
+  masked by an attention_bias from it, and positions are the cache's (past +
+  i): position_ids is not read, and a left-padded row's positions are shifted
+  by its padding, which RoPE's scores do not see (they depend on distances).
+- otherwise (qwen3, gemma3): RoPE as products with the cos/sin tables gathered
+  at position_ids; attention as Concat of the past KV with this call's,
+  scores over grouped-query heads by broadcasting each KV head over its query
+  heads (the same as repeating it, with no copy), a boolean mask (causal by
+  index, attention_mask's padding, the sliding window where the family has
+  one) applied with Where before Softmax.
+
+The RoPE tables are computed as the C kernels compute them (double angles,
+rounded once). Weight types and how each is carried: see onnx_weights.py and
+`linears` below; Q/K/V, and gate/up, of one type are one product each. The
+model's metadata says which attention the graph holds ("attention":
+"GroupQueryAttention" or "standard"), for what the onnx backend plans.
 
 For a SentencePiece vocabulary the folder holds tokenizer.model (the proto
 edge_slm.tokenizer builds) in place of tokenizer.json, which onnxruntime-genai's
@@ -55,7 +73,8 @@ from .onnx_weights import BLOCK, NBitsWeight, float_vector, float_weight, nbits_
 
 log = logging.getLogger(__name__)
 
-OPSET = 21           # standard ops; ONNX Runtime 1.17 and later run it
+OPSET = 21           # standard ops; ONNX Runtime 1.17 and later run it (GroupQueryAttention's
+                     # attention_bias, used by the fused graph, came with 1.22)
 IR_VERSION = 10      # the IR of opset 21 (onnx 1.23 writes 14 by default, newer than ONNX Runtime reads)
 MS_DOMAIN = "com.microsoft"
 # MatMulNBits' accuracy_level by default 4: the input is quantized to int8
@@ -112,15 +131,17 @@ class _Graph:
         self._taken.add(out)
         return out
 
-    def op(self, op_type: str, *inputs: str, name: str, outputs: int = 1, out: str | None = None,
-           domain: str = "", **attrs: Any) -> Any:
+    def op(self, op_type: str, *inputs: str, name: str, outputs: int = 1, out: str | list[str] | None = None,
+           domain: str = "", unused: tuple[int, ...] = (), **attrs: Any) -> Any:
         """Add a node; its output name (a tuple of them when outputs > 1).
-        `out` names a graph output."""
+        `out` names graph outputs; outputs numbered in `unused` are optional
+        ones left out (named "", so that the node does not compute them)."""
         name = self._unique(name)
-        outs = [out] if out else [f"{name}/output_{i}" for i in range(outputs)]
+        outs = ([out] if isinstance(out, str) else list(out)) if out else [
+            "" if i in unused else f"{name}/output_{i}" for i in range(outputs)]
         self.nodes.append(self.onnx.helper.make_node(op_type, list(inputs), outs, name=name,
                                                      domain=domain or None, **attrs))
-        return outs[0] if outputs == 1 else tuple(outs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     def const(self, name: str, value: np.ndarray | list | float | int, dtype: Any = None) -> str:
         """An initializer; a small constant asked for again under its name is the same one."""
@@ -160,6 +181,14 @@ class _Decoder:
         self.progress = progress
         self._weights: dict[tuple[str, ...], _Held] = {}  # GGUF matrices side by side -> how held
         self._block_sums: dict[str, str] = {}  # input -> its per-block sums (for Q4_1's offsets)
+        self._block_ones: dict[int, str] = {}  # K -> the 0/1 matrix [K, K / 32] that sums blocks
+        self._shapes_3d: dict[int, str] = {}   # width -> the shape [batch, seq, width]
+        # GroupQueryAttention (RoPE inside it) where it computes exactly what the
+        # family does; per-head Q/K norms come before RoPE and a sliding window
+        # differs by family, so those take the standard ops.
+        self.fused = not self.cfg.swa_window and not any(
+            n.endswith(("attn_q_norm.weight", "attn_k_norm.weight")) for n in model.tensors)
+        self.gqa: tuple[str, str, str] = ("", "", "")  # seqlens_k, total_sequence_length, attention_bias
         self.weight_types: dict[str, str] = {}
         self.inexact = 0  # Q4_1 blocks whose m + 8d is rounded
 
@@ -213,17 +242,22 @@ class _Decoder:
         return self.g.const(name, self._floats(name))
 
     def _block_sum(self, x: str, cols: int) -> str:
-        """x [T, K] -> [T, K / 32], the sum of each block of 32: what Q4_1's offset multiplies."""
+        """x [T, K] -> [T, K / 32], the sum of each block of 32: what Q4_1's offset
+        multiplies. A product with a 0/1 matrix [K, K / 32]: one node where a
+        Reshape and a ReduceSum would be two, on a path taken per projection
+        per token, where ONNX Runtime's cost is per node."""
         if x not in self._block_sums:
             g = self.g
-            blocks = g.op("Reshape", x, g.ints("blocks_shape", -1, cols // BLOCK, BLOCK), name=f"{x}/blocks")
-            self._block_sums[x] = g.op("ReduceSum", blocks, g.ints("last_axis", -1), keepdims=0,
-                                       name=f"{x}/block_sums")
+            if cols not in self._block_ones:
+                ones = np.kron(np.eye(cols // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), np.float32))
+                self._block_ones[cols] = g.const(f"block_ones_{cols}", ones)
+            self._block_sums[x] = g.op("MatMul", x, self._block_ones[cols], name=f"{x}/block_sums")
         return self._block_sums[x]
 
-    def linears(self, x: str, names: tuple[str, ...], scope: str) -> list[str]:
+    def linears(self, x: str, names: tuple[str, ...], scope: str, packed: bool = False) -> list[str]:
         """x [T, K] @ W.T for each GGUF matrix W [N, K] named: one product when they
-        share a type with a MatMulNBits form, split after it."""
+        share a type with a MatMulNBits form, split after it (or, `packed`, left
+        whole: then the list has one entry, the products side by side)."""
         types = {self.m.tensors[n].type for n in names}
         if len(names) > 1 and (len(types) > 1 or nbits_weight_type(types.pop()) is None):
             return [self.linears(x, (n,), f"{scope}/{n.split('.')[-2]}")[0] for n in names]
@@ -237,9 +271,8 @@ class _Decoder:
         y = g.op("MatMulNBits", x, w.init, f"{key}.scales", domain=MS_DOMAIN, K=K, N=w.rows, bits=w.bits,
                  block_size=BLOCK, accuracy_level=self.accuracy_level, name=scope)
         if w.offsets:
-            term = g.op("MatMul", self._block_sum(x, K), f"{key}.offsets", name=f"{scope}/offset_term")
-            y = g.op("Add", y, term, name=f"{scope}/plus_offsets")
-        if len(names) == 1:
+            y = g.op("Gemm", self._block_sum(x, K), f"{key}.offsets", y, name=f"{scope}/plus_offsets")
+        if len(names) == 1 or packed:
             return [y]
         rows = [self.m.tensors[n].rows for n in names]
         return list(g.op("Split", y, g.ints(f"{scope}/rows", *rows), axis=-1, outputs=len(names),
@@ -282,7 +315,9 @@ class _Decoder:
 
     def rmsnorm(self, x: str, weight: str, scope: str) -> str:
         """RMSNorm over the last axis, written as ONNX Runtime's fusion of it
-        into SimplifiedLayerNormalization expects."""
+        into SimplifiedLayerNormalization expects (that op itself is ONNX
+        Runtime's, registered in the standard domain, where onnx's checker
+        refuses it)."""
         g = self.g
         sq = g.op("Pow", x, g.const("two", 2.0, np.float32), name=f"{scope}/square")
         mean = g.op("ReduceMean", sq, g.ints("last_axis", -1), keepdims=1, name=f"{scope}/mean")
@@ -290,22 +325,35 @@ class _Decoder:
                                 name=f"{scope}/plus_eps"), name=f"{scope}/rms")
         return g.op("Mul", g.op("Div", x, rms, name=f"{scope}/normed"), self._vector(weight), name=scope)
 
-    def rope_tables(self, base: float, scale: float, factors: np.ndarray | None, tag: str) -> tuple[str, str]:
-        """cos and sin [context, head_dim / 2] by position, gathered at position_ids
-        -> [batch, seq, 1, head_dim / 2] (and a trailing 1 for adjacent pairs)."""
+    def residual_rmsnorm(self, x: str, residual: str, weight: str, scope: str,
+                         keep_sum: bool = True) -> tuple[str, str]:
+        """(RMSNorm(x + residual), x + residual) in one SkipSimplifiedLayerNormalization
+        (the sum "" when not kept)."""
+        normed, _, _, total = self.g.op("SkipSimplifiedLayerNormalization", residual, x, self._vector(weight),
+                                        epsilon=self.cfg.norm_eps, domain=MS_DOMAIN, outputs=4,
+                                        unused=(1, 2) if keep_sum else (1, 2, 3), name=scope)
+        return normed, total
+
+    def rope_cache(self, base: float, scale: float, factors: np.ndarray | None, tag: str) -> tuple[str, str]:
+        """cos and sin [context, head_dim / 2] by position, initializers: the
+        angles as the C kernels compute them (double, rounded once), linear
+        scaling and Llama 3's factors folded in."""
         cfg, g = self.cfg, self.g
         hd = cfg.head_dim
         inv = scale * base ** (-2.0 * np.arange(hd // 2, dtype=np.float64) / hd)
         if factors is not None:
             inv = inv / factors.astype(np.float64)
         angles = np.arange(cfg.context_length, dtype=np.float64)[:, None] * inv[None, :]
-        axes = g.ints("rope_axes", 2) if cfg.rope_neox else g.ints("rope_axes", 2, 4)
-        out = []
-        for fn in (np.cos, np.sin):
-            table = g.const(f"rope.{tag}.{fn.__name__}", fn(angles).astype(np.float32))
-            at = g.op("Gather", table, "position_ids", axis=0, name=f"/rope_{tag}/{fn.__name__}")
-            out.append(g.op("Unsqueeze", at, axes, name=f"/rope_{tag}/{fn.__name__}_b"))
-        return out[0], out[1]
+        cos, sin = (g.const(f"rope.{tag}.{fn.__name__}", fn(angles).astype(np.float32)) for fn in (np.cos, np.sin))
+        return cos, sin
+
+    def rope_tables(self, cache: tuple[str, str], tag: str) -> tuple[str, str]:
+        """The cache gathered at position_ids -> [batch, seq, 1, head_dim / 2]
+        (and a trailing 1 for adjacent pairs), for rope()."""
+        g = self.g
+        axes = g.ints("rope_axes", 2) if self.cfg.rope_neox else g.ints("rope_axes", 2, 4)
+        return tuple(g.op("Unsqueeze", g.op("Gather", table, "position_ids", axis=0, name=f"/rope_{tag}/{fn}"),
+                          axes, name=f"/rope_{tag}/{fn}_b") for table, fn in zip(cache, ("cos", "sin")))
 
     def rope(self, x: str, cs: tuple[str, str], heads: int, scope: str) -> str:
         """x [batch, seq, heads, head_dim] rotated: pairs (i, i + head_dim / 2)
@@ -350,9 +398,85 @@ class _Decoder:
                     g.const("window", cfg.swa_window, np.int64), name="/mask/near")
         return full, g.op("And", full, near, name="/mask/sliding")
 
-    def attention(self, x: str, layer: int, cs: tuple[str, str], mask: str) -> str:
-        cfg, g = self.cfg, self.g
+    def gqa_inputs(self) -> tuple[str, str, str]:
+        """GroupQueryAttention's seqlens_k (int32 [batch]), total_sequence_length
+        (int32 scalar) and attention_bias [batch, 1, seq, total_seq]. Every row's
+        keys are all total_seq positions, padding included (seqlens_k =
+        total_seq - 1, not the builder's ReduceSum(attention_mask) - 1, which
+        reads right padding only); the bias drops what attention_mask drops,
+        so left-padded batches work as on the standard path."""
+        g = self.g
+        batch = g.op("Shape", "attention_mask", end=1, name="/gqa/batch")                 # [1]
+        total = g.op("Shape", "attention_mask", start=1, name="/gqa/total")               # [1]
+        seq = g.op("Shape", "input_ids", start=1, name="/gqa/seq")                        # [1]
+        last = g.op("Sub", total, g.const("one", 1, np.int64), name="/gqa/last")
+        seqlens = g.op("Cast", g.op("Expand", last, batch, name="/gqa/last_each"), to=6, name="/gqa/seqlens_k")
+        total_len = g.op("Cast", g.op("Reshape", total, g.ints("scalar"), name="/gqa/total_scalar"), to=6,
+                         name="/gqa/total_sequence_length")
+        kept = g.op("Cast", "attention_mask", to=9, name="/gqa/kept")
+        bias = g.op("Where", kept, g.const("zero_f", 0.0, np.float32), g.const("neg", NEG, np.float32),
+                    name="/gqa/bias_keys")                                                 # [batch, total]
+        bias = g.op("Unsqueeze", bias, g.ints("bias_axes", 1, 2), name="/gqa/bias_1")    # [batch, 1, 1, total]
+        shape = g.op("Concat", batch, g.ints("one_1", 1), seq, total, axis=0, name="/gqa/bias_shape")
+        return seqlens, total_len, g.op("Expand", bias, shape, name="/gqa/attention_bias")
+
+    def attention(self, x: str, layer: int, cs: tuple[str, str], mask: str | None) -> str:
+        """x [T, dim] -> [T, dim]: fused (GroupQueryAttention, `cs` the RoPE
+        cache) where the family allows, else in standard ops (`cs` the tables
+        at position_ids)."""
         p, scope = f"blk.{layer}.", f"/layers.{layer}/attn"
+        if self.fused:
+            out = self.fused_attention(x, layer, cs, scope)
+        else:
+            out = self.standard_attention(x, layer, cs, mask, scope)
+        out = self.linear(out, p + "attn_output.weight", f"{scope}/o_proj")
+        if p + "post_attention_norm.weight" in self.m.tensors:
+            out = self.rmsnorm(out, p + "post_attention_norm.weight", f"{scope}/post_norm")
+        return out
+
+    def fused_attention(self, x: str, layer: int, cache: tuple[str, str], scope: str) -> str:
+        """Q, K, V (packed when one product makes them), biases added, into
+        GroupQueryAttention with its rotary (adjacent pairs for Llama's
+        permuted rows, halves for NeoX), which appends to the past and writes
+        present -> [T, n_head * head_dim]."""
+        cfg, g, p = self.cfg, self.g, f"blk.{layer}."
+        parts = ("q", "k", "v")
+        widths = [self.m.tensors[p + f"attn_{c}.weight"].rows for c in parts]
+        ys = self.linears(x, tuple(p + f"attn_{c}.weight" for c in parts), f"{scope}/qkv_proj", packed=True)
+        groups = [parts] if len(ys) == 1 else [(c,) for c in parts]
+        qkv = []
+        for y, group in zip(ys, groups):
+            biases = [p + f"attn_{c}.bias" for c in group]
+            group_widths = [widths[parts.index(c)] for c in group]
+            if any(b in self.m.tensors for b in biases):
+                values = np.concatenate([self._floats(b) if b in self.m.tensors else np.zeros(w, np.float32)
+                                         for b, w in zip(biases, group_widths)])
+                y = g.op("Add", y, g.const("+".join(biases), values), name=f"{scope}/{''.join(group)}_bias")
+            qkv.append(g.op("Reshape", y, self._shape_rows(sum(group_widths)), name=f"{scope}/{''.join(group)}_3d"))
+        if len(qkv) == 1:
+            qkv += ["", ""]  # key and value packed into query
+        seqlens, total, bias = self.gqa
+        scale = cfg.attn_scale if cfg.attn_scale > 0 else 1.0 / math.sqrt(cfg.head_dim)
+        name = f"{scope}/gqa"
+        out, _, _ = g.op("GroupQueryAttention", *qkv, f"past_key_values.{layer}.key",
+                         f"past_key_values.{layer}.value", seqlens, total, *cache, "", bias,
+                         domain=MS_DOMAIN, num_heads=cfg.n_head, kv_num_heads=cfg.n_kv_head, scale=scale,
+                         do_rotary=1, rotary_interleaved=0 if cfg.rope_neox else 1, name=name,
+                         out=[f"{name}/output_0", f"present.{layer}.key", f"present.{layer}.value"])
+        return g.op("Reshape", out, g.ints("rows_q", -1, cfg.n_head * cfg.head_dim), name=f"{scope}/out_rows")
+
+    def _shape_rows(self, width: int) -> str:
+        """[batch, seq, width]: a [T, width] tensor back in the batch's shape."""
+        if width not in self._shapes_3d:
+            self._shapes_3d[width] = self.g.op("Concat", self.shape, self.g.ints(f"width_{width}", width), axis=0,
+                                               name=f"/shape_rows_{width}")
+        return self._shapes_3d[width]
+
+    def standard_attention(self, x: str, layer: int, cs: tuple[str, str], mask: str, scope: str) -> str:
+        """Attention in standard ops: the past's K/V and this call's concatenated
+        into present, scores over grouped heads, the boolean mask -> [T, n_head * head_dim]."""
+        cfg, g = self.cfg, self.g
+        p = f"blk.{layer}."
         tensors = self.m.tensors
         kvh, hd = cfg.n_kv_head, cfg.head_dim
 
@@ -390,11 +514,7 @@ class _Decoder:
         probs = g.op("Softmax", scores, axis=-1, name=f"{scope}/probs")
         out = g.op("Transpose", g.op("MatMul", probs, v1, name=f"{scope}/pv"), perm=[0, 3, 1, 2, 4],
                    name=f"{scope}/out_t")                                               # [b, s, kvh, g, hd]
-        out = g.op("Reshape", out, g.ints("rows_q", -1, cfg.n_head * hd), name=f"{scope}/out_rows")
-        out = self.linear(out, p + "attn_output.weight", f"{scope}/o_proj")
-        if p + "post_attention_norm.weight" in tensors:
-            out = self.rmsnorm(out, p + "post_attention_norm.weight", f"{scope}/post_norm")
-        return out
+        return g.op("Reshape", out, g.ints("rows_q", -1, cfg.n_head * hd), name=f"{scope}/out_rows")
 
     def ffn(self, x: str, layer: int) -> str:
         g, p, scope = self.g, f"blk.{layer}.", f"/layers.{layer}/ffn"
@@ -415,29 +535,36 @@ class _Decoder:
         cfg, g = self.cfg, self.g
         onnx = g.onnx
         self.shape = g.op("Shape", "input_ids", name="/shape")                           # [batch, seq]
-        self.shape_heads = {n: g.op("Concat", self.shape, g.ints(f"heads_{n}", n, cfg.head_dim), axis=0,
-                                    name=f"/shape_heads_{n}") for n in {cfg.n_head, cfg.n_kv_head}}
-        groups = g.ints("groups", cfg.n_kv_head, cfg.n_head // cfg.n_kv_head, cfg.head_dim)
-        self.shape_groups = g.op("Concat", self.shape, groups, axis=0, name="/shape_groups")
         ids = g.op("Reshape", "input_ids", g.ints("flat", -1), name="/ids")
         x = self.embed(ids)                                                              # [T, dim]
         if cfg.embd_scale > 0:
             x = g.op("Mul", x, g.const("embd_scale", cfg.embd_scale, np.float32), name="/embed/scale")
         factors = self._floats("rope_freqs.weight") if "rope_freqs.weight" in self.m.tensors else None
-        cs = self.rope_tables(cfg.rope_base, cfg.rope_scale, factors, "global")
-        cs_swa = (self.rope_tables(cfg.rope_base_swa or cfg.rope_base, 1.0, None, "local")
-                  if cfg.swa_window else None)
-        mask, mask_swa = self.masks()
+        cs = self.rope_cache(cfg.rope_base, cfg.rope_scale, factors, "global")
+        if self.fused:
+            self.gqa = self.gqa_inputs()
+            cs_swa, mask, mask_swa = None, None, None
+        else:
+            self.shape_heads = {n: g.op("Concat", self.shape, g.ints(f"heads_{n}", n, cfg.head_dim), axis=0,
+                                        name=f"/shape_heads_{n}") for n in {cfg.n_head, cfg.n_kv_head}}
+            groups = g.ints("groups", cfg.n_kv_head, cfg.n_head // cfg.n_kv_head, cfg.head_dim)
+            self.shape_groups = g.op("Concat", self.shape, groups, axis=0, name="/shape_groups")
+            cs = self.rope_tables(cs, "global")
+            cs_swa = (self.rope_tables(self.rope_cache(cfg.rope_base_swa or cfg.rope_base, 1.0, None, "local"),
+                                       "local") if cfg.swa_window else None)
+            mask, mask_swa = self.masks()
+        # Each residual add is fused with the norm after it: h is the normed stream, x the stream.
+        h = self.rmsnorm(x, "blk.0.attn_norm.weight", "/layers.0/attn_norm")
         for layer in range(cfg.n_layer):
             slides = cfg.swa_window > 0 and not (cfg.swa_pattern and (layer + 1) % cfg.swa_pattern == 0)
-            h = self.rmsnorm(x, f"blk.{layer}.attn_norm.weight", f"/layers.{layer}/attn_norm")
             a = self.attention(h, layer, cs_swa if slides else cs, mask_swa if slides else mask)
-            x = g.op("Add", x, a, name=f"/layers.{layer}/attn_residual")
-            h = self.rmsnorm(x, f"blk.{layer}.ffn_norm.weight", f"/layers.{layer}/ffn_norm")
-            x = g.op("Add", x, self.ffn(h, layer), name=f"/layers.{layer}/ffn_residual")
-        x = self.rmsnorm(x, "output_norm.weight", "/final_norm")
+            h, x = self.residual_rmsnorm(a, x, f"blk.{layer}.ffn_norm.weight", f"/layers.{layer}/ffn_norm")
+            last = layer + 1 == cfg.n_layer
+            h, x = self.residual_rmsnorm(
+                self.ffn(h, layer), x, "output_norm.weight" if last else f"blk.{layer + 1}.attn_norm.weight",
+                "/final_norm" if last else f"/layers.{layer + 1}/attn_norm", keep_sum=not last)
         out = "output.weight" if "output.weight" in self.m.tensors else "token_embd.weight"
-        logits = self.linear(x, out, "/lm_head")
+        logits = self.linear(h, out, "/lm_head")
         g.op("Reshape", logits, g.op("Concat", self.shape, g.ints("vocab", cfg.vocab), axis=0,
                                      name="/logits_shape"), name="/logits", out="logits")
 
@@ -459,6 +586,7 @@ class _Decoder:
             opset_imports=[onnx.helper.make_opsetid("", OPSET), onnx.helper.make_opsetid(MS_DOMAIN, 1)])
         onnx.helper.set_model_props(model, {"source": self.m.path.name,
                                             "architecture": cfg.arch,
+                                            "attention": "GroupQueryAttention" if self.fused else "standard",
                                             "weight_types": json.dumps(self.weight_types)})
         return model
 
@@ -547,7 +675,8 @@ def genai_config(model: LoadedModel, tok: Tokenizer) -> dict[str, Any]:
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": cfg.context_length, "min_length": 0, "no_repeat_ngram_size": 0,
             "num_beams": 1, "num_return_sequences": 1,
-            # The graph concatenates past and present KV; a shared buffer needs an op that writes in place.
+            # The standard-op graph's present is a new tensor (Concat); GroupQueryAttention also
+            # runs in place on one buffer, but one setting serves both graphs.
             "past_present_share_buffer": False,
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
