@@ -10,7 +10,6 @@ import logging
 import math
 import signal
 import sys
-from collections import Counter
 from pathlib import Path
 
 import click
@@ -360,10 +359,10 @@ def info(path, model_path, model_backend, execution_provider, n_ctx, kv_type, th
          slots, max_tokens) -> None:
     """Describe a model (GGUF, ONNX or LiteRT) and the memory it needs (and the plan within a budget).
 
-    The model is PATH or --model (default: the pulled one); it is read, not loaded."""
+    The model is PATH or --model (default: the pulled one). A GGUF is read,
+    not loaded; an ONNX or LiteRT model is loaded, to measure what it holds."""
     from .config import load_engine_config
     from .engine import load_and_plan
-    from .memory import MIB
 
     if path and model_path and path != model_path:
         raise click.UsageError("give the model as PATH or --model, not both")

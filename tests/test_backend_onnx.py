@@ -232,6 +232,15 @@ def test_rss_stays_flat_over_200_decode_steps(tiny):
         rt.forward(np.array([259]), np.array([220]), np.zeros(1), np.ones(1))
 
 
+def prefill_peak_growth(rt, ids: list[int]) -> int:
+    """How far prefilling ids raises the process's peak RSS above what it holds now."""
+    before = current_rss()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) starts again from here
+    rt.prefill(ids)
+    return peak_rss() - before
+
+
 def test_activation_bytes_bound_a_full_context_call(exports):
     """The plan's figure for ONNX Runtime's activations holds the peak RSS
     growth of calls of max_batch tokens up to a full context, and is not far
@@ -240,12 +249,7 @@ def test_activation_bytes_bound_a_full_context_call(exports):
     src = load_source(folder)
     n, n_ctx = 64, 2048
     rt = src.runtime(onnx_options(n_ctx=n_ctx, n_slots=1, max_batch=n))
-    ids = np.random.default_rng(3).integers(0, 259, n_ctx).tolist()
-    before = current_rss()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak (VmHWM) starts again from here
-    rt.prefill(ids)
-    grown = peak_rss() - before
+    grown = prefill_peak_growth(rt, np.random.default_rng(3).integers(0, 259, n_ctx).tolist())
     planned = activation_bytes(src.config, n, n_ctx, src.fused_attention)
     assert grown <= planned, f"calls grew RSS by {grown / MIB:.1f} MiB, the plan holds {planned / MIB:.1f}"
     assert planned <= 2.5 * grown + ARENA_BASE, f"planned {planned / MIB:.1f} MiB, measured {grown / MIB:.1f}"

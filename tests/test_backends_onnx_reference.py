@@ -14,13 +14,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from reference import GenerationConfig, generate
+from test_backend_onnx import prefill_peak_growth
 from test_export_onnx import (DECISIVE, compare, parity_arrays, parity_sequences,  # noqa: F401 (fixtures)
                               reference_export)
 
 from edge_slm.backends import load_source
 from edge_slm.backends.onnx import ARENA_BASE, activation_bytes
 from edge_slm.engine import OK, Engine, EngineConfig
-from edge_slm.memory import MIB, BudgetError, current_rss, parse_size, peak_rss
+from edge_slm.memory import MIB, BudgetError, current_rss, parse_size
 from edge_slm.model import RuntimeOptions, load_model
 
 pytestmark = pytest.mark.backends
@@ -108,12 +109,7 @@ def test_the_plan_holds_a_full_context_prefill(folder, parity_report):
     n, n_ctx = 64, 2048
     src = load_source(folder)
     rt = src.runtime(RuntimeOptions(n_threads=2, n_ctx=n_ctx, n_slots=1, max_batch=n, kv_type="f32"))
-    ids = (np.arange(n_ctx) * 7919 % 40000).tolist()
-    before = current_rss()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak (VmHWM) starts again from here
-    rt.prefill(ids)
-    grown = peak_rss() - before
+    grown = prefill_peak_growth(rt, (np.arange(n_ctx) * 7919 % 40000).tolist())
     planned = activation_bytes(src.config, n, n_ctx, src.fused_attention)
     parity_report.append(f"onnx backend memory: prefilling {n_ctx} positions in calls of {n} grew peak RSS "
                          f"{grown / MIB:.1f} MiB, the plan counts {planned / MIB:.1f} MiB of activations; "
