@@ -160,6 +160,10 @@ class Flight:
     seq: int = 0                    # next chunk number
     chunk_sent: float = 0.0         # monotonic time of the last chunk
     unsent: list[str] = field(default_factory=list)  # text not yet published as a chunk
+    # Text from the engine's thread, taken by the worker when it publishes a
+    # chunk (a deque's append and popleft are safe across threads).
+    pieces: collections.deque[str] = field(default_factory=collections.deque)
+    woke: bool = False              # its first piece has woken the worker
     drained: bool = False           # cut off by a drain: stays pending on disk
     stored: bool = False            # on disk (and so acknowledged)
     copies: list[Incoming] = field(default_factory=list)  # resent while not yet stored: acked with it
@@ -333,8 +337,10 @@ class Service:
         drain_deadline = None
         while True:
             events = []
+            # While answers stream, wake for their next chunks; else for events only.
+            streaming = any(f.woke for f in self.flights.values())
             try:
-                events.append(self._inbox.get(timeout=0.25))
+                events.append(self._inbox.get(timeout=CHUNK_INTERVAL_S if streaming else 0.25))
                 while len(events) < 256:
                     events.append(self._inbox.get_nowait())
             except queue.Empty:
@@ -345,10 +351,8 @@ class Service:
                     incoming = self._receive(*data)
                     if incoming is not None:
                         questions.append(incoming)
-                elif kind == "text":
-                    key, piece = data
-                    if key in self.flights and self.flights[key].q.stream:
-                        self.flights[key].unsent.append(piece)
+                elif kind == "text":  # a first piece: its chunk goes out below, at once
+                    pass
                 elif kind == "done":
                     self._done(*data)
                 elif kind == "published":
@@ -580,11 +584,20 @@ class Service:
             flight.req = self.engine.submit(
                 messages=messages, max_tokens=q.max_tokens, sampling=sampling, timeout=timeout,
                 request_id=f"{q.device}/{q.id}",
-                on_text=(lambda piece: self._inbox.put(("text", (key, piece)))) if q.stream else None,
+                on_text=(lambda piece: self._text(flight, piece)) if q.stream else None,
                 on_done=lambda result: self._inbox.put(("done", (key, result))),
                 ground=q.ground, collection=q.collection)
         except (ValueError, TypeError, EdgeSlmError) as e:
             self._answer(flight, self._final(q, p.BAD_REQUEST, error=str(e)))
+
+    def _text(self, flight: Flight, piece: str) -> None:
+        """On the engine's thread: file the piece. Only the first wakes the
+        worker: a wake a token would take a core from the model's threads
+        hundreds of times a second; the rest go out with the next chunk."""
+        flight.pieces.append(piece)
+        if not flight.woke:
+            flight.woke = True
+            self._inbox.put(("text", flight.q.key))
 
     def _done(self, key: tuple[str, str], result: Result) -> None:
         flight = self.flights.get(key)
@@ -696,12 +709,14 @@ class Service:
         per token would cost the model threads their cores."""
         now = time.monotonic()
         for flight in self.flights.values():
-            if flight.unsent and (flight.seq == 0 or now - flight.chunk_sent >= CHUNK_INTERVAL_S):
+            if (flight.unsent or flight.pieces) and (flight.seq == 0 or now - flight.chunk_sent >= CHUNK_INTERVAL_S):
                 self._flush_chunk(flight)
 
     def _flush_chunk(self, flight: Flight) -> None:
         # Chunks are best effort (QoS 0, not sent while disconnected): the
         # final carries the whole text, and `seq` shows a gap.
+        while flight.pieces:
+            flight.unsent.append(flight.pieces.popleft())
         if not flight.unsent:
             return
         text = "".join(flight.unsent)
