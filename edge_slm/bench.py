@@ -1,6 +1,7 @@
-"""`edge-slm bench`: our runtime against llama.cpp on the same GGUF.
+"""`edge-slm bench`: our runtime against llama.cpp on the same GGUF, and
+beside our other backends (--backend onnx|litert) on its export.
 
-Both runtimes get the same file, thread count, context size and token ids.
+Every runtime gets the same model, thread count, context size and token ids.
 Every measurement round is a fresh process (edge_slm.bench_worker) running
 the whole suite once for one runtime on one file; rounds alternate between
 the runtimes (and the weight types, see --types) so slow drift on the
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,11 @@ import click
 from . import bench_grounding as bg
 from . import bench_profile as bp
 from . import requantize as rq
-from .bench_worker import OURS, PEER, RoundResult, Workload
+from .bench_worker import BACKENDS, LIBRARIES, OURS, PEER, RoundResult, Workload
 from .engine import common_prefix
 from .errors import EdgeSlmError
 from .paths import check_writable, default_model_path, model_or_default, output_file
-from .pull import sha256_file
+from .pull import file_sha256, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class RunSummary:
     decode_tps: float
     ttft_ms: float
     peak_rss_mb: float
-    decode_bw_fraction: float
+    # None for another backend: the GGUF's bytes are not what its format reads
+    decode_bw_fraction: float | None
     backend: str
     version: str
     samples: dict[str, Any]
@@ -165,12 +167,12 @@ def measure_bandwidth(threads: list[int]) -> dict[int, float]:
 
 
 def run_child(runtime: str, model_path: Path, threads: int, ctx: int, workload: Path,
-              backend: str | None = None) -> tuple[RoundResult, float]:
+              kernels: str | None = None) -> tuple[RoundResult, float]:
     """One round in a fresh interpreter: its result and the CPU seconds it used."""
     args = ["--runtime", runtime, "--model", str(model_path), "--threads", str(threads),
             "--ctx", str(ctx), "--workload", str(workload)]
-    if backend is not None and runtime == OURS:
-        args += ["--backend", backend]
+    if kernels is not None and runtime == OURS:
+        args += ["--kernels", kernels]
     d, cpu_s = run_process("edge_slm.bench_worker", args, f"the {runtime} benchmark round")
     d["prefill_tps"] = {int(n): v for n, v in d["prefill_tps"].items()}
     return RoundResult(**d), cpu_s
@@ -205,7 +207,9 @@ def run_process(module: str, args: list[str], what: str) -> tuple[dict[str, Any]
 
 
 def summarize(rounds: list[RoundResult], cpu_s: list[float], bandwidth_gbs: float,
-              bytes_per_token: int) -> RunSummary:
+              bytes_per_token: int | None) -> RunSummary:
+    """bytes_per_token: what a decoded token reads of the GGUF's weights; None
+    for a runtime that runs another format (its decode bandwidth share is None)."""
     med = statistics.median
     first = rounds[0]
     builds = {(r.backend, json.dumps(r.info, sort_keys=True)) for r in rounds}
@@ -229,14 +233,15 @@ def summarize(rounds: list[RoundResult], cpu_s: list[float], bandwidth_gbs: floa
         ttft_ms=med(r.ttft_ms for r in rounds), peak_rss_mb=med(r.peak_rss_mb for r in rounds),
         # Weight bytes streamed per second over what the machine can read:
         # how close decode is to the memory-bound ceiling.
-        decode_bw_fraction=decode * bytes_per_token / (bandwidth_gbs * 1e9),
+        decode_bw_fraction=None if bytes_per_token is None
+        else decode * bytes_per_token / (bandwidth_gbs * 1e9),
         backend=first.backend, version=first.version, samples=samples,
         greedy_ids=first.greedy_ids, info=first.info)
 
 
 @dataclass
 class Agreement:
-    """How far our greedy choices match llama.cpp's at one thread count."""
+    """How far our greedy choices match another runtime's at one thread count."""
 
     greedy_prefix: list[int]  # leading greedy decode tokens in common, per round
     greedy_tokens: int        # of this many
@@ -250,16 +255,16 @@ class Agreement:
     logit_corr_median: float | None = None
 
 
-def compare(ours: list[RoundResult], peer: list[RoundResult]) -> Agreement:
+def compare(ours: list[RoundResult], other: list[RoundResult]) -> Agreement:
     import numpy as np
 
-    a, b = ours[0], peer[0]  # the fixed-text check is deterministic per build
+    a, b = ours[0], other[0]  # the fixed-text check is deterministic per build
     confident = [x == y for x, y, ma, mb in zip(a.check_top1, b.check_top1, a.check_margin,
                                                 b.check_margin)
                  if min(ma, mb) >= CONFIDENT_MARGIN]
     corr = [float(np.corrcoef(x, y)[0, 1]) for x, y in zip(a.check_logits, b.check_logits)]
     return Agreement(
-        greedy_prefix=[common_prefix(r.greedy_ids, q.greedy_ids) for r, q in zip(ours, peer)],
+        greedy_prefix=[common_prefix(r.greedy_ids, q.greedy_ids) for r, q in zip(ours, other)],
         greedy_tokens=len(a.greedy_ids),
         top1_agree=sum(x == y for x, y in zip(a.check_top1, b.check_top1)),
         positions=len(a.check_top1), confident_agree=sum(confident),
@@ -332,60 +337,99 @@ def spread(values: list[float]) -> float:
     return max(values) / min(values) if values and min(values) > 0 else 1.0
 
 
-def _cell(value: float, samples: list[float]) -> tuple[str, bool]:
+def _cell(value: float | None, samples: list[float]) -> tuple[str, bool]:
     """A median right-aligned in 12 characters, marked * if its rounds were
-    too far apart; and whether they were."""
+    too far apart; and whether they were. None (not measured) is a dash."""
+    if value is None:
+        return f"{'-':>11} ", False
     noisy = spread(samples) > NOISY_SPREAD
     return f"{_fmt(value):>11}{'*' if noisy else ' '}", noisy
 
 
-def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
-                 agreement: dict[int, Agreement], in_cache: bool = False) -> str:
+@dataclass(frozen=True)
+class Figure:
+    """One row of the table: a median of each runtime's, compared by ratio."""
+
+    key: str     # its name among the JSON's ratios
+    label: str
+    get: Callable[[RunSummary], float | None]
+    samples: Callable[[RunSummary], list[float]]
+    better: str  # "higher" or "lower"
+
+
+def figures(in_cache: bool = False) -> list[Figure]:
     """`in_cache`: the weights fit in the last-level cache, so the bandwidth
     share is marked as not measured against the DRAM bound."""
+    rows = [Figure(f"prefill_{n}_tps", f"prefill {n} tok, tok/s", lambda s, n=str(n): s.prefill_tps[n],
+                   lambda s, n=str(n): s.samples.get("prefill_tps", {}).get(n, []), "higher")
+            for n in PREFILL_LENGTHS]
+    return rows + [
+        Figure("decode_tps", f"decode {N_DECODE} tok, tok/s", lambda s: s.decode_tps,
+               lambda s: s.samples.get("decode_tps", []), "higher"),
+        Figure("ttft_ms", f"first token ({TTFT_PROMPT} tok), ms", lambda s: s.ttft_ms,
+               lambda s: s.samples.get("ttft_ms", []), "lower"),
+        Figure("peak_rss_mb", "peak RSS, MiB", lambda s: s.peak_rss_mb,
+               lambda s: s.samples.get("peak_rss_mb", []), "lower"),
+        Figure("decode_bw_fraction", "decode bandwidth used, %" + (" !" if in_cache else ""),
+               lambda s: None if s.decode_bw_fraction is None else 100 * s.decode_bw_fraction,
+               lambda s: s.samples.get("decode_tps", []), "higher"),
+    ]
+
+
+def ratio(f: Figure, ours: RunSummary, other: RunSummary) -> float | None:
+    """Ours over the other runtime's, for one figure; None where either is not measured."""
+    a, b = f.get(ours), f.get(other)
+    return None if a is None or not b else a / b
+
+
+def ratio_label(runtime: str) -> str:
+    return "ours/peer" if runtime == PEER else f"ours/{runtime}"
+
+
+def agreement_lines(a: Agreement) -> list[str]:
+    lines = [f"greedy decode: the first {min(a.greedy_prefix)} of {a.greedy_tokens} "
+             f"tokens agree (fewest over rounds)",
+             f"top-1 along a fixed text: {a.top1_agree}/{a.positions} positions agree, "
+             f"{a.confident_agree}/{a.confident_positions} where both margins "
+             f">= {CONFIDENT_MARGIN:g}"]
+    if a.logit_corr_min is not None:
+        lines.append(f"logits there (a fixed sample of ids) correlate: min "
+                     f"{a.logit_corr_min:.4f}, median {a.logit_corr_median:.4f}")
+    return lines
+
+
+def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
+                 agreement: dict[str, dict[int, Agreement]], in_cache: bool = False) -> str:
+    """A block per thread count: each runtime's medians, and ours over each
+    other runtime's; then how far the others' choices match ours.
+    `agreement`: by the other runtime, then by thread count."""
     by = {(s.runtime, s.threads): s for s in summaries}
-    runtimes = [r for r in (OURS, PEER) if any(s.runtime == r for s in summaries)]
-    peer = PEER in runtimes
+    runtimes = [r for r in (OURS, PEER, *BACKENDS) if any(s.runtime == r for s in summaries)]
+    others = runtimes[1:]
     lines = []
     head = f"{'':28}" + "".join(f"{r:>12}" for r in runtimes)
-    if peer:
-        head += f"{'ours/peer':>12}  better"
-    # (label, median, raw samples, which way is better)
-    figures = [(f"prefill {n} tok, tok/s", lambda s, n=str(n): s.prefill_tps[n],
-                lambda s, n=str(n): s.samples.get("prefill_tps", {}).get(n, []), "higher")
-               for n in PREFILL_LENGTHS]
-    figures += [
-        (f"decode {N_DECODE} tok, tok/s", lambda s: s.decode_tps,
-         lambda s: s.samples.get("decode_tps", []), "higher"),
-        (f"first token ({TTFT_PROMPT} tok), ms", lambda s: s.ttft_ms,
-         lambda s: s.samples.get("ttft_ms", []), "lower"),
-        ("peak RSS, MiB", lambda s: s.peak_rss_mb, lambda s: s.samples.get("peak_rss_mb", []), "lower"),
-        ("decode bandwidth used, %" + (" !" if in_cache else ""), lambda s: 100 * s.decode_bw_fraction,
-         lambda s: s.samples.get("decode_tps", []), "higher"),
-    ]
+    if others:
+        head += "".join(f"{ratio_label(r):>12}" for r in others) + "  better"
     noisy = False
     for t in sorted({s.threads for s in summaries}):
         lines.append(f"threads {t}  (memory read bandwidth {bandwidth[t]:.1f} GB/s)")
         lines.append(head)
-        for label, get, raw, better in figures:
-            row = f"  {label:26}"
+        for f in figures(in_cache):
+            row = f"  {f.label:26}"
             for r in runtimes:
-                cell, was_noisy = _cell(get(by[(r, t)]), raw(by[(r, t)]))
+                cell, was_noisy = _cell(f.get(by[(r, t)]), f.samples(by[(r, t)]))
                 row += cell
                 noisy |= was_noisy
-            if peer:
-                row += f"{get(by[(OURS, t)]) / get(by[(PEER, t)]):>12.2f}  {better}"
+            for r in others:
+                x = ratio(f, by[(OURS, t)], by[(r, t)])
+                row += f"{'-' if x is None else f'{x:.2f}':>12}"
+            if others:
+                row += f"  {f.better}"
             lines.append(row)
-        if peer:
-            a = agreement[t]
-            lines.append(f"  greedy decode: the first {min(a.greedy_prefix)} of {a.greedy_tokens} "
-                         f"tokens agree (fewest over rounds)")
-            lines.append(f"  top-1 along a fixed text: {a.top1_agree}/{a.positions} positions agree, "
-                         f"{a.confident_agree}/{a.confident_positions} where both margins "
-                         f">= {CONFIDENT_MARGIN:g}")
-            if a.logit_corr_min is not None:
-                lines.append(f"  logits there (a fixed sample of ids) correlate: min "
-                             f"{a.logit_corr_min:.4f}, median {a.logit_corr_median:.4f}")
+        for r in others:
+            if t in agreement.get(r, {}):
+                lines.append(f"  {r} beside edge-slm:")
+                lines.extend(f"    {line}" for line in agreement_lines(agreement[r][t]))
         lines.append("")
     if noisy:
         lines.append(f"* rounds differ by more than {NOISY_SPREAD:g}x: the machine was busy; "
@@ -396,7 +440,7 @@ def format_table(summaries: list[RunSummary], bandwidth: dict[int, float],
 # ---- grounding: what it costs ----
 
 def measure_grounding(model_path: Path, thread_counts: list[int], n_ctx: int, pairs: int,
-                      backend: str | None, workdir: Path) -> dict[str, Any]:
+                      kernels: str | None, workdir: Path) -> dict[str, Any]:
     """The bench's grounding section (see edge_slm.bench_grounding): a
     synthetic library indexed, retrieval timed alone, and the first token of
     `pairs` questions asked grounded and ungrounded, in a fresh process per
@@ -413,8 +457,8 @@ def measure_grounding(model_path: Path, thread_counts: list[int], n_ctx: int, pa
                    f"{t} thread{'s' * (t > 1)}", err=True)
         args = ["--model", str(model_path), "--index", str(index_path), "--threads", str(t),
                 "--ctx", str(n_ctx), "--questions", str(questions)]
-        if backend is not None:
-            args += ["--backend", backend]
+        if kernels is not None:
+            args += ["--backend", kernels]
         d, _ = run_process("edge_slm.bench_grounding", args, "the grounding round")
         ttft[str(t)] = {**bg.summarize_ttft(d["samples"]), "load_s": d["load_s"],
                         "backend": d["backend"]}
@@ -458,18 +502,18 @@ def format_grounding(g: dict[str, Any]) -> str:
 
 # ---- where a token's time goes ----
 
-def profile_only(path: Path, thread_counts: list[int], n_ctx: int, backend: str | None,
+def profile_only(path: Path, thread_counts: list[int], n_ctx: int, kernels: str | None,
                  json_path: Path | None) -> None:
     """`bench --profile`: edge_slm.bench_profile in a fresh process per thread count."""
-    check_backend(backend)
+    check_kernels(kernels)
     bandwidth = measure_bandwidth(thread_counts)
     summaries, raw = [], []
     for t in thread_counts:
         click.echo(f"profile: {bp.TOKENS} tokens, {t} thread{'s' * (t > 1)}", err=True)
         args = ["--model", str(path), "--threads", str(t), "--ctx", str(n_ctx),
                 "--tokens", str(bp.TOKENS)]
-        if backend is not None:
-            args += ["--backend", backend]
+        if kernels is not None:
+            args += ["--backend", kernels]
         d, _ = run_process("edge_slm.bench_profile", args, "the profile")
         raw.append(d)
         summaries.append({**bp.summarize(d), "bandwidth_gbs": bandwidth[t]})
@@ -486,12 +530,12 @@ def profile_only(path: Path, thread_counts: list[int], n_ctx: int, backend: str 
         click.echo(f"wrote {json_path}")
 
 
-def check_backend(backend: str | None) -> None:
-    if backend is not None:
+def check_kernels(kernels: str | None) -> None:
+    if kernels is not None:
         from . import _core
 
-        if backend not in _core.backends():
-            raise EdgeSlmError(f"backend {backend!r} does not run on this CPU "
+        if kernels not in _core.backends():
+            raise EdgeSlmError(f"kernel table {kernels!r} does not run on this CPU "
                                f"(available: {', '.join(_core.backends())})")
 
 
@@ -507,6 +551,106 @@ def spinners(n: int) -> Iterator[list[subprocess.Popen]]:
             p.wait()
 
 
+# ---- other backends: the model's export, run through edge_slm.backends ----
+
+@dataclass
+class BackendModel:
+    """The model in another backend's format, as that backend's rounds run it."""
+
+    kind: str                 # its --backend: "onnx", "litert"
+    path: Path
+    export_s: float | None    # how long the bench took to export it; None: given by --backend-model
+    source_sha256: str        # of the GGUF it was made from (its sidecar's, checked)
+
+    def doc(self) -> dict[str, Any]:
+        return {"path": str(self.path), "given": self.export_s is None, "export_s": self.export_s,
+                "source_sha256": self.source_sha256}
+
+
+def usage_error(message: str, option: str) -> click.BadParameter:
+    """A bad option's value, in one line, exit 2 (the CLI's Group prints it)."""
+    return click.BadParameter(message, click.get_current_context(silent=True), param_hint=option)
+
+
+def given_backend_models(backends: tuple[str, ...], paths: tuple[Path, ...]) -> dict[str, Path]:
+    """--backend-model: each an export in the format of one --backend, one per format."""
+    from .backends import FORMAT_NAMES, detect
+
+    given: dict[str, Path] = {}
+    for path in paths:
+        if not path.exists():
+            raise usage_error(f"{path}: no such file or folder", "--backend-model")
+        try:
+            kind = detect(path)
+        except EdgeSlmError as e:
+            raise usage_error(str(e), "--backend-model") from None
+        if not backends:
+            raise usage_error(f"{path}: runs only beside the --backend it is for", "--backend-model")
+        if kind not in backends:
+            wanted = " or ".join(f"--backend {b}" for b in backends)
+            raise usage_error(f"{path} is a {FORMAT_NAMES[kind]}, not a model for {wanted}",
+                              "--backend-model")
+        if kind in given:
+            raise usage_error(f"{path}: a second {kind} model (the first is {given[kind]})",
+                              "--backend-model")
+        given[kind] = path
+    return given
+
+
+def export_model(kind: str, gguf: Path, workdir: Path, n_ctx: int) -> Path:
+    """The GGUF exported for backend `kind` into workdir, as `edge-slm export` writes it."""
+    from .model import load_model
+
+    model = load_model(gguf)
+    if kind == "onnx":
+        from .export.onnx import export_onnx
+
+        out = workdir / "model-onnx"
+        export_onnx(model, out)
+        return out
+    from .export.litert import export_litert
+
+    out = workdir / "model.tflite"
+    # Its KV cache holds a fixed number of positions: as many as our runtime's.
+    export_litert(model, out, kv_len=n_ctx)
+    return out
+
+
+def check_backend_model(kind: str, path: Path, gguf: Path, n_ctx: int) -> str:
+    """That backend `kind` loads the model at path, that it was exported from
+    this GGUF and holds n_ctx positions; the GGUF's sha256. EdgeSlmError in
+    one line if not."""
+    from .backends import load_source
+    from .backends.sidecar import read_sidecar
+
+    positions = load_source(path, kind).config.context_length
+    gguf_sha256 = file_sha256(gguf)
+    doc, _, _ = read_sidecar(path, kind)
+    source = doc.get("source") if isinstance(doc.get("source"), dict) else {}
+    if source.get("sha256") != gguf_sha256:
+        raise EdgeSlmError(f"{path}: exported from {source.get('name', 'another file')} "
+                           f"(sha256 {str(source.get('sha256'))[:12]}...), not from {gguf.name} "
+                           f"(sha256 {gguf_sha256[:12]}...): the runtimes would run different models")
+    if positions < n_ctx:
+        raise EdgeSlmError(f"{path}: holds {positions} positions, fewer than --ctx {n_ctx}")
+    return gguf_sha256
+
+
+def given_backend_model(kind: str, path: Path, gguf: Path, n_ctx: int) -> BackendModel:
+    """The export given by --backend-model, checked: a bad one is a usage error (exit 2)."""
+    try:
+        return BackendModel(kind, path, None, check_backend_model(kind, path, gguf, n_ctx))
+    except EdgeSlmError as e:
+        raise usage_error(str(e), "--backend-model") from None
+
+
+def exported_backend_model(kind: str, gguf: Path, n_ctx: int, workdir: Path) -> BackendModel:
+    """The GGUF exported for backend `kind` into workdir, and checked as a given one is."""
+    click.echo(f"{kind}: exporting {gguf.name}", err=True)
+    started = time.monotonic()
+    path = export_model(kind, gguf, workdir, n_ctx)
+    export_s = time.monotonic() - started
+    return BackendModel(kind, path, export_s, check_backend_model(kind, path, gguf, n_ctx))
 
 
 # ---- weight types: the model as given and its copies made by llama.cpp ----
@@ -521,7 +665,8 @@ class TypeReport:
     in_cache: bool               # those bytes fit in the last-level cache
     tensor_types: dict[str, int]
     summaries: list[RunSummary] = field(default_factory=list)
-    agreement: dict[int, Agreement] = field(default_factory=dict)  # by thread count
+    # ours against each other runtime (llama.cpp, a backend), by thread count
+    agreement: dict[str, dict[int, Agreement]] = field(default_factory=dict)
     greedy_sequences: int = 1    # distinct greedy outputs of ours over rounds and thread counts
 
 
@@ -611,7 +756,7 @@ def format_types(reports: list[TypeReport], thread_counts: list[int]) -> str:
                 if peer:
                     row += f"{get(by[OURS]) / get(by[PEER]):>7.2f}"
             if peer:
-                a = r.agreement[t]
+                a = r.agreement[PEER][t]
                 corr = "" if a.logit_corr_min is None else f"{a.logit_corr_min:.4f}"
                 row += f"{f'{a.confident_agree}/{a.confident_positions}':>16}{corr:>12}"
             lines.append(row)
@@ -619,6 +764,19 @@ def format_types(reports: list[TypeReport], thread_counts: list[int]) -> str:
         lines.append(f"* rounds differ by more than {NOISY_SPREAD:g}x: the machine was busy; "
                      "see the raw samples")
     return "\n".join(lines)
+
+
+def ratios_doc(summaries: list[RunSummary]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Our median over each other runtime's for every figure of the table, by
+    runtime and thread count: for tok/s and the bandwidth share above 1 is
+    ours ahead, for ms and MiB below 1 is."""
+    ours = {s.threads: s for s in summaries if s.runtime == OURS}
+    doc: dict[str, dict[str, dict[str, float | None]]] = {}
+    for s in summaries:
+        if s.runtime != OURS:
+            doc.setdefault(s.runtime, {})[str(s.threads)] = {f.key: ratio(f, ours[s.threads], s)
+                                                             for f in figures()}
+    return doc
 
 
 def type_doc(r: TypeReport, decode_source: str) -> dict[str, Any]:
@@ -631,12 +789,16 @@ def type_doc(r: TypeReport, decode_source: str) -> dict[str, Any]:
                   "weight_bytes_per_token": r.weight_bytes,
                   "fits_in_last_level_cache": r.in_cache, "weight_bytes_per_token_parts": r.weight_parts},
         "runs": [{k: val for k, val in asdict(s).items() if k != "greedy_ids"} for s in r.summaries],
+        "ratios": ratios_doc(r.summaries),
         "greedy_agreement": {
             "prompts": decode_source,
             "decode_text": DECODE_TEXT if decode_source == "text" else None,
             "check_text": CHECK_TEXT if decode_source == "text" else None,
             "confident_margin": CONFIDENT_MARGIN,
-            "by_threads": {str(t): asdict(a) for t, a in r.agreement.items()},
+            # ours against llama.cpp's, and against each other backend's
+            "by_threads": {str(t): asdict(a) for t, a in r.agreement.get(PEER, {}).items()},
+            "backends": {rt: {str(t): asdict(a) for t, a in by.items()}
+                         for rt, by in r.agreement.items() if rt != PEER},
             "edge_slm_consistent": r.greedy_sequences == 1,
             "greedy_ids": {f"{s.runtime}/{s.threads}": s.greedy_ids for s in r.summaries},
         },
@@ -661,9 +823,17 @@ def type_doc(r: TypeReport, decode_source: str) -> dict[str, Any]:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every figure and raw sample here.")
 @click.option("--no-peer", is_flag=True, help="Measure edge-slm only (no llama-cpp-python needed).")
-@click.option("--backend", default=None,
+@click.option("--kernels", default=None,
               help="edge-slm kernel table, e.g. avx2 to match an AVX2 build of llama.cpp "
                    "(default: the best for this CPU).")
+@click.option("--backend", "backends", type=click.Choice(BACKENDS), multiple=True,
+              help="Also run the model's export in this format (ONNX Runtime, LiteRT) through "
+                   "edge-slm's backend for it, the same threads, context and prompts, beside our "
+                   "C kernels on the model as given (repeatable). The export is made in a "
+                   "temporary folder unless --backend-model gives it.")
+@click.option("--backend-model", "backend_models", type=click.Path(path_type=Path), multiple=True,
+              help="The export a --backend runs (an ONNX folder, a .tflite file), made from "
+                   "--model by `edge-slm export`; one per format (repeatable).")
 @click.option("--busy-cores", type=click.IntRange(0), default=0, show_default=True,
               help="Keep this many other processes spinning throughout, as other programs "
                    "on a shared board would.")
@@ -677,23 +847,45 @@ def type_doc(r: TypeReport, decode_source: str) -> dict[str, Any]:
                    f"{bg.CORPUS_PAGES:,} pages, and the first token of the same questions "
                    "grounded and ungrounded (one each per --reps), on the model as given.")
 def bench(model_path: Path | None, types: tuple[str, ...] | None, threads: tuple[int, ...], n_ctx: int,
-          reps: int, json_path: Path | None, no_peer: bool, backend: str | None, busy_cores: int,
+          reps: int, json_path: Path | None, no_peer: bool, kernels: str | None,
+          backends: tuple[str, ...], backend_models: tuple[Path, ...], busy_cores: int,
           profile: bool, grounding: bool) -> None:
-    """Measure speed and memory against llama.cpp (llama-cpp-python) on the same model."""
+    """Measure speed and memory against llama.cpp (llama-cpp-python) on the same model,
+    and beside edge-slm's ONNX Runtime and LiteRT backends on its export (--backend)."""
     path = model_or_default(model_path)
     check_writable(json_path)
+    backends = tuple(dict.fromkeys(backends))
+    given_models = given_backend_models(backends, backend_models)
     if profile:
-        return profile_only(path, sorted(set(threads)), n_ctx, backend, json_path)
+        if backends:
+            raise usage_error("--profile times our C kernels' ops only", "--backend")
+        return profile_only(path, sorted(set(threads)), n_ctx, kernels, json_path)
     if not no_peer and importlib.util.find_spec("llama_cpp") is None:
         raise EdgeSlmError("llama-cpp-python is not installed; run `make bench` "
                            "(or pass --no-peer to measure edge-slm alone)")
-    check_backend(backend)
+    for kind in backends:
+        library = LIBRARIES[kind].split(".")[0]
+        if importlib.util.find_spec(library) is None:
+            raise EdgeSlmError(f"--backend {kind} runs on {library}, which is not installed")
+    check_kernels(kernels)
     if reps < MIN_REPS:
         log.warning("%d rounds: medians of fewer than %d are noisy", reps, MIN_REPS)
     thread_counts = sorted(set(threads))
     runtimes = (OURS,) if no_peer else (OURS, PEER)
 
     variants = [variant_shown(path, t) for t in types or default_types(path, peer=not no_peer)]
+    # The other backends run an export of the model as given, beside ours on that file.
+    as_given = next((v for v in variants if v.made_from is None), None)
+    if backends and as_given is None:
+        raise usage_error(f"{path.name}'s own type is not among --types: the backends run its export "
+                          "beside it", "--backend")
+
+    def runtimes_of(v: rq.ModelVariant) -> tuple[str, ...]:
+        return runtimes + backends if v is as_given else runtimes
+
+    # Loaded now: a file the backend refuses fails the bench before anything is measured.
+    exports = {kind: given_backend_model(kind, p, path, n_ctx) for kind, p in given_models.items()}
+
     workload, decode_source = make_workload(path)
     if workload.positions_needed > n_ctx:
         raise EdgeSlmError(f"--ctx {n_ctx} is too small: the suite needs {workload.positions_needed} positions")
@@ -712,31 +904,42 @@ def bench(model_path: Path | None, types: tuple[str, ...] | None, threads: tuple
 
     rounds: dict[tuple[str, str, int], list[RoundResult]] = {}
     cpu: dict[tuple[str, str, int], list[float]] = {}
-    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edge-slm-bench-") as tmp, spinners(busy_cores):
+        # Before the rounds, and outside their time: an export that cannot be
+        # made or loaded fails the bench at once.
+        exports.update({kind: exported_backend_model(kind, path, n_ctx, Path(tmp))
+                        for kind in backends if kind not in exports})
+        for e in exports.values():
+            click.echo(f"{e.kind}: {e.path}" + ("" if e.export_s is None else
+                                                f", exported in {e.export_s:.1f} s"), err=True)
+        started = time.monotonic()
         # First: it takes a fraction of the rounds' time, and a model it
         # cannot ground with fails the bench before they run.
-        grounding_doc = measure_grounding(path, thread_counts, n_ctx, reps, backend, Path(tmp)) \
+        grounding_doc = measure_grounding(path, thread_counts, n_ctx, reps, kernels, Path(tmp)) \
             if grounding else None
         wpath = Path(tmp) / "workload.json"
         wpath.write_text(workload.to_json())
         for rep in range(reps):
             for v in variants:
                 for t in thread_counts:
-                    for rt in runtimes:
+                    for rt in runtimes_of(v):
                         click.echo(f"round {rep + 1}/{reps}: {v.type}, {rt}, {t} thread{'s' * (t > 1)}",
                                    err=True)
-                        result, cpu_s = run_child(rt, v.path, t, n_ctx, wpath, backend)
+                        model = exports[rt].path if rt in exports else v.path
+                        result, cpu_s = run_child(rt, model, t, n_ctx, wpath, kernels)
                         rounds.setdefault((v.type, rt, t), []).append(result)
                         cpu.setdefault((v.type, rt, t), []).append(cpu_s)
     elapsed = time.monotonic() - started
     machine["loadavg_end"] = list(os.getloadavg())
 
     for r in reports:
-        of = {(rt, t): rounds[(r.variant.type, rt, t)] for rt in runtimes for t in thread_counts}
-        r.summaries = [summarize(of[(rt, t)], cpu[(r.variant.type, rt, t)], bandwidth[t], r.weight_bytes)
-                       for t in thread_counts for rt in runtimes]
-        r.agreement = {} if no_peer else {t: compare(of[(OURS, t)], of[(PEER, t)]) for t in thread_counts}
+        rts = runtimes_of(r.variant)
+        of = {(rt, t): rounds[(r.variant.type, rt, t)] for rt in rts for t in thread_counts}
+        r.summaries = [summarize(of[(rt, t)], cpu[(r.variant.type, rt, t)], bandwidth[t],
+                                 None if rt in exports else r.weight_bytes)
+                       for t in thread_counts for rt in rts]
+        r.agreement = {rt: {t: compare(of[(OURS, t)], of[(rt, t)]) for t in thread_counts}
+                       for rt in rts if rt != OURS}
         # Whether our own greedy output is the same in every round and at every
         # thread count: a cheap check that threading does not change the result.
         r.greedy_sequences = len({tuple(x.greedy_ids) for t in thread_counts for x in of[(OURS, t)]})
@@ -744,8 +947,11 @@ def bench(model_path: Path | None, types: tuple[str, ...] | None, threads: tuple
     click.echo(f"{path.name}: n_ctx {n_ctx}, median of {reps} round{'s' * (reps > 1)} "
                f"per figure, one fresh process each ({elapsed:.0f} s)"
                + (f"; {busy_cores} other process{'es' * (busy_cores > 1)} spinning" if busy_cores else ""))
-    kernels = {s.runtime: s.backend for s in reports[0].summaries}
-    click.echo("kernels: " + "; ".join(f"{rt} {name}" for rt, name in kernels.items()))
+    ran_on: dict[str, list[str]] = {}  # a backend may name its threads: each once
+    for s in (s for r in reports for s in r.summaries):
+        if s.backend not in ran_on.setdefault(s.runtime, []):
+            ran_on[s.runtime].append(s.backend)
+    click.echo("kernels: " + "; ".join(f"{rt} {', '.join(names)}" for rt, names in ran_on.items()))
     for r in reports:
         click.echo("\n" + type_heading(r))
         click.echo(cache_note(machine, r.weight_bytes))
@@ -767,13 +973,17 @@ def bench(model_path: Path | None, types: tuple[str, ...] | None, threads: tuple
             "bandwidth_gbs": bandwidth[top],
             "bandwidth_gbs_by_threads": {str(t): bw for t, bw in bandwidth.items()},
             "runs": types_doc[0]["runs"],
+            "ratios": types_doc[0]["ratios"],
             "greedy_agreement": types_doc[0]["greedy_agreement"],
             "grounding": grounding_doc,
             "model": types_doc[0]["model"],
             "types": types_doc,
             "settings": {"n_ctx": n_ctx, "reps": reps, "threads": thread_counts,
                          "types": [v.type for v in variants],
-                         "backend_requested": backend, "busy_cores": busy_cores,
+                         "kernels_requested": kernels, "backends": list(backends),
+                         "backend_models": {k: e.doc() for k, e in exports.items()},
+                         "ratios": "edge-slm's median over the other runtime's",
+                         "busy_cores": busy_cores,
                          "prefill_lengths": list(PREFILL_LENGTHS), "ttft_prompt": TTFT_PROMPT,
                          "n_decode": N_DECODE, "kv_type": "f16", "n_batch": 512,
                          "check_subset": len(workload.check_subset),

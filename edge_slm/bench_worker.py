@@ -8,11 +8,15 @@ round) and every round starts from a cold process, as a device would:
         --threads 2 --ctx 2048 --workload W.json
 
 It loads one runtime, runs the whole suite once and prints one JSON line on
-stdout. Both runtimes run the same code below; only `Runner` differs."""
+stdout. Every runtime runs the same code below; only `Runner` differs: our C
+kernels and the other edge_slm.backends (ONNX Runtime, LiteRT, on an export
+of the same model) share one, driven through the Runtime protocol as the
+engine drives them; llama.cpp has its own."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -28,7 +32,13 @@ log = logging.getLogger("edge_slm.bench_worker")
 
 OURS = "edge-slm"
 PEER = "llama.cpp"
-RUNTIMES = (OURS, PEER)
+# edge_slm.backends' other runtimes, each named as its --backend is.
+BACKENDS = ("onnx", "litert")
+RUNTIMES = (OURS, PEER, *BACKENDS)
+# What each runtime's round imports before its baseline RSS is read, so that
+# the baseline counts the library and the peak beyond it is the model's.
+LIBRARIES = {OURS: "edge_slm.model", PEER: "llama_cpp", "onnx": "onnxruntime",
+             "litert": "ai_edge_litert.interpreter"}
 
 # llama.cpp processes a prompt in batches of this many tokens; our runtime gets
 # the same max_batch, so every prompt of the suite is one forward call in both.
@@ -71,7 +81,7 @@ class RoundResult:
 
     runtime: str
     threads: int
-    backend: str               # which kernels ran
+    backend: str               # which kernels ran (Runtime.backend: a kernel table, "onnxruntime cpu", ...)
     version: str
     prefill_tps: dict[int, float]
     decode_tps: float
@@ -100,31 +110,49 @@ class Runner(Protocol):
         """Evaluate ids at positions start..; the last row of logits (valid until the next call)."""
 
 
-class EdgeSlmRunner:
-    def __init__(self, model_path: Path, threads: int, ctx: int, backend: str | None = None):
-        from . import __version__, _core
-        from .model import RuntimeOptions, load_model
+class SourceRunner:
+    """Any model edge_slm.backends loads, run as the engine runs it: one slot,
+    prompts through forward() in chunks of N_BATCH, its default KV type."""
 
-        model = load_model(model_path)
+    def __init__(self, runtime: str, model_path: Path, kind: str, threads: int, ctx: int,
+                 kernels: str | None = None):
+        from .backends import load_source
+        from .model import RuntimeOptions
+
+        source = load_source(model_path, kind)
+        kv_type = source.kv_types[0]
         # One logits row: the suite only ever reads the last, and a larger
         # buffer would be memory llama.cpp (logits_all=False) does not spend.
-        self.rt = model.runtime(RuntimeOptions(n_threads=threads, n_ctx=ctx, max_batch=N_BATCH,
-                                               kv_type="f16", max_logits=1, backend=backend))
+        self.rt = source.runtime(RuntimeOptions(n_threads=threads, n_ctx=ctx, n_slots=1,
+                                                max_batch=N_BATCH, kv_type=kv_type, max_logits=1,
+                                                backend=kernels))
         self.backend = self.rt.backend
-        self.version = __version__
-        # The extension's build time: the parent checks that every round ran
-        # the same build (a `make setup` elsewhere may replace it mid-run).
-        core = Path(_core.__file__)
-        self.info = {"max_batch": N_BATCH, "kv_type": "f16", "core": core.name,
-                     "core_mtime": core.stat().st_mtime}
+        self.version = str(importlib.import_module(LIBRARIES[runtime].split(".")[0]).__version__)
+        self.info: dict[str, object] = {"format": source.kind, "max_batch": N_BATCH, "kv_type": kv_type}
 
     def reset(self) -> None:
-        # Nothing to do: a prefill at start=0 overwrites the cache from position 0
-        # and attention reads only positions up to the current one.
+        # Nothing to do: tokens at position 0 start the slot's sequence afresh
+        # (the Runtime protocol: a slot's tokens continue its cache up to their
+        # positions), and attention reads only positions up to the current one.
         pass
 
     def prefill(self, ids: list[int], start: int) -> np.ndarray:
-        return self.rt.prefill(ids, start=start)
+        from .backends import prefill_in_chunks
+
+        return prefill_in_chunks(self.rt, ids, N_BATCH, start)
+
+
+class EdgeSlmRunner(SourceRunner):
+    """Our C kernels on the GGUF, with the kernel table asked for."""
+
+    def __init__(self, model_path: Path, threads: int, ctx: int, kernels: str | None = None):
+        from . import _core
+
+        super().__init__(OURS, model_path, "gguf", threads, ctx, kernels)
+        # The extension's build time: the parent checks that every round ran
+        # the same build (a `make setup` elsewhere may replace it mid-run).
+        core = Path(_core.__file__)
+        self.info.update(core=core.name, core_mtime=core.stat().st_mtime)
 
 
 class LlamaCppRunner:
@@ -167,12 +195,15 @@ class LlamaCppRunner:
 
 
 def make_runner(runtime: str, model_path: Path, threads: int, ctx: int,
-                backend: str | None = None) -> Runner:
-    """backend picks our kernel table (None: the best for this CPU); llama.cpp's is fixed at build."""
+                kernels: str | None = None) -> Runner:
+    """kernels picks our kernel table (None: the best for this CPU); llama.cpp's is
+    fixed at build, and the other backends choose their own."""
     if runtime == OURS:
-        return EdgeSlmRunner(model_path, threads, ctx, backend)
+        return EdgeSlmRunner(model_path, threads, ctx, kernels)
     if runtime == PEER:
         return LlamaCppRunner(model_path, threads, ctx)
+    if runtime in BACKENDS:
+        return SourceRunner(runtime, model_path, runtime, threads, ctx)
     raise ValueError(f"runtime {runtime!r}: choose from {', '.join(RUNTIMES)}")
 
 
@@ -246,14 +277,15 @@ def status_mb(key: str) -> float:
 
 
 def run_round(runtime: str, model_path: Path, threads: int, ctx: int, w: Workload,
-              backend: str | None = None) -> RoundResult:
-    if runtime == OURS:
-        from . import model  # noqa: F401  (imported now so the baseline counts it)
-    else:
-        import llama_cpp  # noqa: F401
+              kernels: str | None = None) -> RoundResult:
+    # Imported now so that the baseline counts them: every runner but llama.cpp's
+    # goes through edge_slm.backends.
+    from . import backends  # noqa: F401
+
+    importlib.import_module(LIBRARIES[runtime])
     baseline = status_mb("VmRSS")
     t0 = time.perf_counter()
-    runner = make_runner(runtime, model_path, threads, ctx, backend)
+    runner = make_runner(runtime, model_path, threads, ctx, kernels)
     load_s = time.perf_counter() - t0
     prefill_tps, decode_tps, ttft_ms, greedy = run_suite(runner, w)
     top1, margin, check_logits = top1_along(runner, w.check_ids, w.check_subset)
@@ -277,12 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--ctx", type=int, required=True)
     p.add_argument("--workload", type=Path, required=True, help="JSON written by the parent")
-    p.add_argument("--backend", default=None, help="edge-slm kernel table (default: the best)")
+    p.add_argument("--kernels", default=None, help="edge-slm kernel table (default: the best)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     w = Workload.from_json(a.workload.read_text())
-    result = run_round(a.runtime, a.model, a.threads, a.ctx, w, a.backend)
+    result = run_round(a.runtime, a.model, a.threads, a.ctx, w, a.kernels)
     # One line, last on stdout: the parent reads only that.
     sys.stdout.write(json.dumps(asdict(result)) + "\n")
     sys.stdout.flush()

@@ -1,5 +1,6 @@
-"""`edge-slm bench` end to end on a tiny model (our runtime only), and the
-parts of the report that need llama.cpp, fed with made-up rounds."""
+"""`edge-slm bench` end to end on a tiny model (our runtime, and our ONNX
+backend on its export), and the parts of the report that need llama.cpp,
+fed with made-up rounds."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from test_cli import assert_one_line, edge_slm
 from tiny_models import TinySpec
 
 from edge_slm import bench as bench_mod
@@ -27,7 +29,7 @@ def test_bench_json_layout(long_model, tmp_path):
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(main, ["bench", "--model", str(long_model), "--no-peer", "--reps", "1",
                                     "--threads", "1", "--threads", "2", "--ctx", "1024",
-                                    "--backend", "ref", "--no-grounding",
+                                    "--kernels", "ref", "--no-grounding",
                                     "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert "prefill 512 tok" in res.output
@@ -43,7 +45,9 @@ def test_bench_json_layout(long_model, tmp_path):
     assert doc["greedy_agreement"]["edge_slm_consistent"] is True
     assert len(doc["greedy_agreement"]["greedy_ids"][f"{OURS}/1"]) == 129
     assert doc["settings"]["n_ctx"] == 1024 and doc["settings"]["busy_cores"] == 0
+    assert doc["settings"]["kernels_requested"] == "ref" and doc["settings"]["backends"] == []
     assert {r["backend"] for r in doc["runs"]} == {"ref"}
+    assert doc["ratios"] == {}
     assert doc["grounding"] is None
 
 
@@ -61,11 +65,145 @@ def test_bench_without_the_peer_says_how_to_get_it(long_model, monkeypatch):
     assert len(res.output.strip().splitlines()) == 1
 
 
-def test_bench_rejects_an_unknown_backend(long_model):
+def test_bench_rejects_an_unknown_kernel_table(long_model):
     res = CliRunner().invoke(main, ["bench", "--model", str(long_model), "--no-peer",
-                                    "--backend", "no-such-table"])
+                                    "--kernels", "no-such-table"])
     assert res.exit_code == 1
     assert "no-such-table" in res.output and "available" in res.output
+
+
+def test_bench_rejects_an_unknown_backend_in_one_line(long_model):
+    proc = edge_slm("bench", "--model", str(long_model), "--no-peer", "--backend", "tvm")
+    assert_one_line(proc, 2, "--backend", "'tvm' is not one of 'onnx', 'litert'")
+    # the kernel table is --kernels now: a table's name is not a backend
+    proc = edge_slm("bench", "--model", str(long_model), "--no-peer", "--backend", "ref")
+    assert_one_line(proc, 2, "--backend", "'ref'")
+    proc = edge_slm("bench", "--model", str(long_model), "--profile", "--backend", "onnx")
+    assert_one_line(proc, 2, "--backend", "--profile times our C kernels' ops only")
+
+
+def test_bench_refuses_a_backend_model_of_the_wrong_format_in_one_line(long_model, tmp_path):
+    proc = edge_slm("bench", "--model", str(long_model), "--no-peer", "--backend", "onnx",
+                    "--backend-model", str(long_model))
+    assert_one_line(proc, 2, "--backend-model", str(long_model), "is a GGUF file",
+                    "not a model for --backend onnx")
+    tflite = tmp_path / "m.tflite"
+    tflite.write_bytes(b"TFL3")
+    proc = edge_slm("bench", "--model", str(long_model), "--no-peer", "--backend", "onnx",
+                    "--backend-model", str(tflite))
+    assert_one_line(proc, 2, "is a LiteRT (.tflite) model, not a model for --backend onnx")
+    proc = edge_slm("bench", "--model", str(long_model), "--no-peer", "--backend-model", str(tflite))
+    assert_one_line(proc, 2, "runs only beside the --backend it is for")
+    proc = edge_slm("bench", "--model", str(long_model), "--no-peer", "--backend", "onnx",
+                    "--backend-model", str(tmp_path))
+    assert_one_line(proc, 2, "--backend-model", "no model.onnx in it")
+    proc = edge_slm("bench", "--model", str(long_model), "--no-peer", "--backend", "onnx",
+                    "--backend-model", str(tmp_path / "nothing"))
+    assert_one_line(proc, 2, "nothing: no such file or folder")
+
+
+# ---- another backend beside ours: the ONNX export ----
+
+@pytest.fixture(scope="module")
+def long_onnx(long_model, tmp_path_factory):
+    from edge_slm.export.onnx import export_onnx
+    from edge_slm.model import load_model
+
+    out = tmp_path_factory.mktemp("onnx") / "long-onnx"
+    export_onnx(load_model(long_model), out)
+    return out
+
+
+def test_bench_exports_the_model_and_runs_it_through_onnx_runtime_beside_ours(long_model, tmp_path):
+    from edge_slm.pull import sha256_file
+
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(main, ["bench", "--model", str(long_model), "--no-peer", "--reps", "1",
+                                    "--threads", "1", "--ctx", "1024", "--no-grounding",
+                                    "--backend", "onnx", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "onnx: exporting model.gguf" in res.output and "ours/onnx" in res.output
+    doc = json.loads(out.read_text())
+    assert [(r["runtime"], r["threads"]) for r in doc["runs"]] == [(OURS, 1), ("onnx", 1)]
+    ours, onnx = doc["runs"]
+    assert onnx["backend"] == "onnxruntime cpu" and onnx["info"]["format"] == "onnx"
+    assert onnx["info"]["kv_type"] == "f32" and ours["info"]["kv_type"] == "f16"
+    assert all(v > 0 for v in onnx["prefill_tps"].values()) and onnx["decode_tps"] > 0
+    assert onnx["peak_rss_mb"] > onnx["samples"]["rss_baseline_mb"][0] > 0
+    assert onnx["decode_bw_fraction"] is None  # the GGUF's bytes are not what the graph reads
+    ratios = doc["ratios"]["onnx"]["1"]
+    assert ratios["decode_tps"] == pytest.approx(ours["decode_tps"] / onnx["decode_tps"])
+    assert ratios["prefill_512_tps"] == pytest.approx(ours["prefill_tps"]["512"] / onnx["prefill_tps"]["512"])
+    assert ratios["peak_rss_mb"] == pytest.approx(ours["peak_rss_mb"] / onnx["peak_rss_mb"])
+    assert ratios["decode_bw_fraction"] is None
+    made = doc["settings"]["backend_models"]["onnx"]
+    assert made["given"] is False and made["export_s"] > 0
+    assert made["source_sha256"] == sha256_file(long_model)
+    # it ran the same model: every decisive choice along the fixed text is ours
+    a = doc["greedy_agreement"]["backends"]["onnx"]["1"]
+    assert a["confident_positions"] > 100 and a["confident_agree"] == a["confident_positions"]
+    assert doc["greedy_agreement"]["by_threads"] == {}
+
+
+def test_bench_runs_a_given_export(long_model, long_onnx, tmp_path):
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(main, ["bench", "--model", str(long_model), "--no-peer", "--reps", "1",
+                                    "--threads", "2", "--ctx", "1024", "--no-grounding",
+                                    "--backend", "onnx", "--backend-model", str(long_onnx),
+                                    "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "exporting" not in res.output
+    doc = json.loads(out.read_text())
+    assert [(r["runtime"], r["threads"]) for r in doc["runs"]] == [(OURS, 2), ("onnx", 2)]
+    assert doc["settings"]["backend_models"]["onnx"] == {
+        "path": str(long_onnx), "given": True, "export_s": None,
+        "source_sha256": doc["model"]["sha256"]}
+    assert set(doc["ratios"]["onnx"]) == {"2"}
+
+
+def test_bench_refuses_an_export_it_cannot_run_beside_the_model_in_one_line(long_model, long_onnx,
+                                                                           tiny_model_factory, tmp_path):
+    import shutil
+
+    def bench(*args):
+        return edge_slm("bench", "--model", str(long_model), "--no-peer", "--no-grounding",
+                        "--backend", "onnx", *args)
+
+    other = tiny_model_factory(TinySpec(context_length=4096, seed=7))
+    proc = bench("--backend-model", str(long_onnx), "--model", str(other))
+    assert_one_line(proc, 2, "--backend-model", "exported from model.gguf", "not from model.gguf",
+                    "different models")
+    proc = bench("--backend-model", str(long_onnx), "--ctx", "8192")
+    assert_one_line(proc, 2, "holds 4096 positions, fewer than --ctx 8192")
+    broken = tmp_path / "broken"
+    shutil.copytree(long_onnx, broken)
+    data = (broken / "model.onnx").read_bytes()
+    (broken / "model.onnx").write_bytes(data[:len(data) // 2])
+    proc = bench("--backend-model", str(broken))
+    assert_one_line(proc, 2, "--backend-model", "ONNX Runtime cannot load it")
+    (broken / "edge-slm.json").unlink()
+    proc = bench("--backend-model", str(broken))
+    assert_one_line(proc, 2, "no edge-slm.json beside it")
+
+
+@pytest.mark.backends
+def test_bench_runs_the_litert_export_through_the_same_path(long_model, long_onnx, tmp_path):
+    """Both other backends in one bench, LiteRT exported by litert-torch (torch: a heavy toolchain)."""
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(main, ["bench", "--model", str(long_model), "--no-peer", "--reps", "1",
+                                    "--threads", "1", "--ctx", "1024", "--no-grounding",
+                                    "--backend", "litert", "--backend", "onnx",
+                                    "--backend-model", str(long_onnx), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert [r["runtime"] for r in doc["runs"]] == [OURS, "litert", "onnx"]
+    litert = doc["runs"][1]
+    assert litert["info"]["format"] == "litert" and litert["decode_tps"] > 0
+    assert doc["settings"]["backend_models"]["litert"]["given"] is False
+    assert doc["settings"]["backend_models"]["onnx"]["given"] is True
+    assert set(doc["ratios"]) == {"litert", "onnx"}
+    a = doc["greedy_agreement"]["backends"]["litert"]["1"]
+    assert a["confident_positions"] > 100 and a["confident_agree"] == a["confident_positions"]
 
 
 def test_spinners_burn_cpu_until_the_block_ends():
@@ -107,27 +245,48 @@ def test_compare_discounts_near_ties():
     assert (a.confident_agree, a.confident_positions) == (2, 3)
 
 
-def summary(runtime: str, scale: float, decode_samples: list[float]) -> RunSummary:
+def summary(runtime: str, scale: float, decode_samples: list[float], rss: float = 100.0) -> RunSummary:
     return RunSummary(runtime=runtime, threads=2,
                       prefill_tps={"16": 100 * scale, "128": 200 * scale, "512": 300 * scale},
-                      decode_tps=50 * scale, ttft_ms=10 / scale, peak_rss_mb=100.0,
-                      decode_bw_fraction=0.2 * scale, backend="x", version="0",
-                      samples={"decode_tps": decode_samples}, greedy_ids=[1, 2])
+                      decode_tps=50 * scale, ttft_ms=10 / scale, peak_rss_mb=rss,
+                      decode_bw_fraction=None if runtime == "onnx" else 0.2 * scale, backend="x",
+                      version="0", samples={"decode_tps": decode_samples}, greedy_ids=[1, 2])
 
 
 def test_table_shows_ratios_ours_over_peer():
     agreement = Agreement(greedy_prefix=[7, 9], greedy_tokens=129, top1_agree=50, positions=60,
                           confident_agree=40, confident_positions=41)
     table = format_table([summary(OURS, 2.0, [100, 20]), summary(PEER, 1.0, [50, 51])],
-                         {2: 20.0}, {2: agreement}).splitlines()
+                         {2: 20.0}, {PEER: {2: agreement}}).splitlines()
     decode = next(line for line in table if line.strip().startswith("decode 128"))
     assert decode.split()[-2:] == ["2.00", "higher"]
     assert "100.0*" in decode and "50.0 " in decode  # ours' rounds were 5x apart: flagged
     ttft = next(line for line in table if line.strip().startswith("first token"))
     assert ttft.split()[-2:] == ["0.50", "lower"]
+    assert "llama.cpp beside edge-slm:" in [line.strip() for line in table]
     assert "the first 7 of 129" in next(line for line in table if "greedy decode" in line)
     assert "50/60" in next(line for line in table if "fixed text" in line)
     assert table[-1].startswith("* rounds differ")
+
+
+def test_table_has_a_column_and_a_ratio_for_each_backend():
+    agreement = Agreement(greedy_prefix=[129], greedy_tokens=129, top1_agree=60, positions=60,
+                          confident_agree=41, confident_positions=41, logit_corr_min=0.999,
+                          logit_corr_median=0.9999)
+    runs = [summary(OURS, 2.0, [1.0], rss=100.0), summary(PEER, 1.0, [1.0], rss=125.0),
+            summary("onnx", 0.5, [1.0], rss=400.0)]
+    table = format_table(runs, {2: 20.0}, {PEER: {2: agreement}, "onnx": {2: agreement}}).splitlines()
+    assert table[1].split() == [OURS, PEER, "onnx", "ours/peer", "ours/onnx", "better"]
+    # ours, llama.cpp, onnx, then ours over each
+    decode = next(line for line in table if line.strip().startswith("decode 128")).split()
+    assert decode[4:] == ["100.0", "50.0", "25.0", "2.00", "4.00", "higher"]
+    rss = next(line for line in table if line.strip().startswith("peak RSS")).split()
+    assert rss[3:] == ["100.0", "125.0", "400.0", "0.80", "0.25", "lower"]
+    # the GGUF's bytes are not what the ONNX graph reads: no bandwidth share for it
+    bw = next(line for line in table if line.strip().startswith("decode bandwidth")).split()
+    assert bw[4:] == ["40.0", "20.0", "-", "2.00", "-", "higher"]
+    assert table.index("  onnx beside edge-slm:") > table.index("  llama.cpp beside edge-slm:")
+    assert "logits there (a fixed sample of ids) correlate: min 0.9990" in table[-1]
 
 
 def corpus_bytes(root) -> dict[str, bytes]:
@@ -398,7 +557,7 @@ def test_the_summary_has_a_row_per_type_and_thread_count():
                               confident_agree=20, confident_positions=21, logit_corr_min=0.9987,
                               logit_corr_median=0.9995)
         return TypeReport(ModelVariant(name, None, None), 96 << 20, {}, False, {},
-                          summaries=summaries, agreement={2: agreement})
+                          summaries=summaries, agreement={PEER: {2: agreement}})
 
     lines = format_types([report("q4_1", 2.0), report("q4_k_m", 0.5)], [2]).splitlines()
     assert "decode 128 tok" in lines[1] and "prefill 512 tok" in lines[1]

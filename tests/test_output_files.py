@@ -19,7 +19,7 @@ from edge_slm.paths import output_file
 # to refuse early would still finish (or time out) in seconds.
 COMMANDS = {
     "logits": ["logits", "--ids", "1,2,3", "--npy", "TARGET"],
-    "bench": ["bench", "--no-peer", "--reps", "1", "--threads", "1", "--backend", "ref",
+    "bench": ["bench", "--no-peer", "--reps", "1", "--threads", "1", "--kernels", "ref",
               "--json", "TARGET"],
     "soak": ["soak", "--slots", "1", "--requests", "4", "--json", "TARGET"],
 }
