@@ -52,7 +52,8 @@ def index_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(real_model, index_path):
-    with Engine(EngineConfig(model=real_model, index=index_path, slots=1, ctx=1024, max_tokens=160,
+    # answers long enough to be stopped midway on a fast core (160 tokens took 0.35 s)
+    with Engine(EngineConfig(model=real_model, index=index_path, slots=1, ctx=1024, max_tokens=400,
                              threads=2)) as e:
         yield e
 
