@@ -35,6 +35,9 @@ QUESTIONS = ["What should I check first when a pump loses pressure?", "Name one 
              "How do I bleed air from a hydraulic line?", "Why does a motor overheat?"]
 STORY = "Write a long story about a pump."
 STORY_TOKENS = 400  # long enough to outlive a pause, a kill or a broker outage on a busy machine
+# ... and a broker outage on a quiet fast one too: the restart and paho's 1 s
+# before reconnecting take ~1.5 s, 400 tokens on one slot of a Zen 5 core ~0.9 s
+OUTAGE_TOKENS = 1500
 
 Answers = list[tuple[dict, mqtt.MQTTMessage]]
 
@@ -285,7 +288,7 @@ def test_broker_restart_mid_stream(serve_factory, tmp_path, crash):
     sessions are in that file and the test does not race its autosave."""
     broker = Mosquitto(tmp_path / "broker").start()
     # Long enough that the stream outlives the outage and paho's 1 s before reconnecting.
-    serve = serve_factory(broker, None, max_tokens=STORY_TOKENS).start()
+    serve = serve_factory(broker, None, max_tokens=OUTAGE_TOKENS).start()
     d = SessionDevice(broker, "pump-1")
     try:
         if crash:
@@ -294,7 +297,7 @@ def test_broker_restart_mid_stream(serve_factory, tmp_path, crash):
             deadline = time.monotonic() + 5
             while not saved.exists() and time.monotonic() < deadline:
                 time.sleep(0.02)
-        d.send({"id": "s1", "question": STORY, "stream": True, "max_tokens": STORY_TOKENS})
+        d.send({"id": "s1", "question": STORY, "stream": True, "max_tokens": OUTAGE_TOKENS})
         before: Answers = []
         gather([d], before, lambda g: bool(g), 30)
         assert before and not finals(before)
